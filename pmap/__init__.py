@@ -1,0 +1,13 @@
+"""pmap: run a function over many inputs in parallel, behind one call."""
+from .api import Pool, Results, imap, pmap, starmap
+from .backends.base import Backend, BackendInfo, backends, register_backend
+from .engine import RunStats
+from .errors import (BackendUnavailable, Failure, PmapError, RemoteTraceback, TaskTimeout,
+                     UnpicklableError, WorkerCrashed)
+
+__all__ = [
+    "pmap", "imap", "starmap", "Pool", "Results", "backends", "register_backend", "Backend",
+    "BackendInfo", "RunStats", "Failure", "PmapError", "TaskTimeout", "WorkerCrashed",
+    "BackendUnavailable", "RemoteTraceback", "UnpicklableError",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,147 @@
+"""What runs inside a worker: one task's items, and the wire format of tasks and results."""
+from __future__ import annotations
+
+import inspect
+import os
+import pickle
+import signal
+import sys
+import time
+import traceback
+
+import cloudpickle
+
+from .errors import portable_exception
+
+_PROTOCOL = pickle.HIGHEST_PROTOCOL
+
+
+class StarCall:
+    """`func(*args)` per item, for starmap; picklable whenever `func` is."""
+
+    __slots__ = ("func",)
+
+    def __init__(self, func):
+        self.func = func
+
+    def __call__(self, args):
+        return self.func(*args)
+
+    def __reduce__(self):
+        return (StarCall, (self.func,))
+
+
+def run_items(fn, items, catch=Exception):
+    """Run `fn` over `items`; return (values, failures, elapsed). Failures hold
+    (position, exception, traceback text); a failing item never stops the others."""
+    values = []
+    failures = []
+    append = values.append
+    start = time.perf_counter()
+    for pos, item in enumerate(items):
+        try:
+            append(fn(item))
+        except catch as exc:
+            append(None)
+            failures.append((pos, exc, "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))))
+    return values, failures, time.perf_counter() - start
+
+
+def dumps(obj) -> bytes:
+    """Plain pickle first (fast); cloudpickle for lambdas, closures and __main__ objects."""
+    try:
+        return pickle.dumps(obj, _PROTOCOL)
+    except Exception:
+        return cloudpickle.dumps(obj, _PROTOCOL)
+
+
+loads = pickle.loads
+
+
+def encode_result(task_id, values, failures, elapsed) -> bytes:
+    """Pickle a task's outcome; an unpicklable value or exception becomes that item's failure."""
+    try:
+        return pickle.dumps((task_id, values, failures, elapsed), _PROTOCOL)
+    except Exception:
+        pass
+    failures = [(pos, portable_exception(exc), tb) for pos, exc, tb in failures]
+    failed = {pos for pos, _, _ in failures}
+    for pos, value in enumerate(values):
+        if pos in failed:
+            continue
+        try:
+            pickle.dumps(value, _PROTOCOL)
+        except Exception as exc:
+            values[pos] = None
+            error = TypeError(f"result of type {type(value).__name__} cannot be pickled "
+                              f"to send it back from the worker: {exc}")
+            failures.append((pos, error, ""))
+    failures.sort(key=lambda f: f[0])
+    return pickle.dumps((task_id, values, failures, elapsed), _PROTOCOL)
+
+
+def run_task_bytes(payload: bytes) -> bytes:
+    """Entry point for pool-like backends: payload is dumps((task_id, fn, items))."""
+    task_id, fn, items = pickle.loads(payload)
+    return encode_result(task_id, *run_items(fn, items, catch=WORKER_CATCH))
+
+
+# A worker process also isolates SystemExit from one item; KeyboardInterrupt is the caller's.
+WORKER_CATCH = (Exception, SystemExit)
+
+_PR_SET_PDEATHSIG = 1
+
+
+def become_worker_process(own_process_group: bool = True) -> None:
+    """Settings every worker process takes: Ctrl-C is the caller's to handle, the worker dies
+    with its parent, and it leads its own process group so a kill reaches its children."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if own_process_group and hasattr(os, "setpgid"):
+        try:
+            os.setpgid(0, 0)
+        except OSError:
+            pass
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        except Exception:
+            pass
+
+
+def is_async(fn) -> bool:
+    target = fn.func if isinstance(fn, StarCall) else fn
+    return inspect.iscoroutinefunction(target) or inspect.iscoroutinefunction(getattr(target, "__call__", None))
+
+
+# ---- pool-like backends (process, pool): tasks travel as bytes, the worker caches functions --
+_FUNCTIONS: dict = {}
+_FUNCTION_CACHE_SIZE = 8
+
+
+def pooled_worker_init(initializer_bytes):
+    become_worker_process()
+    if initializer_bytes is not None:
+        initializer, initargs = loads(initializer_bytes)
+        initializer(*initargs)
+
+
+def run_pooled_task(payload: bytes) -> bytes:
+    """Run one task. Its start is recorded in a file naming this worker's pid, so the
+    parent knows which process to end on a timeout and which task a dead worker held."""
+    task_id, key, fn_bytes, items, start_dir = pickle.loads(payload)
+    marker = os.path.join(start_dir, str(task_id))
+    with open(marker, "w") as handle:
+        handle.write(str(os.getpid()))
+    fn = _FUNCTIONS.get(key)
+    if fn is None:
+        if len(_FUNCTIONS) >= _FUNCTION_CACHE_SIZE:
+            _FUNCTIONS.clear()
+        fn = _FUNCTIONS[key] = loads(fn_bytes)
+    result = encode_result(task_id, *run_items(fn, items, catch=WORKER_CATCH))
+    try:
+        os.unlink(marker)
+    except OSError:
+        pass
+    return result

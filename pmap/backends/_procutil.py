@@ -1,0 +1,53 @@
+"""Helpers for process backends: ending a worker and its children, and naming a wait."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+TERMINATE_GRACE = 0.2   # seconds a worker gets between SIGTERM and SIGKILL
+
+
+def end_process_group(pid: int, alive=None, grace: float = TERMINATE_GRACE) -> None:
+    """SIGTERM the worker's process group (the worker leads it), then SIGKILL what is left.
+    `alive()` tells whether the worker still runs (default: ask the kernel)."""
+    alive = alive or (lambda: _exists(pid))
+    try:
+        pgid = os.getpgid(pid)
+    except (ProcessLookupError, PermissionError):
+        return
+    group = pgid == pid  # a worker that leads its own group: its children go too
+    kill = os.killpg if group else os.kill
+    target = pgid if group else pid
+    try:
+        kill(target, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        return
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        if not alive():
+            break
+        time.sleep(0.01)
+    try:
+        kill(target, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _exists(pid: int) -> bool:
+    try:
+        import psutil
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except Exception:
+        return False
+
+
+def describe_exit(exitcode: int | None) -> str:
+    if exitcode is None:
+        return "unknown exit status"
+    if exitcode < 0:
+        try:
+            return f"killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"killed by signal {-exitcode}"
+    return f"exit code {exitcode}"

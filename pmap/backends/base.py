@@ -1,0 +1,248 @@
+"""The Backend protocol every backend implements, the events it reports, and the registry.
+
+A backend only runs tasks (chunks of items). The engine owns every policy: ordering,
+retries, timeouts, error handling, progress and backpressure. The engine waits only
+through `Backend.wait`, so a scheduler living in the calling thread (gevent's hub, an
+event loop) runs while the engine waits.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, NamedTuple
+
+
+@dataclass(eq=False)
+class Task:
+    """A chunk of items for one worker. `fn` is whatever `Backend.prepare` returned."""
+
+    id: int
+    fn: Any
+    items: list
+
+
+class Started(NamedTuple):
+    """A worker began `task_id` at `time` (time.monotonic in the caller's process)."""
+
+    task_id: int
+    worker: Any
+    time: float
+
+
+class Done(NamedTuple):
+    """A task finished. `values[i]` is item i's result unless i appears in `failures`
+    as `(i, exception, traceback_text)`. `elapsed` is the worker's wall time for the task."""
+
+    task_id: int
+    worker: Any
+    values: list
+    failures: list
+    elapsed: float
+
+
+class Lost(NamedTuple):
+    """A task will never report `Done`: its worker died or it was stopped.
+
+    `blame` is True when the task was running on the worker that died (it may be the
+    cause); False when it was only collateral (a pool that restarts as a whole, or a
+    task that had not started). `exitcode` follows multiprocessing: negative is a signal.
+    """
+
+    task_id: int
+    worker: Any
+    exitcode: int | None
+    reason: str
+    blame: bool
+
+
+class Fatal(NamedTuple):
+    """The backend cannot go on (an initializer failed, a cluster went away)."""
+
+    error: BaseException
+
+
+Event = Started | Done | Lost | Fatal
+
+
+class Backend:
+    """Base class and protocol. Subclasses set the class attributes and override the methods.
+
+    Life cycle: `open()` once, then for each run `prepare(fn)` and any number of
+    `submit`/`wait`/`cancel`, then `close()`. Task ids are unique for the backend's life,
+    so events of an abandoned run are recognised and dropped by the engine.
+    """
+
+    name: ClassVar[str] = "?"
+    kind: ClassVar[str] = "?"            # serial | thread | process | coroutine | remote
+    hard_timeout: ClassVar[bool] = False  # cancel() really stops a running item
+    reports_start: ClassVar[bool] = True  # emits Started; else the engine uses submit time
+    guarantees: ClassVar[str] = ""        # one line for `pmap backends` and the README table
+
+    def __init__(self, workers: int | None = None, initializer: Callable | None = None,
+                 initargs: tuple = (), **options: Any):
+        if options:
+            raise TypeError(f"backend {self.name!r} got unknown option(s): {', '.join(sorted(options))}")
+        self.workers = workers if workers is not None else self.default_workers()
+        self.initializer = initializer
+        self.initargs = tuple(initargs)
+        self.timeout: float | None = None
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        """None when the backend can run here, else why not (and what to install)."""
+        return None
+
+    @classmethod
+    def default_workers(cls) -> int:
+        return usable_cpus()
+
+    def open(self) -> None:
+        """Start (or lazily prepare to start) the workers."""
+
+    def prepare(self, fn: Callable, timeout: float | None = None) -> Any:
+        """Make `fn` runnable by the workers for the next run; returns the handle tasks carry.
+        `timeout` is the run's per-item timeout: a backend that queues tasks internally
+        should then hold no more tasks than workers, so a task starts when it is submitted."""
+        self.timeout = timeout
+        return fn
+
+    def capacity(self) -> int:
+        """How many more tasks the backend accepts right now."""
+        raise NotImplementedError
+
+    def submit(self, task: Task) -> None:
+        """Hand over a task. May raise for a task that cannot be sent (unpicklable item)."""
+        raise NotImplementedError
+
+    def wait(self, timeout: float | None) -> list:
+        """Block up to `timeout` seconds for events; return them (maybe none)."""
+        raise NotImplementedError
+
+    def cancel(self, task_id: int) -> None:
+        """Stop a running task (its time is up), replacing its worker if need be.
+        The backend reports nothing more for this task id."""
+
+    def close(self, kill: bool = False) -> None:
+        """Release the workers; with `kill`, end them at once (error, Ctrl-C)."""
+
+    def describe_worker(self, worker: Any) -> str:
+        return str(worker)
+
+
+def usable_cpus() -> int:
+    """CPUs this process may use: affinity and cgroup quota aware (loky's count)."""
+    try:
+        from loky import cpu_count
+        return max(1, cpu_count())
+    except Exception:
+        if hasattr(os, "sched_getaffinity"):
+            return max(1, len(os.sched_getaffinity(0)))
+        return os.cpu_count() or 1
+
+
+@dataclass
+class BackendInfo:
+    name: str
+    available: bool
+    reason: str | None
+    kind: str
+    default_workers: int | None
+    guarantees: str = ""
+    aliases: list = field(default_factory=list)
+
+
+_FACTORIES: dict[str, Any] = {}
+_ALIASES: dict[str, str] = {}
+_BUILTIN = {
+    "serial": "pmap.backends.serial:SerialBackend",
+    "thread": "pmap.backends.thread:ThreadBackend",
+    "process": "pmap.backends.process:ProcessBackend",
+    "pool": "pmap.backends.pool:PoolBackend",
+    "fork": "pmap.backends.fork:ForkBackend",
+    "greenlet": "pmap.backends.greenlet:GreenletBackend",
+    "asyncio": "pmap.backends.asyncio:AsyncioBackend",
+    "manager": "pmap.backends.manager:ManagerBackend",
+    "dask": "pmap.backends.dask:DaskBackend",
+}
+_entry_points_loaded = False
+
+
+def register_backend(name: str, factory: Any, *, aliases: tuple = ()) -> None:
+    """Register a backend class (or a "module:Class" string, imported on first use)."""
+    if not isinstance(name, str) or not name:
+        raise ValueError("backend name must be a non-empty string")
+    _FACTORIES[name] = factory
+    for alias in aliases:
+        _ALIASES[alias] = name
+
+
+def _load_entry_points() -> None:
+    global _entry_points_loaded
+    if _entry_points_loaded:
+        return
+    _entry_points_loaded = True
+    from importlib.metadata import entry_points
+    for ep in entry_points(group="pmap.backends"):
+        if ep.name not in _FACTORIES:
+            _FACTORIES[ep.name] = ep
+
+
+def _builtin_present(name: str) -> bool:
+    module = _BUILTIN[name].split(":")[0]
+    path = os.path.join(os.path.dirname(__file__), module.rsplit(".", 1)[1] + ".py")
+    return os.path.exists(path)
+
+
+for _name in _BUILTIN:
+    if _builtin_present(_name):
+        register_backend(_name, _BUILTIN[_name])
+_ALIASES["gevent"] = "greenlet"
+_ALIASES["loky"] = "process"
+_ALIASES["threads"] = "thread"
+
+
+def backend_names() -> list[str]:
+    _load_entry_points()
+    return list(_FACTORIES)
+
+
+def resolve_backend_class(name: str) -> type[Backend]:
+    """The class registered as `name`; ValueError listing the known names if there is none."""
+    _load_entry_points()
+    key = _ALIASES.get(name, name)
+    factory = _FACTORIES.get(key)
+    if factory is None:
+        known = ", ".join(sorted(set(_FACTORIES) | {"auto"}))
+        raise ValueError(f"unknown backend {name!r}; known backends: {known}")
+    if isinstance(factory, str):
+        import importlib
+        module, _, attr = factory.partition(":")
+        factory = getattr(importlib.import_module(module), attr)
+        _FACTORIES[key] = factory
+    elif hasattr(factory, "load") and not isinstance(factory, type):  # an entry point
+        factory = factory.load()
+        _FACTORIES[key] = factory
+    return factory
+
+
+def backends() -> list[BackendInfo]:
+    """Every registered backend, whether it can run here, and why not."""
+    infos = []
+    for name in backend_names():
+        try:
+            cls = resolve_backend_class(name)
+            reason = cls.unavailable_reason()
+            infos.append(BackendInfo(
+                name=name, available=reason is None, reason=reason, kind=cls.kind,
+                default_workers=cls.default_workers() if reason is None else None,
+                guarantees=cls.guarantees,
+                aliases=sorted(a for a, n in _ALIASES.items() if n == name)))
+        except Exception as exc:  # a broken plugin is reported, not fatal
+            infos.append(BackendInfo(name=name, available=False, reason=f"failed to load: {exc}",
+                                     kind="?", default_workers=None))
+    return infos
+
+
+def fork_supported() -> bool:
+    return hasattr(os, "fork") and sys.platform != "win32"

@@ -1,0 +1,66 @@
+"""pool: the standard library's multiprocessing.Pool, with an explicit start method."""
+from __future__ import annotations
+
+import multiprocessing
+import sys
+
+from .._worker import pooled_worker_init, run_pooled_task
+from ._procutil import describe_exit
+from ._pooled import PooledBackend
+from .base import Lost
+
+START_METHODS = ("fork", "forkserver", "spawn")
+
+
+def default_start_method() -> str:
+    # Chosen explicitly so that Python 3.14's change of the platform default changes nothing.
+    return "forkserver" if sys.platform.startswith("linux") else "spawn"
+
+
+class PoolBackend(PooledBackend):
+    name = "pool"
+    guarantees = "hard timeout (worker killed, the pool replaces it); a crash costs only its worker's items"
+
+    def __init__(self, workers=None, initializer=None, initargs=(), start_method=None,
+                 max_tasks_per_worker=None, **options):
+        super().__init__(workers, initializer, initargs, **options)
+        method = start_method or default_start_method()
+        if method not in multiprocessing.get_all_start_methods():
+            raise ValueError(f"start_method must be one of {', '.join(multiprocessing.get_all_start_methods())}, "
+                             f"got {method!r}")
+        self.start_method = method
+        self.max_tasks = max_tasks_per_worker
+        self.pool = None
+
+    def open(self) -> None:
+        if self.pool is None:
+            ctx = multiprocessing.get_context(self.start_method)
+            self.pool = ctx.Pool(self.workers, initializer=pooled_worker_init,
+                                 initargs=(self.initializer_bytes(),), maxtasksperchild=self.max_tasks)
+
+    def _send(self, task_id, payload) -> None:
+        on_result = self._result_callback(task_id)
+        self.pool.apply_async(run_pooled_task, (payload,), callback=on_result, error_callback=on_result)
+
+    def _processes(self) -> list:
+        return list(self.pool._pool) if self.pool is not None else []
+
+    def _worker_died(self, proc, seen_at) -> list:
+        proc.join(0.5)
+        if proc.exitcode == 0:  # recycled after max_tasks_per_worker
+            return []
+        events = []
+        for task_id in self.tasks_on(proc.pid):
+            self.inflight.discard(task_id)
+            events.append(Lost(task_id, proc.pid, proc.exitcode, describe_exit(proc.exitcode), blame=True))
+        return events
+
+    def close(self, kill=False) -> None:
+        pool, self.pool = self.pool, None
+        if pool is not None:
+            if kill or self.inflight:
+                pool.terminate()
+            else:
+                pool.close()
+            pool.join()
+        super().close(kill)

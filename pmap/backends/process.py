@@ -1,0 +1,101 @@
+"""process: loky's reusable executor. Spawn-safe, the robust default for CPU-bound work."""
+from __future__ import annotations
+
+import time
+
+from .._worker import pooled_worker_init, run_pooled_task
+from ._procutil import describe_exit
+from ._pooled import PooledBackend
+from .base import Lost
+
+REUSE_SECONDS = 60  # idle workers stay this long, so the next call in a script starts warm
+SIGKILL_EXIT = -9
+
+
+class ProcessBackend(PooledBackend):
+    name = "process"
+    guarantees = ("hard timeout; a crash or timeout restarts loky's executor and re-runs the other "
+                  "items in flight (at-least-once for those)")
+
+    def __init__(self, workers=None, initializer=None, initargs=(), reuse_timeout=REUSE_SECONDS, **options):
+        super().__init__(workers, initializer, initargs, **options)
+        self.reuse_timeout = reuse_timeout
+        self.executor = None
+        self.known: dict[int, object] = {}     # pid -> Process, kept after loky forgets them
+        self.first_death: dict[int, float] = {}
+        self.killed_by_us: set[int] = set()
+
+    def open(self) -> None:
+        self._executor()
+
+    def _executor(self):
+        if self.executor is None or self.executor._flags.broken or self.executor._flags.shutdown:
+            from loky import get_reusable_executor
+            init_bytes = self.initializer_bytes()
+            self.executor = get_reusable_executor(
+                max_workers=self.workers, timeout=self.reuse_timeout,
+                initializer=pooled_worker_init, initargs=(init_bytes,))
+            self.known.clear()
+            self.first_death.clear()
+            self.killed_by_us.clear()
+            self.dead_pids.clear()
+        return self.executor
+
+    def _send(self, task_id, payload) -> None:
+        future = self._executor().submit(run_pooled_task, payload)
+        self._remember_processes()
+        on_result = self._result_callback(task_id)
+        future.add_done_callback(lambda f: on_result(f.exception() or f.result()))
+
+    def _remember_processes(self) -> None:
+        try:
+            self.known.update(self.executor._processes)
+        except RuntimeError:  # loky changed the dict meanwhile; the next call catches up
+            pass
+
+    def _processes(self) -> list:
+        self._remember_processes()
+        return list(self.known.values())
+
+    def _worker_died(self, proc, seen_at) -> list:
+        self.first_death.setdefault(proc.pid, seen_at)
+        return []  # loky breaks the executor; its futures then report, see _task_error
+
+    def _task_error(self, task_id, error) -> list:
+        pid = self.marker_pid(task_id)
+        culprit = self._culprit()
+        proc = self.known.get(pid)
+        exitcode = proc.exitcode if proc is not None else None
+        blame = pid is not None and pid == culprit
+        reason = describe_exit(exitcode) if blame else f"collateral: {type(error).__name__}"
+        return [Lost(task_id, pid, exitcode, reason, blame=blame)]
+
+    def _culprit(self) -> int | None:
+        """The worker whose death broke the executor: one we ended, else the first seen dead,
+        else the one that did not die by loky's own SIGKILL of the survivors."""
+        if self.killed_by_us:
+            return next(iter(self.killed_by_us))
+        if self.first_death:
+            return min(self.first_death, key=self.first_death.get)
+        deadline = time.monotonic() + 0.5
+        while time.monotonic() < deadline:
+            codes = {pid: p.exitcode for pid, p in self.known.items()}
+            odd = [pid for pid, code in codes.items() if code is not None and code != SIGKILL_EXIT]
+            if odd:
+                return odd[0]
+            if all(code is not None for code in codes.values()):
+                break
+            time.sleep(0.01)
+        return None
+
+    def cancel(self, task_id) -> None:
+        pid = self.marker_pid(task_id)
+        if pid is not None and task_id in self.inflight:
+            self.killed_by_us.add(pid)
+        super().cancel(task_id)
+
+    def close(self, kill=False) -> None:
+        executor, self.executor = self.executor, None
+        if executor is not None and (kill or self.inflight):
+            executor.shutdown(wait=True, kill_workers=True)
+        super().close(kill)

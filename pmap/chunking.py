@@ -1,0 +1,44 @@
+"""Adaptive chunk size: measure the time per item and aim for chunks of about 0.1 s."""
+from __future__ import annotations
+
+TARGET_CHUNK_SECONDS = 0.1      # within the 50-200 ms band: long enough to hide transfer cost
+CHUNKS_PER_WORKER = 4           # with a known length, keep at least this many chunks per worker
+MAX_CHUNK = 50_000              # without a known length, bound the items one chunk holds
+PER_ITEM_OVERHEAD = 2e-6        # seconds of engine and transfer cost per item, on top of the call
+
+
+class ChunkSizer:
+    """Chooses the size of the next chunk.
+
+    An explicit `chunksize` is returned as is. Otherwise the first chunks are single items
+    (quick first results, and a measurement), then the size follows the measured mean
+    time per item, doubling at most per step so one fast item does not make a huge chunk.
+    """
+
+    __slots__ = ("fixed", "workers", "cap", "items_seen", "seconds_seen", "current")
+
+    def __init__(self, fixed: int | None, workers: int, total: int | None):
+        self.fixed = fixed
+        self.workers = max(1, workers)
+        self.cap = MAX_CHUNK
+        if total is not None:
+            self.cap = max(1, min(MAX_CHUNK, -(-total // (self.workers * CHUNKS_PER_WORKER))))
+        self.items_seen = 0
+        self.seconds_seen = 0.0
+        self.current = 1
+
+    def size(self) -> int:
+        return self.fixed if self.fixed is not None else self.current
+
+    def observe(self, n_items: int, elapsed: float) -> None:
+        if self.fixed is not None or n_items <= 0:
+            return
+        self.items_seen += n_items
+        self.seconds_seen += elapsed
+        per_item = self.seconds_seen / self.items_seen + PER_ITEM_OVERHEAD
+        ideal = int(TARGET_CHUNK_SECONDS / per_item)
+        self.current = max(1, min(ideal, self.cap, max(self.current * 4, 2)))
+
+    @property
+    def mean_item_seconds(self) -> float | None:
+        return self.seconds_seen / self.items_seen if self.items_seen else None

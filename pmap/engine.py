@@ -1,0 +1,361 @@
+"""The one loop: chunk, dispatch with a bounded window, collect, reorder, retry, time out,
+report progress, clean up. Every policy lives here; backends only run tasks."""
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator
+
+from .backends.base import Backend, Done, Fatal, Lost, Started, Task
+from .chunking import ChunkSizer
+from .errors import Failure, TaskTimeout, WorkerCrashed, raise_failure
+
+_SKIP = object()              # a slot whose item failed under on_error="skip"
+_PENDING = object()           # a slot still being computed
+_TASK_IDS = itertools.count()  # unique across runs, so a Pool tells its runs' events apart
+WAIT_SLICE = 0.5              # longest single wait, so liveness and deadlines are rechecked
+AHEAD_CHUNKS_PER_SLOT = 4     # ordered output: how far dispatch may run ahead of the reader
+MAX_RECORDED_CHUNKS = 1000    # stats keep this many chunk sizes, so memory stays flat
+
+
+@dataclass
+class RunSpec:
+    fn: Callable
+    items: Iterable
+    ordered: bool = True
+    timeout: float | None = None
+    retries: int = 0
+    retry_on: tuple = (Exception,)
+    backoff: float = 0.0
+    on_error: str = "raise"
+    chunksize: int | None = None
+    progress: Callable | None = None
+    total: int | None = None
+
+
+@dataclass
+class RunStats:
+    """Counts kept for every run; cheap enough to be always on."""
+
+    backend: str = ""
+    workers: int = 0
+    items_done: int = 0
+    failed: int = 0
+    skipped: int = 0
+    retried: int = 0
+    timed_out: int = 0
+    crashed_workers: int = 0
+    tasks: int = 0
+    wall_seconds: float = 0.0
+    busy_seconds: float = 0.0
+    chunk_sizes: list = field(default_factory=list)
+    plan: Any = None
+
+    def __str__(self) -> str:
+        sizes = self.chunk_sizes
+        chunk = f"{min(sizes)}..{max(sizes)}" if sizes else "-"
+        util = self.busy_seconds / (self.wall_seconds * self.workers) if self.wall_seconds and self.workers else 0.0
+        return (f"{self.items_done} items on {self.backend} x{self.workers} in {self.wall_seconds:.3f}s "
+                f"({self.tasks} tasks, chunk {chunk}, utilisation {util:.0%}); "
+                f"failed {self.failed}, skipped {self.skipped}, retried {self.retried}, "
+                f"timed out {self.timed_out}, worker crashes {self.crashed_workers}")
+
+
+class _Block:
+    """Output slots for consecutive input indices, filled as tasks finish (ordered mode)."""
+
+    __slots__ = ("start", "values", "missing", "has_skips")
+
+    def __init__(self, start: int, n: int):
+        self.start = start
+        self.values = [_PENDING] * n
+        self.missing = n
+        self.has_skips = False
+
+
+class _Flight:
+    """A task in flight: where its results go, its items, and how often each was tried."""
+
+    __slots__ = ("task", "block", "offset", "first_index", "attempts", "started", "worker")
+
+    def __init__(self, task, block, offset, first_index, attempts):
+        self.task = task
+        self.block = block
+        self.offset = offset
+        self.first_index = first_index
+        self.attempts = attempts        # earlier failed runs of a single-item task
+        self.started = None
+        self.worker = None
+
+
+def execute(backend: Backend, spec: RunSpec, stats: RunStats | None = None) -> Iterator:
+    """Yield the results of `spec.fn` over `spec.items` on an opened backend."""
+    return _Engine(backend, spec, stats or RunStats()).run()
+
+
+class _Engine:
+    def __init__(self, backend: Backend, spec: RunSpec, stats: RunStats):
+        self.backend = backend
+        self.spec = spec
+        self.stats = stats
+        stats.backend = backend.name
+        stats.workers = backend.workers
+        self.source = iter(spec.items)
+        self.source_error: BaseException | None = None
+        self.exhausted = False
+        self.next_index = 0
+        self.emit_index = 0               # ordered mode: first index not yet yielded
+        self.blocks: dict[int, _Block] = {}
+        self.flights: dict[int, _Flight] = {}
+        self.retry_queue: deque = deque()  # (ready_at, block, offset, index, item, attempts)
+        self.ready: deque = deque()        # unordered mode: values to yield
+        self.sizer = ChunkSizer(spec.chunksize, backend.workers, spec.total)
+        self.done_count = 0
+        slots = max(1, backend.workers)
+        self.max_ahead_chunks = slots * AHEAD_CHUNKS_PER_SLOT
+        self.fn = None
+
+    # ---- the loop -------------------------------------------------------------------
+    def run(self) -> Iterator:
+        started = time.perf_counter()
+        self.fn = self.backend.prepare(self.spec.fn, self.spec.timeout)
+        ordered = self.spec.ordered
+        try:
+            while True:
+                if ordered:
+                    yield from self._emit_ordered()
+                elif self.ready:
+                    yield from self._emit_unordered()
+                self._dispatch()
+                if not self.flights and not self.retry_queue and (self.exhausted or self.source_error):
+                    break
+                self._handle(self.backend.wait(self._wait_time()))
+                self._expire_deadlines()
+            if ordered:
+                yield from self._emit_ordered()
+            else:
+                yield from self._emit_unordered()
+            if self.source_error is not None:
+                raise self.source_error
+        finally:
+            # Tasks still in flight (an error, or the reader stopped early) are left to the
+            # caller: a one-shot run closes the backend, a Pool lets them finish unread.
+            self.stats.wall_seconds = time.perf_counter() - started
+            self.source = None
+
+    # ---- dispatch -------------------------------------------------------------------
+    def _room_ahead(self) -> bool:
+        if self.spec.ordered:
+            limit = self.max_ahead_chunks * max(1, self.sizer.size())
+            return self.next_index - self.emit_index < limit
+        return len(self.ready) < self.max_ahead_chunks * max(1, self.sizer.size())
+
+    def _dispatch(self) -> None:
+        backend = self.backend
+        while backend.capacity() > 0:
+            now = time.monotonic()
+            if self.retry_queue and self.retry_queue[0][0] <= now:
+                _, block, offset, index, item, attempts = self.retry_queue.popleft()
+                self._submit(block, offset, index, [item], attempts)
+                continue
+            if self.exhausted or self.source_error is not None or not self._room_ahead():
+                return
+            items = self._read(self.sizer.size())
+            if not items:
+                return
+            index = self.next_index
+            self.next_index += len(items)
+            block = None
+            if self.spec.ordered:
+                block = self.blocks[index] = _Block(index, len(items))
+            self._submit(block, 0, index, items, 0)
+
+    def _read(self, n: int) -> list:
+        items = []
+        append = items.append
+        try:
+            for item in itertools.islice(self.source, n):
+                append(item)
+        except Exception as exc:  # the input iterable failed: finish what came before it
+            self.source_error = exc
+            return items
+        if len(items) < n:
+            self.exhausted = True
+        return items
+
+    def _submit(self, block, offset, index, items, attempts) -> None:
+        task = Task(next(_TASK_IDS), self.fn, items)
+        flight = _Flight(task, block, offset, index, attempts)
+        try:
+            self.backend.submit(task)
+        except Exception as exc:  # the task could not be sent: an item that cannot be pickled
+            if len(items) > 1:
+                for k, item in enumerate(items):
+                    self._submit(block, offset + k, index + k, [item], attempts)
+                return
+            self._record_failure(flight, 0, exc, "", "error", worker=None, retryable=False)
+            return
+        self.flights[task.id] = flight
+        self.stats.tasks += 1
+        if len(self.stats.chunk_sizes) < MAX_RECORDED_CHUNKS:
+            self.stats.chunk_sizes.append(len(items))
+        if not self.backend.reports_start:
+            flight.started = time.monotonic()
+
+    # ---- events ---------------------------------------------------------------------
+    def _handle(self, events: list) -> None:
+        for event in events:
+            cls = type(event)
+            if cls is Done:
+                self._on_done(event)
+            elif cls is Started:
+                flight = self.flights.get(event.task_id)
+                if flight is not None:
+                    flight.started = event.time
+                    flight.worker = event.worker
+            elif cls is Lost:
+                self._on_lost(event)
+            elif cls is Fatal:
+                raise event.error
+
+    def _on_done(self, event: Done) -> None:
+        flight = self.flights.pop(event.task_id, None)
+        if flight is None:  # a task of an abandoned run, or one already timed out
+            return
+        values = event.values
+        n = len(values)
+        self.stats.busy_seconds += event.elapsed
+        self.sizer.observe(n, event.elapsed)
+        if event.failures:
+            for pos, exc, tb in event.failures:
+                values[pos] = _PENDING
+                kind = "timeout" if isinstance(exc, TaskTimeout) else "error"
+                self._record_failure(flight, pos, exc, tb, kind, event.worker,
+                                     retryable=isinstance(exc, self.spec.retry_on))
+            ok = [v for v in values if v is not _PENDING]
+            self._deliver(flight, values, len(ok), skip_pending=True)
+        else:
+            self._deliver(flight, values, n)
+
+    def _deliver(self, flight: _Flight, values: list, n_ok: int, skip_pending: bool = False) -> None:
+        """Put finished values in their slots (ordered) or the ready queue (unordered)."""
+        if n_ok:
+            self._progress(n_ok)
+        if flight.block is None:
+            if skip_pending:
+                self.ready.extend(v for v in values if v is not _PENDING)
+            else:
+                self.ready.extend(values)
+            return
+        block = flight.block
+        if skip_pending:
+            for k, value in enumerate(values):
+                if value is not _PENDING:
+                    block.values[flight.offset + k] = value
+        else:
+            block.values[flight.offset:flight.offset + len(values)] = values
+        block.missing -= n_ok
+
+    def _fill_slot(self, flight: _Flight, pos: int, value: Any) -> None:
+        if flight.block is None:
+            if value is not _SKIP:
+                self.ready.append(value)
+            return
+        block = flight.block
+        block.values[flight.offset + pos] = value
+        block.missing -= 1
+        if value is _SKIP:
+            block.has_skips = True
+
+    def _on_lost(self, event: Lost) -> None:
+        flight = self.flights.pop(event.task_id, None)
+        if flight is None:
+            return
+        if event.blame:
+            self.stats.crashed_workers += 1
+        items = flight.task.items
+        if len(items) > 1 or not event.blame:
+            # Not known which item (if any) killed the worker: run each alone, without penalty.
+            for k, item in enumerate(items):
+                self._submit(flight.block, flight.offset + k, flight.first_index + k, [item], flight.attempts)
+            return
+        sig = f"signal {-event.exitcode}" if event.exitcode is not None and event.exitcode < 0 else f"exit code {event.exitcode}"
+        error = WorkerCrashed(f"worker {self.backend.describe_worker(event.worker)} died ({sig}) "
+                              f"while running item {flight.first_index}: {event.reason}", event.exitcode)
+        self._record_failure(flight, 0, error, "", "crash", event.worker, retryable=True)
+
+    def _record_failure(self, flight: _Flight, pos: int, exc: BaseException, tb: str, kind: str,
+                        worker: Any, retryable: bool) -> None:
+        spec = self.spec
+        attempts = flight.attempts + 1 if len(flight.task.items) == 1 else 1
+        index = flight.first_index + pos
+        item = flight.task.items[pos]
+        if retryable and attempts <= spec.retries:
+            self.stats.retried += 1
+            ready_at = time.monotonic() + spec.backoff * (2 ** (attempts - 1)) if spec.backoff else 0.0
+            self.retry_queue.append((ready_at, flight.block, flight.offset + pos, index, item, attempts))
+            return
+        if kind == "timeout":
+            self.stats.timed_out += 1
+        failure = Failure(index=index, item=item, exception=exc, traceback=tb, kind=kind,
+                          worker=worker, attempts=attempts)
+        if spec.on_error == "raise":
+            raise_failure(failure, self.backend.name)
+        self.stats.failed += 1
+        self._progress(1)
+        if spec.on_error == "return":
+            self._fill_slot(flight, pos, failure)
+        else:
+            self.stats.skipped += 1
+            self._fill_slot(flight, pos, _SKIP)
+
+    # ---- timeouts -------------------------------------------------------------------
+    def _wait_time(self) -> float:
+        wait = WAIT_SLICE
+        now = time.monotonic()
+        if self.spec.timeout is not None:
+            for flight in self.flights.values():
+                if flight.started is not None:
+                    wait = min(wait, flight.started + self.spec.timeout - now)
+        if self.retry_queue:
+            wait = min(wait, self.retry_queue[0][0] - now)
+        return max(0.0, wait)
+
+    def _expire_deadlines(self) -> None:
+        timeout = self.spec.timeout
+        if timeout is None:
+            return
+        now = time.monotonic()
+        expired = [f for f in self.flights.values() if f.started is not None and now - f.started >= timeout]
+        for flight in expired:
+            del self.flights[flight.task.id]
+            self.backend.cancel(flight.task.id)
+            error = TaskTimeout(f"item {flight.first_index} ran longer than its timeout of {timeout:g}s")
+            self._record_failure(flight, 0, error, "", "timeout", flight.worker, retryable=True)
+
+    # ---- output ---------------------------------------------------------------------
+    def _emit_ordered(self) -> Iterator:
+        blocks = self.blocks
+        while True:
+            block = blocks.get(self.emit_index)
+            if block is None or block.missing:
+                return
+            del blocks[self.emit_index]
+            self.emit_index += len(block.values)
+            if block.has_skips:
+                yield from (v for v in block.values if v is not _SKIP)
+            else:
+                yield from block.values
+
+    def _emit_unordered(self) -> Iterator:
+        ready = self.ready
+        while ready:
+            yield ready.popleft()
+
+    def _progress(self, n: int) -> None:
+        self.done_count += n
+        self.stats.items_done = self.done_count
+        if self.spec.progress is not None:
+            self.spec.progress(self.done_count, self.spec.total)

@@ -1,0 +1,123 @@
+"""Exception types, the per-item Failure record, and how a worker's error is rebuilt."""
+from __future__ import annotations
+
+import pickle
+import reprlib
+from dataclasses import dataclass, field
+from typing import Any
+
+_short = reprlib.Repr()
+_short.maxstring = 60
+_short.maxother = 60
+_short.maxlist = _short.maxtuple = _short.maxdict = _short.maxset = 6
+
+
+def short_repr(obj: Any) -> str:
+    try:
+        return _short.repr(obj)
+    except Exception:  # a broken __repr__ must not hide the real error
+        return f"<{type(obj).__name__} object>"
+
+
+class PmapError(Exception):
+    """Base class of pmap's own errors."""
+
+
+class TaskTimeout(PmapError, TimeoutError):
+    """An item ran longer than its `timeout`."""
+
+
+class WorkerCrashed(PmapError):
+    """The worker running an item died (segfault, os._exit, kill, out of memory)."""
+
+    def __init__(self, message: str, exitcode: int | None = None):
+        super().__init__(message)
+        self.exitcode = exitcode
+
+    def __reduce__(self):
+        return (type(self), (self.args[0], self.exitcode))
+
+
+class BackendUnavailable(PmapError):
+    """The backend cannot run here: a missing package or platform feature."""
+
+
+class FunctionNotPicklable(PmapError, TypeError):
+    """A process backend cannot send the function to its workers."""
+
+
+class Cancelled(PmapError):
+    """The item was not run because the run stopped first."""
+
+
+class RemoteTraceback(Exception):
+    """Carries the worker's formatted traceback as the `__cause__` of a re-raised error."""
+
+    def __init__(self, tb_text: str):
+        super().__init__(tb_text)
+        self.tb_text = tb_text
+
+    def __str__(self) -> str:
+        return "\n\n" + self.tb_text
+
+
+class UnpicklableError(PmapError):
+    """Stands in for a worker exception that could not be sent back."""
+
+
+def portable_exception(exc: BaseException) -> BaseException:
+    """Return `exc` if it survives pickling, else a stand-in naming its type and message."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:
+        return UnpicklableError(f"{type(exc).__module__}.{type(exc).__qualname__}: {exc}")
+
+
+FAILURE_KINDS = ("error", "timeout", "crash", "cancelled")
+
+
+@dataclass
+class Failure:
+    """What `on_error="return"` puts in the slot of an item that failed."""
+
+    index: int
+    item: Any
+    exception: BaseException
+    traceback: str = ""
+    kind: str = "error"
+    worker: Any = None
+    attempts: int = 1
+    notes: list = field(default_factory=list, repr=False)
+
+    def __repr__(self) -> str:
+        return (f"Failure(index={self.index}, item={short_repr(self.item)}, kind={self.kind!r}, "
+                f"exception={self.exception!r})")
+
+    def __bool__(self) -> bool:  # a failed slot is falsy, so `[r for r in out if r]` drops it
+        return False
+
+
+def add_note(exc: BaseException, note: str) -> None:
+    if hasattr(exc, "add_note"):
+        exc.add_note(note)
+    else:  # Python 3.10: PEP 678 notes by hand
+        notes = getattr(exc, "__notes__", None)
+        if notes is None:
+            try:
+                exc.__notes__ = notes = []
+            except Exception:
+                return
+        notes.append(note)
+
+
+def raise_failure(failure: Failure, backend_name: str):
+    """Re-raise the original exception in the caller, with the worker's traceback and a note."""
+    exc = failure.exception
+    if failure.traceback and not isinstance(exc, (TaskTimeout, WorkerCrashed)):
+        exc.__cause__ = RemoteTraceback(failure.traceback)
+    where = f", worker {failure.worker}" if failure.worker is not None else ""
+    tries = f", after {failure.attempts} attempts" if failure.attempts > 1 else ""
+    add_note(exc, f"pmap: item {failure.index} ({short_repr(failure.item)}) failed "
+                  f"on backend {backend_name!r}{where}{tries}")
+    raise exc
