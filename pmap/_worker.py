@@ -11,7 +11,7 @@ import traceback
 
 import cloudpickle
 
-from .errors import portable_exception
+from .errors import ItemNotPicklable, portable_exception
 
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
 
@@ -52,7 +52,11 @@ def dumps(obj) -> bytes:
     try:
         return pickle.dumps(obj, _PROTOCOL)
     except Exception:
+        pass
+    try:
         return cloudpickle.dumps(obj, _PROTOCOL)
+    except Exception as exc:
+        raise ItemNotPicklable(f"cannot pickle the task to send it to a worker: {type(exc).__name__}: {exc}") from exc
 
 
 loads = pickle.loads

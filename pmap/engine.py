@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from .backends.base import Backend, Done, Fatal, Lost, Started, Task
 from .chunking import ChunkSizer
-from .errors import Failure, TaskTimeout, WorkerCrashed, raise_failure
+from .errors import Failure, ItemNotPicklable, TaskTimeout, WorkerCrashed, raise_failure
 
 _SKIP = object()              # a slot whose item failed under on_error="skip"
 _PENDING = object()           # a slot still being computed
@@ -190,7 +190,7 @@ class _Engine:
         flight = _Flight(task, block, offset, index, attempts)
         try:
             self.backend.submit(task)
-        except Exception as exc:  # the task could not be sent: an item that cannot be pickled
+        except ItemNotPicklable as exc:  # find the item that cannot be sent; it alone fails
             if len(items) > 1:
                 for k, item in enumerate(items):
                     self._submit(block, offset + k, index + k, [item], attempts)

@@ -46,6 +46,10 @@ class FunctionNotPicklable(PmapError, TypeError):
     """A process backend cannot send the function to its workers."""
 
 
+class ItemNotPicklable(PmapError, TypeError):
+    """An item (or a task holding it) cannot be pickled to reach a worker process."""
+
+
 class Cancelled(PmapError):
     """The item was not run because the run stopped first."""
 
@@ -96,6 +100,18 @@ class Failure:
 
     def __bool__(self) -> bool:  # a failed slot is falsy, so `[r for r in out if r]` drops it
         return False
+
+
+def warn_user(message: str, category: type = RuntimeWarning) -> None:
+    """Warn with the location of the first caller outside pmap, so the warning points at user code."""
+    import os
+    import sys
+    import warnings
+    package_dir = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package_dir):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
 
 
 def add_note(exc: BaseException, note: str) -> None:

@@ -13,6 +13,7 @@ import warnings
 import cloudpickle
 
 from .._worker import WORKER_CATCH, become_worker_process, dumps, encode_result, loads, run_items
+from ..errors import warn_user
 from ._procutil import describe_exit, end_process_group
 from .base import Backend, Done, Fatal, Lost, Started, fork_supported
 
@@ -107,10 +108,10 @@ class ForkBackend(Backend):
         if self.warned_threads or threading.active_count() <= 1:
             return
         self.warned_threads = True
-        warnings.warn(
+        warn_user(
             f"pmap: the fork backend is forking a process that runs {threading.active_count() - 1} other "
             "thread(s); a lock one of them holds at that moment stays locked in the worker. "
-            "Use backend='process' if a run hangs.", RuntimeWarning, stacklevel=6)
+            "Use backend='process' if a run hangs.")
 
     def _retire(self, worker: _Worker) -> None:
         self.workers_list.remove(worker)

@@ -31,6 +31,7 @@ class PoolBackend(PooledBackend):
         self.start_method = method
         self.max_tasks = max_tasks_per_worker
         self.pool = None
+        self.orphaned = False  # a task died with its worker: Pool.join() would wait for it forever
 
     def open(self) -> None:
         if self.pool is None:
@@ -53,12 +54,17 @@ class PoolBackend(PooledBackend):
         for task_id in self.tasks_on(proc.pid):
             self.inflight.discard(task_id)
             events.append(Lost(task_id, proc.pid, proc.exitcode, describe_exit(proc.exitcode), blame=True))
+        self.orphaned = self.orphaned or bool(events)
         return events
+
+    def cancel(self, task_id) -> None:
+        self.orphaned = self.orphaned or task_id in self.inflight
+        super().cancel(task_id)
 
     def close(self, kill=False) -> None:
         pool, self.pool = self.pool, None
         if pool is not None:
-            if kill or self.inflight:
+            if kill or self.inflight or self.orphaned:
                 pool.terminate()
             else:
                 pool.close()

@@ -1,0 +1,61 @@
+"""Errors of use are clear and early, before any worker starts."""
+import pytest
+
+import pmap
+from workloads import square
+
+
+@pytest.mark.parametrize("kwargs, error, text", [
+    (dict(backend="nope"), ValueError, "unknown backend 'nope'; known backends: .*process"),
+    (dict(workers=0), ValueError, "workers must be at least 1"),
+    (dict(workers=-3), ValueError, "workers must be at least 1"),
+    (dict(workers=2.5), TypeError, "workers must be an integer"),
+    (dict(workers=True), TypeError, "workers must be an integer"),
+    (dict(chunksize=0), ValueError, "chunksize must be at least 1"),
+    (dict(chunksize="4"), TypeError, "chunksize must be an integer"),
+    (dict(on_error="ignore"), ValueError, "on_error must be one of 'raise', 'return', 'skip'"),
+    (dict(timeout=0), ValueError, "timeout must be a positive number"),
+    (dict(timeout=-1), ValueError, "timeout must be a positive number"),
+    (dict(timeout=1, chunksize=5), ValueError, "timeout is per item"),
+    (dict(retries=-1), ValueError, "retries must be at least 0"),
+    (dict(progress="yes"), TypeError, "progress must be"),
+    (dict(backend="thread", frobnicate=1), TypeError, "unknown option.*frobnicate"),
+])
+def test_bad_arguments(kwargs, error, text):
+    with pytest.raises(error, match=text):
+        pmap.pmap(square, [1, 2], **kwargs)
+
+
+def test_not_callable():
+    with pytest.raises(TypeError, match="func must be callable"):
+        pmap.pmap(42, [1])
+
+
+def test_not_iterable():
+    with pytest.raises(TypeError, match="items must be iterable"):
+        pmap.pmap(square, 5, backend="thread")
+
+
+def test_unpicklable_function_on_process_backend_says_why_and_what_to_use():
+    import threading
+    lock = threading.Lock()
+
+    def uses_lock(x):
+        with lock:
+            return x
+
+    with pytest.raises(pmap.PmapError, match="cannot send function .*uses_lock.*backend='thread'.*'fork'"):
+        pmap.pmap(uses_lock, [1], backend="process")
+    assert pmap.pmap(uses_lock, [1, 2], backend="fork") == [1, 2]
+
+
+def test_pool_rejects_auto_and_second_open_imap():
+    with pytest.raises(ValueError, match="concrete backend"):
+        pmap.Pool(backend="auto")
+    with pmap.Pool(backend="thread", workers=2) as pool:
+        first = pool.imap(square, range(100))
+        next(first)
+        with pytest.raises(RuntimeError, match="still open"):
+            pool.map(square, [1])
+        first.close()
+        assert pool.map(square, [3]) == [9]
