@@ -33,7 +33,10 @@ class StarCall:
 
 def run_items(fn, items, catch=Exception):
     """Run `fn` over `items`; return (values, failures, elapsed). Failures hold
-    (position, exception, traceback text); a failing item never stops the others."""
+    (position, exception, traceback text); a failing item never stops the others.
+    An `async def` function runs in an event loop of this worker's own."""
+    if is_async(fn):
+        return _run_async_items(fn, items, catch)
     values = []
     failures = []
     append = values.append
@@ -45,6 +48,15 @@ def run_items(fn, items, catch=Exception):
             append(None)
             failures.append((pos, exc, "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))))
     return values, failures, time.perf_counter() - start
+
+
+def _run_async_items(fn, items, catch):
+    import asyncio
+    loop = asyncio.new_event_loop()
+    try:
+        return run_items(lambda item: loop.run_until_complete(fn(item)), items, catch)
+    finally:
+        loop.close()
 
 
 def dumps(obj) -> bytes:
@@ -115,6 +127,7 @@ def become_worker_process(own_process_group: bool = True) -> None:
 
 
 def is_async(fn) -> bool:
+    """True for an `async def` function (also behind starmap's StarCall or a callable object)."""
     target = fn.func if isinstance(fn, StarCall) else fn
     return inspect.iscoroutinefunction(target) or inspect.iscoroutinefunction(getattr(target, "__call__", None))
 

@@ -19,6 +19,17 @@ def backends_command() -> None:
         typer.echo("  ".join(cell.ljust(widths[i]) if i < 3 else cell for i, cell in enumerate(row)))
 
 
+@app.command("worker")
+def worker_command(
+    address: str = typer.Argument(..., help="HOST:PORT of a run using backend='manager'"),
+    authkey_file: str = typer.Option(..., "--authkey-file", help="file holding the run's authkey"),
+    processes: int = typer.Option(1, "--processes", min=1, help="worker processes on this host"),
+) -> None:
+    """Join a manager run from this host and work until the driver ends."""
+    from .backends.manager import run_worker
+    raise typer.Exit(run_worker(address, authkey_file, processes))
+
+
 @app.callback()
 def main_callback() -> None:
     pass
