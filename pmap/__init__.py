@@ -1,12 +1,13 @@
 """pmap: run a function over many inputs in parallel, behind one call."""
 from .api import Pool, Results, imap, pmap, starmap
+from .auto import Plan, explain
 from .backends.base import Backend, BackendInfo, backends, register_backend
 from .engine import RunStats
 from .errors import (BackendUnavailable, Failure, PmapError, RemoteTraceback, TaskTimeout,
                      UnpicklableError, WorkerCrashed)
 
 __all__ = [
-    "pmap", "imap", "starmap", "Pool", "Results", "backends", "register_backend", "Backend",
+    "pmap", "imap", "starmap", "Pool", "Results", "explain", "Plan", "backends", "register_backend", "Backend",
     "BackendInfo", "RunStats", "Failure", "PmapError", "TaskTimeout", "WorkerCrashed",
     "BackendUnavailable", "RemoteTraceback", "UnpicklableError",
 ]

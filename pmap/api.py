@@ -162,7 +162,7 @@ def _run(func, items, *, star, backend, workers, chunksize, ordered, timeout, re
 
     def finish(ok: bool) -> None:
         close_progress()
-        if owned and instance is not None:
+        if owned:
             instance.close(kill=not ok)
         elif not ok and pool is not None:
             pool_interrupted = isinstance(_current_exception(), KeyboardInterrupt)

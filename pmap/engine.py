@@ -33,6 +33,8 @@ class RunSpec:
     chunksize: int | None = None
     progress: Callable | None = None
     total: int | None = None
+    start_index: int = 0                 # index of the first item (auto mode ran earlier ones)
+    measured: tuple | None = None        # (items, seconds) already measured, seeds chunk sizes
 
 
 @dataclass
@@ -105,14 +107,16 @@ class _Engine:
         self.source = iter(spec.items)
         self.source_error: BaseException | None = None
         self.exhausted = False
-        self.next_index = 0
-        self.emit_index = 0               # ordered mode: first index not yet yielded
+        self.next_index = spec.start_index
+        self.emit_index = spec.start_index  # ordered mode: first index not yet yielded
         self.blocks: dict[int, _Block] = {}
         self.flights: dict[int, _Flight] = {}
         self.retry_queue: deque = deque()  # (ready_at, block, offset, index, item, attempts)
         self.ready: deque = deque()        # unordered mode: values to yield
-        self.sizer = ChunkSizer(spec.chunksize, backend.workers, spec.total)
-        self.done_count = 0
+        remaining = spec.total - spec.start_index if spec.total is not None else None
+        self.sizer = ChunkSizer(spec.chunksize, backend.workers, remaining)
+        if spec.measured:
+            self.sizer.observe(*spec.measured)
         slots = max(1, backend.workers)
         self.max_ahead_chunks = slots * AHEAD_CHUNKS_PER_SLOT
         self.fn = None
@@ -142,7 +146,7 @@ class _Engine:
         finally:
             # Tasks still in flight (an error, or the reader stopped early) are left to the
             # caller: a one-shot run closes the backend, a Pool lets them finish unread.
-            self.stats.wall_seconds = time.perf_counter() - started
+            self.stats.wall_seconds += time.perf_counter() - started
             self.source = None
 
     # ---- dispatch -------------------------------------------------------------------
@@ -355,7 +359,7 @@ class _Engine:
             yield ready.popleft()
 
     def _progress(self, n: int) -> None:
-        self.done_count += n
-        self.stats.items_done = self.done_count
+        stats = self.stats
+        stats.items_done += n
         if self.spec.progress is not None:
-            self.spec.progress(self.done_count, self.spec.total)
+            self.spec.progress(stats.items_done, self.spec.total)

@@ -72,3 +72,17 @@ def cpu_loop(n):
     for i in range(n):
         total += i * i
     return total
+
+
+def compress(data):
+    import zlib
+    return len(zlib.compress(data, 6))
+
+
+def append_item_to(path_and_item):
+    path, item = path_and_item
+    with open(path, "a") as handle:  # O_APPEND: one line per call, from any process
+        handle.write(f"{item}\n")
+    for _ in range(20_000):
+        pass
+    return item

@@ -1,0 +1,348 @@
+"""Auto mode: run the first items in the calling thread while measuring them, then pick the
+backend, workers and chunk size from a small cost model, and say why.
+
+Probed items are ordinary items of the run: their results are kept and never re-run.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import pickle
+import sys
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterator
+
+from ._worker import is_async
+from .backends.base import fork_supported, resolve_backend_class, usable_cpus
+from .engine import RunSpec, RunStats, execute
+
+PROBE_MIN_ITEMS = 2
+PROBE_SECONDS = 0.02        # serial probe budget: enough items to measure, a small share of any run worth parallelising
+PROBE_MAX_SECONDS = 0.25    # one slow item stops the probe at once
+GIL_PROBE_MIN_ITEM = 5e-4   # below this, running two items in two threads measures noise
+GIL_RELEASED_OVERLAP = 1.5  # CPU seconds per wall second of two threads that shows the GIL was released
+CPU_BOUND_SHARE = 0.3       # CPU share of wall time from which work counts as CPU-bound
+PARALLEL_MARGIN = 0.8       # a parallel plan must promise this fraction of serial time or better
+MAX_IO_THREADS = 64
+ASSUMED_UNKNOWN_ITEMS = 10_000  # input of unknown length that outlived the probe: assume it is long
+
+# Costs of this machine's kind, seconds (bench/auto.py measures them).
+FORK_START = 0.01
+PROCESS_START_COLD = 0.25
+THREAD_START = 0.001
+PROCESS_PER_ITEM = 4e-6     # engine, pickling and pipe per item, with adaptive chunks
+THREAD_PER_ITEM = 2e-6
+TRANSFER_BYTES_PER_SECOND = 1.0e9
+
+
+@dataclass
+class Plan:
+    """What auto chose, the measurements behind it, and the reason in one sentence."""
+
+    backend: str
+    workers: int
+    chunksize: int | None
+    reason: str
+    probed_items: int = 0
+    item_wall: float | None = None
+    item_cpu: float | None = None
+    gil_released: bool | None = None
+    item_bytes: int | None = None
+    estimates: dict = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        def ms(v):
+            return "-" if v is None else f"{v * 1e3:.3f} ms"
+        lines = [f"backend: {self.backend} (workers {self.workers}, chunksize "
+                 f"{self.chunksize if self.chunksize else 'adaptive'})",
+                 f"reason: {self.reason}",
+                 f"measured on {self.probed_items} probe item(s): wall {ms(self.item_wall)}, "
+                 f"cpu {ms(self.item_cpu)} per item"
+                 + (f", {self.item_bytes} bytes pickled per item" if self.item_bytes else "")
+                 + ("" if self.gil_released is None else f", GIL released: {'yes' if self.gil_released else 'no'}")]
+        if self.estimates:
+            lines.append("estimated time of the rest: " + ", ".join(
+                f"{name} {seconds:.3f}s" for name, seconds in sorted(self.estimates.items(), key=lambda kv: kv[1])))
+        return "\n".join(lines)
+
+
+class _Meter:
+    """Wraps the function to time each call in wall and this thread's CPU time."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.calls = 0
+        self.wall = 0.0
+        self.cpu = 0.0
+        self.bytes = 0
+        self.sized = 0
+
+    def __call__(self, item):
+        wall0, cpu0 = time.perf_counter(), time.thread_time()
+        try:
+            result = self.fn(item)
+        finally:
+            self.cpu += time.thread_time() - cpu0
+            self.wall += time.perf_counter() - wall0
+            self.calls += 1
+        if self.sized < 3:  # transfer cost: size of what a process backend would pickle
+            self.sized += 1
+            try:
+                self.bytes += len(pickle.dumps(item, pickle.HIGHEST_PROTOCOL)) + len(
+                    pickle.dumps(result, pickle.HIGHEST_PROTOCOL))
+            except Exception:
+                pass
+        return result
+
+
+class _Budgeted:
+    """Yields items from the shared iterator until the probe's budget is spent."""
+
+    def __init__(self, source: Iterator, meter: _Meter):
+        self.source = source
+        self.meter = meter
+        self.started = time.perf_counter()
+        self.exhausted = False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        meter = self.meter
+        spent = time.perf_counter() - self.started
+        if meter.calls >= PROBE_MIN_ITEMS and spent >= PROBE_SECONDS or spent >= PROBE_MAX_SECONDS:
+            raise StopIteration
+        try:
+            return next(self.source)
+        except StopIteration:
+            self.exhausted = True
+            raise
+
+
+def _free_threaded() -> bool:
+    is_gil_enabled = getattr(sys, "_is_gil_enabled", None)
+    return is_gil_enabled is not None and not is_gil_enabled()
+
+
+def _picklable(fn) -> str | None:
+    import cloudpickle
+    try:
+        cloudpickle.dumps(fn)
+        return None
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
+def _loky_warm(workers: int) -> bool:
+    try:
+        from loky import reusable_executor
+        executor = reusable_executor._executor
+        return executor is not None and not executor._flags.broken and executor._max_workers == workers
+    except Exception:
+        return False
+
+
+def decide(meter: _Meter, remaining: int | None, fn, workers: int | None,
+           gil_released: bool | None) -> Plan:
+    """The cost model: estimate the rest of the run on serial, threads and processes; pick the least."""
+    cores = usable_cpus()
+    n = meter.calls
+    wall = meter.wall / n if n else 0.0
+    cpu = min(meter.cpu / n, wall) if n else 0.0
+    item_bytes = meter.bytes // meter.sized if meter.sized else 0
+    common = dict(probed_items=n, item_wall=wall if n else None, item_cpu=cpu if n else None,
+                  gil_released=gil_released, item_bytes=item_bytes or None)
+    if remaining == 0:
+        return Plan("serial", 1, None, "the probe finished the whole input", **common)
+    if n == 0:
+        return Plan("serial", 1, None, "nothing was measured", **common)
+    rest = remaining if remaining is not None else ASSUMED_UNKNOWN_ITEMS
+    wait = max(wall - cpu, 0.0)
+    cpu_bound = cpu >= CPU_BOUND_SHARE * wall
+
+    # Processes: CPU spreads over the cores; waits overlap across workers.
+    proc_workers = workers or (cores if wait <= cpu else min(4 * cores, max(cores, round(cores * wall / max(cpu, 1e-9)))))
+    # Threads: CPU is serialised by the GIL unless the code releases it; waits overlap.
+    thread_cpu_lanes = cores if (gil_released or _free_threaded()) else 1
+    thread_workers = workers or (max(cores, min(MAX_IO_THREADS, math.ceil(thread_cpu_lanes * wall / max(cpu, wall / MAX_IO_THREADS))))
+                                 if not cpu_bound else cores)
+    thread_workers = min(thread_workers, max(1, rest)) if remaining is not None else thread_workers
+    proc_workers = min(proc_workers, max(1, rest)) if remaining is not None else proc_workers
+
+    serial_time = rest * wall
+    thread_time = THREAD_START + rest * THREAD_PER_ITEM + max(rest * cpu / min(thread_cpu_lanes, thread_workers),
+                                                             rest * wall / thread_workers)
+    transfer = item_bytes / TRANSFER_BYTES_PER_SECOND
+    unpicklable = _picklable(fn)
+    fork_safe = fork_supported() and threading.active_count() == 1
+    estimates = {"serial": serial_time, "thread": thread_time}
+    process_name = "fork" if fork_safe else "process"
+    if unpicklable is None or fork_safe:
+        start = FORK_START if fork_safe else (0.0 if _loky_warm(proc_workers) else PROCESS_START_COLD)
+        estimates[process_name] = start + rest * (PROCESS_PER_ITEM + transfer) + max(
+            rest * cpu / min(cores, proc_workers), rest * wall / proc_workers)
+
+    best = min(estimates, key=estimates.get)
+    if best != "serial" and estimates[best] > PARALLEL_MARGIN * serial_time:
+        best = "serial"
+    if best == "serial":
+        reason = (f"the rest of the work (~{serial_time:.3f}s serial) is too small for parallel start-up "
+                  "and transfer to pay off")
+        return Plan("serial", 1, None, reason, estimates=estimates, **common)
+    if best == "thread":
+        if _free_threaded() and cpu_bound:
+            why = "CPU-bound work on a free-threaded interpreter runs in parallel threads"
+        elif cpu_bound and gil_released:
+            why = "CPU-bound work that releases the GIL runs in parallel threads without transferring data"
+        elif cpu_bound:
+            why = "moving the data to processes costs more than the computation saves"
+        else:
+            why = (f"IO-bound work ({wait / wall:.0%} of each item is waiting): "
+                   f"{thread_workers} threads overlap the waits")
+        if unpicklable and not cpu_bound:
+            pass
+        elif unpicklable:
+            why += f"; the function cannot be pickled ({unpicklable})"
+        return Plan("thread", thread_workers, None, why, estimates=estimates, **common)
+    if cpu_bound:
+        why = f"CPU-bound work ({cpu / wall:.0%} of each item is computing) runs on {proc_workers} processes"
+    else:
+        why = f"mixed CPU and waiting: {proc_workers} processes overlap the waits and spread the CPU"
+    if process_name == "fork":
+        why += "; fork is safe here (no other threads) and needs no pickling of the function"
+    else:
+        why += "; loky's processes, since fork is not safe here (other threads run)" if fork_supported() else ""
+    return Plan(process_name, proc_workers, None, why, estimates=estimates, **common)
+
+
+class _Overlap:
+    """Wraps the function for the GIL probe: both calls start together (a barrier), and each
+    records its span and its thread's CPU time."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.barrier = threading.Barrier(2)
+        self.spans = []
+
+    def __call__(self, item):
+        try:
+            self.barrier.wait(timeout=1.0)
+        except threading.BrokenBarrierError:
+            pass
+        wall0, cpu0 = time.perf_counter(), time.thread_time()
+        try:
+            return self.fn(item)
+        finally:
+            self.spans.append((wall0, time.perf_counter(), time.thread_time() - cpu0))
+
+    def cpu_per_wall(self) -> float:
+        if len(self.spans) < 2:
+            return 0.0
+        wall = max(end for _, end, _ in self.spans) - min(start for start, _, _ in self.spans)
+        return sum(cpu for _, _, cpu in self.spans) / wall if wall > 0 else 0.0
+
+
+def _probe_gil(source: Iterator, spec: RunSpec, stats: RunStats, offset: int):
+    """Run the next two items at once in two threads; their CPU overlap tells whether the
+    function releases the GIL. Returns (results, items consumed, released?)."""
+    pair = list(itertools.islice(source, 2))
+    if len(pair) < 2:
+        return pair, pair, None
+    overlap = _Overlap(spec.fn)
+    thread = resolve_backend_class("thread")(workers=2)
+    thread.open()
+    try:
+        results = list(execute(thread, replace(spec, fn=overlap, items=pair, start_index=offset,
+                                               chunksize=1), stats))
+    finally:
+        thread.close()
+    return results, pair, overlap.cpu_per_wall() >= GIL_RELEASED_OVERLAP
+
+
+def _probe(spec: RunSpec, stats: RunStats, workers: int | None):
+    """Run the probe. Returns (probe results, the rest of the source, items used, plan)."""
+    source = iter(spec.items)
+    meter = _Meter(spec.fn)
+    budget = _Budgeted(source, meter)
+    serial = resolve_backend_class("serial")()
+    serial.open()
+    # one item per chunk, so the budget is checked before every item
+    results = list(execute(serial, replace(spec, fn=meter, items=budget, chunksize=spec.chunksize or 1), stats))
+    used = meter.calls
+    gil_released = None
+    wall = meter.wall / used if used else 0.0
+    cpu_bound = used and meter.cpu >= CPU_BOUND_SHARE * meter.wall
+    if (not budget.exhausted and cpu_bound and wall >= GIL_PROBE_MIN_ITEM and usable_cpus() > 1
+            and not _free_threaded()):
+        more, consumed, gil_released = _probe_gil(source, spec, stats, used)
+        results.extend(more)
+        used += len(consumed)
+        if len(consumed) < 2:
+            budget.exhausted = True
+    remaining = 0 if budget.exhausted else (spec.total - used if spec.total is not None else None)
+    plan = decide(meter, remaining, spec.fn, workers, gil_released)
+    plan.probed_items = used
+    return results, source, used, plan, meter
+
+
+def start_auto_run(spec: RunSpec, stats: RunStats, *, workers=None, initializer=None, initargs=(),
+                   backend_options=None):
+    """The generator of an auto run and the backend it ends on (None until it is chosen)."""
+    from .api import make_backend
+    if is_async(spec.fn):
+        stats.plan = Plan("asyncio", workers or 100, None, "the function is a coroutine function (async def)")
+        backend = make_backend("asyncio", workers=stats.plan.workers, initializer=initializer,
+                               initargs=initargs, **(backend_options or {}))
+        backend.open()
+        return execute(backend, spec, stats), backend
+    holder = _Holder()
+
+    def run() -> Iterator:
+        if initializer is not None:  # the probe runs in this thread, so the initializer does too
+            initializer(*initargs)
+        results, source, used, plan, meter = _probe(spec, stats, workers)
+        stats.plan = plan
+        yield from results
+        if plan.backend == "serial" and not backend_options:
+            rest_backend = resolve_backend_class("serial")()
+        else:
+            rest_backend = make_backend(plan.backend, workers=plan.workers, initializer=initializer,
+                                        initargs=initargs, **(backend_options or {}))
+        holder.backend = rest_backend
+        rest_backend.open()
+        rest = replace(spec, items=source, start_index=used,
+                       measured=(meter.calls, meter.wall) if meter.calls else None)
+        yield from execute(rest_backend, rest, stats)
+
+    return run(), holder
+
+
+class _Holder:
+    """Stands for the backend an auto run will choose, so the caller can close it."""
+
+    backend = None
+
+    def close(self, kill: bool = False) -> None:
+        if self.backend is not None:
+            self.backend.close(kill=kill)
+
+
+def explain(func, items, *, workers=None, timeout=None, retries=0, on_error="return", **_ignored) -> Plan:
+    """What `backend="auto"` would choose for `func` over `items`, and why.
+
+    This runs the function on the first few items (the probe) in the calling thread.
+    """
+    from .api import check_options
+    check_options(func, workers=workers, timeout=timeout, retries=retries, on_error=on_error)
+    if is_async(func):
+        return Plan("asyncio", workers or 100, None, "the function is a coroutine function (async def)")
+    try:
+        total = len(items)
+    except Exception:
+        total = None
+    spec = RunSpec(fn=func, items=items, timeout=timeout, retries=retries, on_error=on_error, total=total,
+                   chunksize=1 if timeout else None)
+    _, _, _, plan, _ = _probe(spec, RunStats(), workers)
+    return plan

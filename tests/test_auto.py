@@ -1,0 +1,105 @@
+"""Auto mode decides right on clear cases and runs every item exactly once."""
+import os
+import sys
+import threading
+
+import pytest
+
+import pmap
+from workloads import append_item_to, compress, cpu_loop, sleep_then, square
+
+PROCESS_BACKENDS = {"fork", "process"}
+
+
+def test_sleeping_function_goes_to_threads():
+    plan = pmap.explain(sleep_then, [0.02] * 200)
+    assert plan.backend == "thread", str(plan)
+    assert plan.workers > os.cpu_count()
+    assert plan.item_cpu < plan.item_wall / 10
+
+
+def test_pure_python_loop_goes_to_processes():
+    plan = pmap.explain(cpu_loop, [200_000] * 300)
+    assert plan.backend in PROCESS_BACKENDS, str(plan)
+    assert plan.gil_released is False
+
+
+def test_trivial_function_stays_serial():
+    plan = pmap.explain(square, range(50_000))
+    assert plan.backend == "serial", str(plan)
+    out = pmap.pmap(square, range(50_000))
+    assert out == [x * x for x in range(50_000)]
+    assert out.stats.plan.backend == "serial"
+
+
+def test_gil_releasing_code_goes_to_threads():
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("needs two cores to see two threads compute at once")
+    blob = os.urandom(1 << 16) * 64  # 4 MiB that compresses slowly
+    plan = pmap.explain(compress, [blob] * 60)
+    assert plan.gil_released is True, str(plan)
+    assert plan.backend == "thread", str(plan)
+
+
+def test_unpicklable_cpu_closure_does_not_go_to_process():
+    lock = threading.Lock()
+
+    def cpu_under_lock(n):
+        with lock:
+            return cpu_loop(n)
+
+    plan = pmap.explain(cpu_under_lock, [200_000] * 300)
+    assert plan.backend != "process", str(plan)
+    out = pmap.pmap(cpu_under_lock, [1000] * 100)
+    assert out == [cpu_loop(1000)] * 100
+
+
+def test_probed_items_run_exactly_once(tmp_path):
+    log = tmp_path / "calls.log"
+    items = [(str(log), i) for i in range(400)]
+    out = pmap.pmap(append_item_to, items)
+    assert out == list(range(400))
+    calls = log.read_text().split()
+    assert sorted(map(int, calls)) == list(range(400)), "an item ran twice or not at all"
+    assert out.stats.plan is not None and out.stats.plan.probed_items >= 2
+
+
+def test_run_stats_carry_the_plan_and_explain_prints():
+    out = pmap.pmap(sleep_then, [0.01] * 40)
+    plan = out.stats.plan
+    assert plan.backend == out.stats.backend == "thread"
+    text = str(plan)
+    assert "reason:" in text and "probe item" in text and "thread" in text
+
+
+def test_auto_keeps_order_errors_and_indices_across_the_probe():
+    def fail_late(x):
+        if x == 1500:
+            raise ValueError("late failure")
+        return x
+
+    out = pmap.pmap(fail_late, range(3000), on_error="return")
+    assert [r for r in out if not isinstance(r, pmap.Failure)] == [x for x in range(3000) if x != 1500]
+    assert out[1500].index == 1500 and out[1500].item == 1500
+
+
+def test_generator_input_of_unknown_length():
+    out = pmap.pmap(sleep_then, (0.005 for _ in range(60)))
+    assert out == [0.005] * 60
+
+
+def test_progress_counts_probe_and_rest():
+    seen = []
+    pmap.pmap(square, range(20_000), progress=lambda done, total: seen.append((done, total)))
+    assert seen[-1] == (20_000, 20_000)
+
+
+@pytest.mark.skipif(not hasattr(sys, "_is_gil_enabled") or sys._is_gil_enabled(),
+                    reason="needs a free-threaded interpreter (python3.13t)")
+def test_free_threaded_cpu_work_goes_to_threads():
+    assert pmap.explain(cpu_loop, [200_000] * 300).backend == "thread"
+
+
+def test_auto_never_picks_remote_backends():
+    for fn, items in [(sleep_then, [0.02] * 50), (cpu_loop, [200_000] * 100), (square, range(1000))]:
+        assert pmap.explain(fn, items).backend not in {"manager", "dask"}
