@@ -2,6 +2,7 @@
 from .api import Pool, Results, imap, pmap, starmap
 from .auto import Plan, explain
 from .backends.base import Backend, BackendInfo, backends, register_backend
+from .compare import ResultsDiffer, compare
 from .engine import RunStats
 from .errors import (BackendUnavailable, Failure, PmapError, RemoteTraceback, TaskTimeout,
                      UnpicklableError, WorkerCrashed)
@@ -9,6 +10,6 @@ from .errors import (BackendUnavailable, Failure, PmapError, RemoteTraceback, Ta
 __all__ = [
     "pmap", "imap", "starmap", "Pool", "Results", "explain", "Plan", "backends", "register_backend", "Backend",
     "BackendInfo", "RunStats", "Failure", "PmapError", "TaskTimeout", "WorkerCrashed",
-    "BackendUnavailable", "RemoteTraceback", "UnpicklableError",
+    "BackendUnavailable", "RemoteTraceback", "UnpicklableError", "compare", "ResultsDiffer",
 ]
 __version__ = "0.1.0"

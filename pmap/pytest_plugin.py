@@ -5,13 +5,29 @@
 
     @pytest.mark.pmap_backends("thread", "process")
     def test_only_these(pmap_backend): ...
+
+Or check in one test that every backend gives serial's results, with `assert_backends_agree`
+(built on `pmap.compare`); a disagreement fails the test naming the backends and the first
+differing index, and the returned table holds each backend's time and stats:
+
+    from pmap.pytest_plugin import assert_backends_agree
+
+    def test_same_everywhere():
+        assert_backends_agree(square, range(100))                        # every local backend
+        assert_backends_agree(square, range(100), ["thread", "process"])  # just these
+        assert_backends_agree(noisy, items, ordered=False, equal=math.isclose, workers=2)
 """
 from __future__ import annotations
 
 import pytest
 
-# Backends that need more than this machine (a cluster) are left out unless a test names them.
-_NOT_BY_DEFAULT = {"manager", "dask"}
+# pmap itself is imported only when a test uses it, not whenever pytest starts.
+
+
+def default_backend_names() -> list[str]:
+    """The fixture's default list: every registered backend that runs on this machine alone."""
+    from .compare import default_backend_names
+    return default_backend_names()
 
 
 def pytest_configure(config):
@@ -34,14 +50,26 @@ def _params(names):
     return params
 
 
-def default_backend_names() -> list[str]:
-    from .backends.base import backend_names
-    return [name for name in backend_names() if name not in _NOT_BY_DEFAULT]
-
-
 def pytest_generate_tests(metafunc):
     if "pmap_backend" not in metafunc.fixturenames:
         return
     marker = metafunc.definition.get_closest_marker("pmap_backends")
     names = list(marker.args) if marker and marker.args else default_backend_names()
     metafunc.parametrize("pmap_backend", _params(names))
+
+
+def assert_backends_agree(func, items, backends=None, *, ordered: bool = True, repeat: int = 1,
+                          equal=None, **options):
+    """Fail the test unless `func` over `items` gives serial's results on every backend.
+
+    backends: names (default: the `pmap_backend` fixture's list; unavailable ones are
+        reported in the table, not failed). ordered=False compares results as multisets.
+    equal: how two results compare (default: `==`, NaN equal to NaN, arrays element-wise,
+        `pmap.Failure`s by kind, index, exception type and message).
+    options: passed to every run, e.g. workers=2, on_error="return", timeout=5.
+
+    Returns the `pmap.compare` table (times, speedups, stats) for further checks.
+    """
+    __tracebackhide__ = True
+    from .compare import compare
+    return compare(func, items, backends, repeat=repeat, ordered=ordered, equal=equal, check=True, **options)
