@@ -1,5 +1,6 @@
 """pmap: run a function over many inputs in parallel, behind one call."""
 from .api import Pool, Results, imap, pmap, starmap
+from .aio import AsyncResults, aimap, apmap
 from .auto import Plan, explain
 from .backends.base import Backend, BackendInfo, backends, register_backend
 from .compare import ResultsDiffer, compare
@@ -9,6 +10,7 @@ from .errors import (BackendUnavailable, Failure, PmapError, RemoteTraceback, Ta
 
 __all__ = [
     "pmap", "imap", "starmap", "Pool", "Results", "explain", "Plan", "backends", "register_backend", "Backend",
+    "apmap", "aimap", "AsyncResults",
     "BackendInfo", "RunStats", "Failure", "PmapError", "TaskTimeout", "WorkerCrashed",
     "BackendUnavailable", "RemoteTraceback", "UnpicklableError", "compare", "ResultsDiffer",
 ]
