@@ -1,4 +1,5 @@
 """DESIGN section 1, held against every backend through the pmap_backend fixture."""
+import asyncio
 import itertools
 import pickle
 import threading
@@ -6,64 +7,77 @@ import threading
 import pytest
 
 import pmap
-from workloads import (add, fail_on_three, identity, length, make_big, raise_unpicklable,
-                       read_init_value, return_lock, set_init_value, slow_identity, square)
+from workloads import (add, async_twin, fail_on_three, for_backend, identity, length, make_big, pause,
+                       raise_unpicklable, read_init_value, return_lock, set_init_value, slow_identity,
+                       square)
 
 
-def test_equals_builtin_map_on_ints(pmap_backend):
+@pytest.fixture
+def work(pmap_backend):
+    """A workload as the backend under test runs it: on asyncio, its async twin."""
+    return lambda fn: for_backend(fn, pmap_backend)
+
+
+def test_equals_builtin_map_on_ints(pmap_backend, work):
     items = list(range(257))
-    assert pmap.pmap(square, items, backend=pmap_backend) == list(map(square, items))
+    assert pmap.pmap(work(square), items, backend=pmap_backend) == list(map(square, items))
 
 
 @pytest.mark.parametrize("items", [["a", "bb", "", "ccc"], [None, None, 1], [(1, 2), {"k": [3]}, 4.5]],
                          ids=["strings", "none", "mixed"])
-def test_equals_builtin_map_on_objects(pmap_backend, items):
-    assert pmap.pmap(identity, items, backend=pmap_backend) == items
+def test_equals_builtin_map_on_objects(pmap_backend, work, items):
+    assert pmap.pmap(work(identity), items, backend=pmap_backend) == items
 
 
-def test_large_objects_both_ways(pmap_backend):
+def test_large_objects_both_ways(pmap_backend, work):
     sizes = [3_000_000, 5_000_000, 4_000_000]
-    blobs = pmap.pmap(make_big, sizes, backend=pmap_backend)
+    blobs = pmap.pmap(work(make_big), sizes, backend=pmap_backend)
     assert [len(b) for b in blobs] == sizes
-    assert pmap.pmap(length, blobs, backend=pmap_backend) == sizes
+    assert pmap.pmap(work(length), blobs, backend=pmap_backend) == sizes
 
 
-def test_unordered_yields_every_result_once(pmap_backend):
+def test_unordered_yields_every_result_once(pmap_backend, work):
     items = list(range(60))
-    out = pmap.pmap(slow_identity, items, backend=pmap_backend, ordered=False)
+    out = pmap.pmap(work(slow_identity), items, backend=pmap_backend, ordered=False)
     assert sorted(out) == items
 
 
-def test_unordered_yields_in_completion_order(pmap_backend):
+def test_unordered_yields_in_completion_order(pmap_backend, work):
     if pmap_backend == "serial":
         pytest.skip("serial runs items in input order: completion order is input order")
     # the first item is slow: with more than one worker it cannot come out first
     delays = [0.6] + [0.0] * 6
-    out = list(pmap.imap(sleep_then_index, list(enumerate(delays)), backend=pmap_backend,
+    out = list(pmap.imap(work(sleep_then_index), list(enumerate(delays)), backend=pmap_backend,
                          ordered=False, workers=2, chunksize=1))
     assert sorted(out) == list(range(len(delays)))
     assert out[0] != 0
 
 
 def sleep_then_index(pair):
-    import time
     index, delay = pair
-    time.sleep(delay)
+    pause(delay)
     return index
 
 
-def test_empty_input(pmap_backend):
-    assert pmap.pmap(square, [], backend=pmap_backend) == []
-    assert list(pmap.imap(square, iter(()), backend=pmap_backend)) == []
+@async_twin(sleep_then_index)
+async def sleep_then_index_async(pair):
+    index, delay = pair
+    await asyncio.sleep(delay)
+    return index
 
 
-def test_generator_without_len(pmap_backend):
+def test_empty_input(pmap_backend, work):
+    assert pmap.pmap(work(square), [], backend=pmap_backend) == []
+    assert list(pmap.imap(work(square), iter(()), backend=pmap_backend)) == []
+
+
+def test_generator_without_len(pmap_backend, work):
     gen = (i for i in range(100))
-    assert pmap.pmap(square, gen, backend=pmap_backend) == [i * i for i in range(100)]
+    assert pmap.pmap(work(square), gen, backend=pmap_backend) == [i * i for i in range(100)]
 
 
-def test_infinite_generator_through_imap(pmap_backend):
-    results = pmap.imap(square, itertools.count(), backend=pmap_backend)
+def test_infinite_generator_through_imap(pmap_backend, work):
+    results = pmap.imap(work(square), itertools.count(), backend=pmap_backend)
     taken = list(itertools.islice(results, 500))
     results.close()
     assert taken == [i * i for i in range(500)]
@@ -77,17 +91,17 @@ def failing_source(fail_at):
 
 
 @pytest.mark.parametrize("fail_at", [0, 6])
-def test_input_iterable_error_comes_after_earlier_results(pmap_backend, fail_at):
+def test_input_iterable_error_comes_after_earlier_results(pmap_backend, work, fail_at):
     got = []
     with pytest.raises(KeyError, match="source broke"):
-        for value in pmap.imap(square, failing_source(fail_at), backend=pmap_backend):
+        for value in pmap.imap(work(square), failing_source(fail_at), backend=pmap_backend):
             got.append(value)
     assert got == [i * i for i in range(fail_at)]
 
 
-def test_function_error_keeps_type_traceback_and_note(pmap_backend):
+def test_function_error_keeps_type_traceback_and_note(pmap_backend, work):
     with pytest.raises(ValueError, match="three is not allowed") as info:
-        pmap.pmap(fail_on_three, range(8), backend=pmap_backend)
+        pmap.pmap(work(fail_on_three), range(8), backend=pmap_backend)
     err = info.value
     assert isinstance(err.__cause__, pmap.RemoteTraceback)
     assert 'raise ValueError(f"three is not allowed: {x}")' in err.__cause__.tb_text
@@ -95,8 +109,8 @@ def test_function_error_keeps_type_traceback_and_note(pmap_backend):
     assert "item 3" in notes and pmap_backend in notes
 
 
-def test_on_error_return_puts_failure_in_its_slot(pmap_backend):
-    out = pmap.pmap(fail_on_three, range(6), backend=pmap_backend, on_error="return")
+def test_on_error_return_puts_failure_in_its_slot(pmap_backend, work):
+    out = pmap.pmap(work(fail_on_three), range(6), backend=pmap_backend, on_error="return")
     assert out[:3] == [0, 1, 2] and out[4:] == [4, 5]
     failure = out[3]
     assert isinstance(failure, pmap.Failure)
@@ -105,72 +119,72 @@ def test_on_error_return_puts_failure_in_its_slot(pmap_backend):
     assert "three is not allowed" in failure.traceback
 
 
-def test_on_error_skip_leaves_failures_out_and_counts_them(pmap_backend):
-    out = pmap.pmap(fail_on_three, range(6), backend=pmap_backend, on_error="skip")
+def test_on_error_skip_leaves_failures_out_and_counts_them(pmap_backend, work):
+    out = pmap.pmap(work(fail_on_three), range(6), backend=pmap_backend, on_error="skip")
     assert out == [0, 1, 2, 4, 5]
     assert out.stats.skipped == 1 and out.stats.failed == 1
 
 
-def test_lambda_and_closure(pmap_backend):
+def test_lambda_and_closure(pmap_backend, work):
     offset = 7
-    assert pmap.pmap(lambda x: x + offset, range(20), backend=pmap_backend) == [x + 7 for x in range(20)]
+    assert pmap.pmap(work(lambda x: x + offset), range(20), backend=pmap_backend) == [x + 7 for x in range(20)]
 
     def make_scaler(k):
         return lambda x: x * k
 
-    assert pmap.pmap(make_scaler(3), range(5), backend=pmap_backend) == [0, 3, 6, 9, 12]
+    assert pmap.pmap(work(make_scaler(3)), range(5), backend=pmap_backend) == [0, 3, 6, 9, 12]
 
 
-def test_starmap(pmap_backend):
+def test_starmap(pmap_backend, work):
     pairs = [(i, 10 * i) for i in range(30)]
-    assert pmap.starmap(add, pairs, backend=pmap_backend) == [a + b for a, b in pairs]
+    assert pmap.starmap(work(add), pairs, backend=pmap_backend) == [a + b for a, b in pairs]
 
 
-def test_pool_reused_for_three_calls(pmap_backend):
+def test_pool_reused_for_three_calls(pmap_backend, work):
     with pmap.Pool(backend=pmap_backend, workers=2) as pool:
-        assert pool.map(square, range(10)) == [i * i for i in range(10)]
-        assert list(pool.imap(identity, "abc")) == ["a", "b", "c"]
-        assert sorted(pool.imap_unordered(square, range(5))) == [0, 1, 4, 9, 16]
-        assert pool.starmap(add, [(1, 2), (3, 4)]) == [3, 7]
+        assert pool.map(work(square), range(10)) == [i * i for i in range(10)]
+        assert list(pool.imap(work(identity), "abc")) == ["a", "b", "c"]
+        assert sorted(pool.imap_unordered(work(square), range(5))) == [0, 1, 4, 9, 16]
+        assert pool.starmap(work(add), [(1, 2), (3, 4)]) == [3, 7]
     with pytest.raises(ValueError, match="closed"):
-        pool.map(square, [1])
+        pool.map(work(square), [1])
 
 
-def test_workers_one(pmap_backend):
-    assert pmap.pmap(square, range(15), backend=pmap_backend, workers=1) == [i * i for i in range(15)]
+def test_workers_one(pmap_backend, work):
+    assert pmap.pmap(work(square), range(15), backend=pmap_backend, workers=1) == [i * i for i in range(15)]
 
 
-def test_explicit_chunksize_is_honoured(pmap_backend):
-    out = pmap.pmap(square, range(100), backend=pmap_backend, chunksize=7)
+def test_explicit_chunksize_is_honoured(pmap_backend, work):
+    out = pmap.pmap(work(square), range(100), backend=pmap_backend, chunksize=7)
     assert out == [i * i for i in range(100)]
     assert set(out.stats.chunk_sizes) == {7, 100 % 7}
 
 
-def test_progress_callback_counts_items(pmap_backend):
+def test_progress_callback_counts_items(pmap_backend, work):
     seen = []
-    out = pmap.pmap(square, range(40), backend=pmap_backend, progress=lambda done, total: seen.append((done, total)))
+    out = pmap.pmap(work(square), range(40), backend=pmap_backend, progress=lambda done, total: seen.append((done, total)))
     assert len(out) == 40
     assert seen[-1] == (40, 40)
     assert [d for d, _ in seen] == sorted(d for d, _ in seen)
 
 
-def test_initializer_runs_in_every_worker(pmap_backend):
-    out = pmap.pmap(read_init_value, range(6), backend=pmap_backend, initializer=set_init_value,
+def test_initializer_runs_in_every_worker(pmap_backend, work):
+    out = pmap.pmap(work(read_init_value), range(6), backend=pmap_backend, initializer=set_init_value,
                     initargs=("ready",))
     assert out == ["ready"] * 6
 
 
-def test_unpicklable_result_is_a_clear_error_not_a_hang(pmap_backend):
-    out = pmap.pmap(return_lock, range(3), backend=pmap_backend, on_error="return")
+def test_unpicklable_result_is_a_clear_error_not_a_hang(pmap_backend, work):
+    out = pmap.pmap(work(return_lock), range(3), backend=pmap_backend, on_error="return")
     if pmap_backend in ("serial", "thread", "greenlet", "asyncio"):
         assert all(type(r).__name__ == "lock" for r in out)  # nothing is pickled in-process
     else:
         assert all(isinstance(r, pmap.Failure) and "cannot be pickled" in str(r.exception) for r in out)
 
 
-def test_unpicklable_item_fails_alone(pmap_backend):
+def test_unpicklable_item_fails_alone(pmap_backend, work):
     items = [1, threading.Lock(), 3]
-    out = pmap.pmap(identity, items, backend=pmap_backend, on_error="return")
+    out = pmap.pmap(work(identity), items, backend=pmap_backend, on_error="return")
     assert out[0] == 1 and out[2] == 3
     if pmap_backend in ("serial", "thread", "greenlet", "asyncio"):
         assert out[1] is items[1]
@@ -178,13 +192,13 @@ def test_unpicklable_item_fails_alone(pmap_backend):
         assert isinstance(out[1], pmap.Failure) and isinstance(out[1].exception, TypeError)
 
 
-def test_unpicklable_exception_is_reported_by_name(pmap_backend):
-    out = pmap.pmap(raise_unpicklable, [0], backend=pmap_backend, on_error="return")
+def test_unpicklable_exception_is_reported_by_name(pmap_backend, work):
+    out = pmap.pmap(work(raise_unpicklable), [0], backend=pmap_backend, on_error="return")
     assert isinstance(out[0], pmap.Failure)
     assert "unpicklable failure" in str(out[0].exception)
 
 
-def test_results_are_picklable_lists(pmap_backend):
-    out = pmap.pmap(square, range(5), backend=pmap_backend)
+def test_results_are_picklable_lists(pmap_backend, work):
+    out = pmap.pmap(work(square), range(5), backend=pmap_backend)
     assert pickle.loads(pickle.dumps(list(out))) == [0, 1, 4, 9, 16]
     assert isinstance(out, list)

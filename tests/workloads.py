@@ -1,5 +1,8 @@
 """Functions the tests map. They live in a module so every start method can import them."""
+import asyncio
+import functools
 import os
+import sys
 import threading
 import time
 
@@ -23,7 +26,48 @@ def fail_on_three(x):
 
 
 def slow_identity(x, seconds=0.01):
-    time.sleep(seconds)
+    pause(seconds)
+    return x
+
+
+def pause(seconds):
+    """time.sleep, except in a greenlet of the greenlet backend, where it yields to gevent's hub:
+    the test process is not monkey-patched, and unpatched sleeps would run greenlets one by one."""
+    gevent = sys.modules.get("gevent")
+    if gevent is not None and isinstance(gevent.getcurrent(), gevent.Greenlet):
+        gevent.sleep(seconds)
+    else:
+        time.sleep(seconds)
+
+
+# ---- async twins: backend="asyncio" runs only async def functions ----------------------------
+ASYNC_TWINS = {}
+
+
+def async_twin(of):
+    """Register the decorated `async def` as the twin of `of` (one that awaits where `of` sleeps)."""
+    def register(twin):
+        ASYNC_TWINS[of] = twin
+        return twin
+    return register
+
+
+def for_backend(fn, backend):
+    """`fn` as `backend` runs it: itself, or on backend="asyncio" its async twin (a registered
+    one, else an async def that calls `fn`)."""
+    if backend != "asyncio":
+        return fn
+    twin = ASYNC_TWINS.get(fn)
+    if twin is None:
+        @functools.wraps(fn)
+        async def twin(*args):
+            return fn(*args)
+    return twin
+
+
+@async_twin(slow_identity)
+async def slow_identity_async(x, seconds=0.01):
+    await asyncio.sleep(seconds)
     return x
 
 
