@@ -1,0 +1,396 @@
+"""The manager backend: the behaviour suite, plus real faults on loopback: a driver in this
+process, `pmap worker` processes started as commands, SIGKILL, late joins, a wrong authkey,
+and the driver ending. Orphans are checked with psutil."""
+import os
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import psutil
+import pytest
+
+import pmap
+from pmap.backends.base import Done, Lost, Started
+from pmap.backends.manager import Broker, ManagerBackend
+from test_behaviour import *  # noqa: F401,F403  (the behaviour suite, run here on manager)
+from workloads import sleep_then, square
+
+pytestmark = pytest.mark.pmap_backends("manager")
+
+if os.name != "posix":
+    pytest.skip("the manager backend needs a POSIX system", allow_module_level=True)
+
+HANG_GUARD = 60  # seconds; only catches a hang, never measures speed
+
+
+# ---- helpers --------------------------------------------------------------------------
+
+def note_start_then_sleep(args):
+    """Leave a marker naming the item and this process, then sleep; return (item, pid)."""
+    item, seconds, marker_dir = args
+    with open(os.path.join(marker_dir, f"{item}-{os.getpid()}"), "w"):
+        pass
+    time.sleep(seconds)
+    return item, os.getpid()
+
+
+def exit_on_three(x):
+    if x == 3:
+        os._exit(7)
+    return x
+
+
+def fail_initializer():
+    raise RuntimeError("initializer refuses")
+
+
+def markers(marker_dir):
+    """(item, pid) of every item that started."""
+    found = []
+    for name in os.listdir(marker_dir):
+        item, pid = name.split("-")
+        found.append((int(item), int(pid)))
+    return found
+
+
+def wait_until(condition, what, timeout=HANG_GUARD):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def manager_processes_of(proc: psutil.Process):
+    """Live processes below `proc` that belong to the manager backend."""
+    found = []
+    for child in proc.children(recursive=True):
+        try:
+            if "pmap.backends.manager" in " ".join(child.cmdline()) and child.status() != psutil.STATUS_ZOMBIE:
+                found.append(child)
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+@pytest.fixture(autouse=True)
+def no_manager_processes_left():
+    """Every test here, the behaviour suite included, must leave no worker process behind."""
+    yield
+    me = psutil.Process()
+    leftovers = manager_processes_of(me)
+    if leftovers:
+        _, alive = psutil.wait_procs(leftovers, timeout=5)
+        assert not alive, f"manager processes left behind: {[p.pid for p in alive]}"
+
+
+@pytest.fixture
+def marker_dir(tmp_path):
+    path = tmp_path / "markers"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def key_file(tmp_path):
+    path = tmp_path / "authkey"
+    path.write_bytes(os.urandom(32).hex().encode())
+    path.chmod(0o600)
+    return str(path)
+
+
+@pytest.fixture
+def worker_commands(tmp_path):
+    """Start `pmap worker` processes; each one's stderr goes to a file; all are ended after."""
+    started = []
+
+    def start(address, key, processes=1):
+        log = open(tmp_path / f"worker-{len(started)}.log", "w+")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pmap", "worker", f"{address[0]}:{address[1]}",
+             "--authkey-file", key, "--processes", str(processes)],
+            stdout=subprocess.DEVNULL, stderr=log)
+        proc.log = log
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            family = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+            for pid in family:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        proc.wait()
+        proc.log.close()
+
+
+def log_of(proc) -> str:
+    proc.log.flush()
+    proc.log.seek(0)
+    return proc.log.read()
+
+
+def remote_only_driver(key, **options):
+    backend = ManagerBackend(local_workers=0, authkey_file=key, **options)
+    backend.open()
+    return backend
+
+
+def worker_children(proc) -> list:
+    return [c.pid for c in psutil.Process(proc.pid).children()]
+
+
+# ---- two hosts on loopback ----------------------------------------------------------------
+
+def test_sigkilled_worker_host_loses_nothing(key_file, worker_commands, marker_dir):
+    """A `pmap worker` killed with SIGKILL mid-task: once its lease expires, the other worker
+    runs its items; every result arrives exactly once and the killed worker's processes die."""
+    backend = remote_only_driver(key_file, lease_seconds=1.0)
+    victim = worker_commands(backend.address, key_file)
+    survivor = worker_commands(backend.address, key_file)
+    wait_until(lambda: backend.broker.live_workers() == 2, "two workers to join")
+    victim_pids = set(worker_children(victim))
+    items = [(i, 0.3, str(marker_dir)) for i in range(12)]
+    with ThreadPoolExecutor(1) as pool:
+        run = pool.submit(pmap.pmap, note_start_then_sleep, items, backend=backend, chunksize=1)
+        wait_until(lambda: any(pid in victim_pids for _, pid in markers(marker_dir)), "the victim to start an item")
+        victim_procs = [psutil.Process(pid) for pid in victim_pids]
+        os.kill(victim.pid, signal.SIGKILL)
+        out = run.result(timeout=HANG_GUARD)
+    assert [item for item, _ in out] == list(range(12))  # none lost, none twice, in order
+    killed_mid_task = {item for item, pid in markers(marker_dir) if pid in victim_pids}
+    finished_by = dict(out)
+    assert any(finished_by[item] not in victim_pids for item in killed_mid_task), \
+        "an item the victim had started was finished by the survivor"
+    assert out.stats.crashed_workers == 0 and out.stats.retried == 0  # re-queued by the broker
+    _, alive = psutil.wait_procs(victim_procs, timeout=10)
+    assert not alive, "the killed worker's processes outlived it"
+    assert survivor.wait(HANG_GUARD) == 0  # the driver ended: the survivor exits cleanly
+    assert "ended" in log_of(survivor)
+
+
+def test_worker_joining_late_gets_work(key_file, worker_commands, marker_dir):
+    backend = remote_only_driver(key_file)
+    early = worker_commands(backend.address, key_file)
+    wait_until(lambda: backend.broker.live_workers() == 1, "the first worker to join")
+    items = [(i, 0.2, str(marker_dir)) for i in range(20)]
+    with ThreadPoolExecutor(1) as pool:
+        run = pool.submit(pmap.pmap, note_start_then_sleep, items, backend=backend, chunksize=1)
+        wait_until(lambda: len(markers(marker_dir)) >= 2, "the run to be under way")
+        late = worker_commands(backend.address, key_file)
+        wait_until(lambda: backend.broker.live_workers() == 2, "the late worker to join")
+        late_pids = set(worker_children(late))
+        out = run.result(timeout=HANG_GUARD)
+    assert [item for item, _ in out] == list(range(20))
+    assert late_pids & {pid for _, pid in out}, "the late worker ran none of the items"
+    assert early.wait(HANG_GUARD) == 0 and late.wait(HANG_GUARD) == 0
+
+
+def test_wrong_authkey_is_refused_and_the_driver_keeps_serving(key_file, worker_commands, tmp_path):
+    backend = remote_only_driver(key_file)
+    wrong = tmp_path / "wrong-key"
+    wrong.write_bytes(b"not-the-key-" * 4)
+    wrong.chmod(0o600)
+    intruder = worker_commands(backend.address, str(wrong))
+    assert intruder.wait(HANG_GUARD) != 0
+    assert "refused the authkey" in log_of(intruder)
+    assert backend.broker.live_workers() == 0
+    worker_commands(backend.address, key_file)
+    assert pmap.pmap(square, range(30), backend=backend) == [i * i for i in range(30)]
+
+
+def test_driver_closing_ends_its_workers(key_file, worker_commands):
+    backend = remote_only_driver(key_file)
+    workers = [worker_commands(backend.address, key_file, processes=2) for _ in range(2)]
+    wait_until(lambda: backend.broker.live_workers() == 4, "four worker processes to join")
+    family = [psutil.Process(c) for w in workers for c in worker_children(w)]
+    assert pmap.pmap(square, range(50), backend=backend) == [i * i for i in range(50)]  # closes it
+    assert [w.wait(HANG_GUARD) for w in workers] == [0, 0]
+    _, alive = psutil.wait_procs(family, timeout=10)
+    assert not alive
+
+
+DRIVER_SCRIPT = textwrap.dedent("""
+    import sys, pmap
+    from pmap.backends.manager import ManagerBackend
+    from test_manager import note_start_then_sleep
+    backend = ManagerBackend(local_workers=0, authkey_file=sys.argv[1])
+    backend.open()
+    print(f"{backend.address[0]}:{backend.address[1]}", flush=True)
+    items = ((i, 60, sys.argv[2]) for i in range(100))
+    for _ in pmap.imap(note_start_then_sleep, items, backend=backend, chunksize=1):
+        pass
+""")
+
+
+def test_worker_exits_when_its_driver_is_killed(key_file, worker_commands, marker_dir):
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER_SCRIPT, key_file, str(marker_dir)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        host, port = driver.stdout.readline().strip().split(":")
+        worker = worker_commands((host, int(port)), key_file, processes=2)
+        wait_until(lambda: len(markers(marker_dir)) == 2, "both worker processes to start an item")
+        family = [psutil.Process(c) for c in worker_children(worker)]
+        driver.kill()
+        assert worker.wait(HANG_GUARD) == 0
+        assert "lost the driver" in log_of(worker)
+        _, alive = psutil.wait_procs(family, timeout=10)
+        assert not alive
+    finally:
+        driver.kill()
+        driver.wait()
+
+
+# ---- faults on the driver's own local workers ------------------------------------------------
+
+def test_sigkilled_worker_process_costs_only_its_item(marker_dir):
+    """A worker process killed mid-item is reported lost at once (not after a lease expiry);
+    with retries the item runs again, and the supervisor replaces the process."""
+    backend = ManagerBackend(workers=2)
+    backend.open()
+    items = [(i, 0.3, str(marker_dir)) for i in range(8)]
+    with ThreadPoolExecutor(1) as pool:
+        run = pool.submit(pmap.pmap, note_start_then_sleep, items, backend=backend, chunksize=1, retries=1)
+        wait_until(lambda: markers(marker_dir), "an item to start")
+        _, victim = markers(marker_dir)[0]
+        os.kill(victim, signal.SIGKILL)
+        out = run.result(timeout=HANG_GUARD)
+    assert [item for item, _ in out] == list(range(8))
+    assert victim not in {pid for _, pid in out}
+    assert out.stats.crashed_workers == 1 and out.stats.retried == 1
+
+
+def test_item_that_kills_its_worker_is_a_crash_and_the_rest_go_on():
+    out = pmap.pmap(exit_on_three, range(8), backend="manager", workers=2, chunksize=1, on_error="return")
+    assert out[:3] == [0, 1, 2] and out[4:] == [4, 5, 6, 7]
+    assert out[3].kind == "crash" and isinstance(out[3].exception, pmap.WorkerCrashed)
+    assert "exit code 7" in str(out[3].exception)
+
+
+def test_timeout_kills_the_stuck_worker_and_the_rest_go_on():
+    started = time.monotonic()
+    out = pmap.pmap(sleep_then, [0.05, 30, 0.05, 0.05], backend="manager", workers=2, timeout=1.0,
+                    on_error="return")
+    assert time.monotonic() - started < 25  # the 30 s item was cut short
+    assert out[0] == out[2] == out[3] == 0.05
+    assert out[1].kind == "timeout" and isinstance(out[1].exception, pmap.TaskTimeout)
+
+
+def test_initializer_failure_reaches_the_caller():
+    with pytest.raises(RuntimeError, match="initializer refuses"):
+        pmap.pmap(square, range(4), backend="manager", workers=1, initializer=fail_initializer)
+
+
+CTRL_C_SCRIPT = textwrap.dedent("""
+    import sys, pmap
+    from test_manager import note_start_then_sleep
+    items = [(i, 60, sys.argv[1]) for i in range(10)]
+    pmap.pmap(note_start_then_sleep, items, backend="manager", workers=2, chunksize=1)
+""")
+
+
+def test_ctrl_c_reaches_the_caller_and_leaves_no_process(marker_dir):
+    driver = subprocess.Popen([sys.executable, "-c", CTRL_C_SCRIPT, str(marker_dir)], stderr=subprocess.PIPE,
+                              text=True)
+    try:
+        wait_until(lambda: len(markers(marker_dir)) == 2, "both local workers to start an item")
+        family = psutil.Process(driver.pid).children(recursive=True)
+        assert len(family) >= 3  # the local supervisor and its two workers
+        driver.send_signal(signal.SIGINT)
+        _, err = driver.communicate(timeout=HANG_GUARD)
+        assert "KeyboardInterrupt" in err
+        _, alive = psutil.wait_procs(family, timeout=10)
+        assert not alive
+    finally:
+        driver.kill()
+        driver.wait()
+
+
+# ---- options and security ------------------------------------------------------------------
+
+def test_generated_authkey_file_is_private_shown_and_removed(capfd):
+    backend = ManagerBackend(workers=1)
+    backend.open()
+    try:
+        path = backend.authkey_file
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        assert len(open(path, "rb").read().strip()) >= 32
+        assert backend.address[0] == "127.0.0.1" and backend.address[1] > 0  # loopback, a free port
+        assert path in capfd.readouterr().err
+    finally:
+        backend.close()
+    assert not os.path.exists(path)
+
+
+def test_options_from_the_command_line_arrive_as_text():
+    backend = ManagerBackend(local_workers="0", prefetch="2", lease_seconds="3.5", address=":0", authkey="k" * 32)
+    assert (backend.local_workers, backend.prefetch, backend.lease_seconds) == (0, 2, 3.5)
+    with pytest.raises(ValueError, match="local_workers"):
+        ManagerBackend(local_workers="many", authkey="k" * 32)
+    with pytest.raises(ValueError, match="port"):
+        ManagerBackend(address="127.0.0.1:http", authkey="k" * 32)
+
+
+def test_worker_command_explains_a_missing_authkey_file(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "pmap", "worker", "127.0.0.1:9", "--authkey-file",
+                           str(tmp_path / "absent")], capture_output=True, text=True, timeout=HANG_GUARD)
+    assert done.returncode == 2
+    assert "absent" in done.stderr and "Traceback" not in done.stderr
+
+
+# ---- the broker's bookkeeping, without processes -------------------------------------------
+
+def test_broker_first_result_wins_after_a_lease_expires():
+    broker = Broker(lease_seconds=0.2, prefetch=0, initializer_bytes=None)  # no janitor: reaped by hand
+    slow_host, _ = broker.hello_host({"name": "slow"})
+    slow_worker, _ = broker.hello_worker(slow_host, 101)
+    broker.put(7, "fn", b"payload")
+    assert [t[0] for t in broker.lease(slow_worker, 1, 0)] == [7]
+    fast_host, _ = broker.hello_host({"name": "fast"})
+    fast_worker, _ = broker.hello_worker(fast_host, 202)
+    broker.reap()                          # within the lease: nothing changes
+    assert broker.lease(fast_worker, 1, 0) == []
+    time.sleep(0.3)
+    broker.supervise(fast_host, 0)         # the fast host heart-beats; the slow one went quiet
+    broker.reap()                          # past its lease: task 7 goes back to the queue
+    assert [t[0] for t in broker.lease(fast_worker, 1, 0)] == [7]
+    broker.complete(fast_worker, [(7, b"first")])
+    broker.complete(slow_worker, [(7, b"late duplicate")])
+    done = [e for e in broker.take_events(0) if isinstance(e, tuple) and e[0] == "done"]
+    assert done == [("done", 7, "fast:202", b"first")]
+
+
+def test_broker_blames_only_the_task_a_dead_worker_was_running():
+    broker = Broker(lease_seconds=10, prefetch=1, initializer_bytes=None)
+    host, _ = broker.hello_host({"name": "h"})
+    worker, _ = broker.hello_worker(host, 5)
+    broker.put(1, "fn", b"a")
+    broker.put(2, "fn", b"b")
+    assert [t[0] for t in broker.lease(worker, 2, 0)] == [1, 2]  # 1 runs, 2 is prefetched
+    broker.worker_exited(host, 5, -9)
+    events = broker.take_events(0)
+    assert [type(e) for e in events] == [Started, Lost]
+    assert events[1].task_id == 1 and events[1].blame and events[1].exitcode == -9
+    assert list(broker.queue) == [2]  # the prefetched task goes back unblamed
+
+
+def test_broker_does_not_let_a_busy_worker_prefetch_what_an_idle_one_waits_for():
+    broker = Broker(lease_seconds=10, prefetch=1, initializer_bytes=None)
+    host, _ = broker.hello_host({"name": "h"})
+    busy, _ = broker.hello_worker(host, 1)
+    idle, _ = broker.hello_worker(host, 2)
+    broker.put(1, "fn", b"a")
+    assert [t[0] for t in broker.lease(busy, 2, 0)] == [1]
+    broker.idle_waiting = 1                # `idle` is waiting in its own lease call
+    broker.put(2, "fn", b"b")
+    assert broker.lease(busy, 1, 0) == []  # the busy worker does not take it ...
+    broker.idle_waiting = 0
+    assert [t[0] for t in broker.lease(idle, 2, 0)] == [2]  # ... the idle one does
+    assert not any(isinstance(e, Done) for e in broker.take_events(0))
