@@ -15,6 +15,10 @@ from workloads import fail_on_three, square
 
 PARENT_PID = os.getpid()
 
+# Earlier tests leave loky's threads running in this process; fork's warning about forking a
+# threaded process is right, but not what these tests are about.
+pytestmark = pytest.mark.filterwarnings("ignore:pmap. the fork backend is forking:RuntimeWarning")
+
 
 def negated_in_workers(x):
     """x in the calling process, -x in a worker process: results differ from index 1 on."""
@@ -186,6 +190,7 @@ def test_unknown_backend_and_bad_repeat_are_errors_of_use():
         pmap.compare(square, [1], backend="thread")
 
 
+@pytest.mark.filterwarnings("ignore:pmap. backend='greenlet' runs on gevent")  # square never blocks
 def test_default_backends_are_the_fixtures_and_leave_asyncio_to_async_functions():
     from pmap.pytest_plugin import default_backend_names as fixture_default
     assert default_backend_names() == fixture_default()
