@@ -108,10 +108,13 @@ WORKER_CATCH = (Exception, SystemExit)
 _PR_SET_PDEATHSIG = 1
 
 
-def become_worker_process(own_process_group: bool = True) -> None:
+def become_worker_process(own_process_group: bool = True, driver_pid: int | None = None) -> None:
     """Settings every worker process takes: Ctrl-C is the caller's to handle, the worker dies
-    with its parent, and it leads its own process group so a kill reaches its children."""
+    with its parent (and with the driver, when a forkserver stands between them), and it leads
+    its own process group so a kill reaches its children."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if driver_pid is not None and driver_pid != os.getppid():
+        _exit_when_gone(driver_pid)
     if own_process_group and hasattr(os, "setpgid"):
         try:
             os.setpgid(0, 0)
@@ -126,6 +129,29 @@ def become_worker_process(own_process_group: bool = True) -> None:
             pass
 
 
+def _exit_when_gone(pid: int) -> None:
+    """A daemon thread that ends this process as soon as process `pid` ends."""
+    import threading
+
+    def watch():
+        try:
+            fd = os.pidfd_open(pid)
+            import select
+            select.select([fd], [], [])
+        except (AttributeError, OSError):  # no pidfd here: poll
+            while True:
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    break
+                except PermissionError:
+                    pass
+                time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="pmap-driver-watch", daemon=True).start()
+
+
 def is_async(fn) -> bool:
     """True for an `async def` function (also behind starmap's StarCall or a callable object)."""
     target = fn.func if isinstance(fn, StarCall) else fn
@@ -137,8 +163,8 @@ _FUNCTIONS: dict = {}
 _FUNCTION_CACHE_SIZE = 8
 
 
-def pooled_worker_init(initializer_bytes):
-    become_worker_process()
+def pooled_worker_init(initializer_bytes, driver_pid=None):
+    become_worker_process(driver_pid=driver_pid)
     if initializer_bytes is not None:
         initializer, initargs = loads(initializer_bytes)
         initializer(*initargs)

@@ -2,6 +2,7 @@
 report progress, clean up. Every policy lives here; backends only run tasks."""
 from __future__ import annotations
 
+import heapq
 import itertools
 import time
 from collections import deque
@@ -111,7 +112,8 @@ class _Engine:
         self.emit_index = spec.start_index  # ordered mode: first index not yet yielded
         self.blocks: dict[int, _Block] = {}
         self.flights: dict[int, _Flight] = {}
-        self.retry_queue: deque = deque()  # (ready_at, block, offset, index, item, attempts)
+        self.requeued: list = []           # heap of (ready_at, seq, block, offset, index, item, attempts)
+        self.requeue_seq = itertools.count()
         self.ready: deque = deque()        # unordered mode: values to yield
         remaining = spec.total - spec.start_index if spec.total is not None else None
         self.sizer = ChunkSizer(spec.chunksize, backend.workers, remaining)
@@ -133,7 +135,7 @@ class _Engine:
                 elif self.ready:
                     yield from self._emit_unordered()
                 self._dispatch()
-                if not self.flights and not self.retry_queue and (self.exhausted or self.source_error):
+                if not self.flights and not self.requeued and (self.exhausted or self.source_error):
                     break
                 self._handle(self.backend.wait(self._wait_time()))
                 self._expire_deadlines()
@@ -159,9 +161,8 @@ class _Engine:
     def _dispatch(self) -> None:
         backend = self.backend
         while backend.capacity() > 0:
-            now = time.monotonic()
-            if self.retry_queue and self.retry_queue[0][0] <= now:
-                _, block, offset, index, item, attempts = self.retry_queue.popleft()
+            if self.requeued and self.requeued[0][0] <= time.monotonic():
+                _, _, block, offset, index, item, attempts = heapq.heappop(self.requeued)
                 self._submit(block, offset, index, [item], attempts)
                 continue
             if self.exhausted or self.source_error is not None or not self._room_ahead():
@@ -196,8 +197,7 @@ class _Engine:
             self.backend.submit(task)
         except ItemNotPicklable as exc:  # find the item that cannot be sent; it alone fails
             if len(items) > 1:
-                for k, item in enumerate(items):
-                    self._submit(block, offset + k, index + k, [item], attempts)
+                self._run_each_alone(flight)
                 return
             self._record_failure(flight, 0, exc, "", "error", worker=None, retryable=False)
             return
@@ -279,16 +279,21 @@ class _Engine:
             return
         if event.blame:
             self.stats.crashed_workers += 1
-        items = flight.task.items
-        if len(items) > 1 or not event.blame:
+        if len(flight.task.items) > 1 or not event.blame:
             # Not known which item (if any) killed the worker: run each alone, without penalty.
-            for k, item in enumerate(items):
-                self._submit(flight.block, flight.offset + k, flight.first_index + k, [item], flight.attempts)
+            self._run_each_alone(flight)
             return
         sig = f"signal {-event.exitcode}" if event.exitcode is not None and event.exitcode < 0 else f"exit code {event.exitcode}"
         error = WorkerCrashed(f"worker {self.backend.describe_worker(event.worker)} died ({sig}) "
                               f"while running item {flight.first_index}: {event.reason}", event.exitcode)
         self._record_failure(flight, 0, error, "", "crash", event.worker, retryable=True)
+
+    def _requeue(self, ready_at, block, offset, index, item, attempts) -> None:
+        heapq.heappush(self.requeued, (ready_at, next(self.requeue_seq), block, offset, index, item, attempts))
+
+    def _run_each_alone(self, flight: _Flight) -> None:
+        for k, item in enumerate(flight.task.items):
+            self._requeue(0.0, flight.block, flight.offset + k, flight.first_index + k, item, flight.attempts)
 
     def _record_failure(self, flight: _Flight, pos: int, exc: BaseException, tb: str, kind: str,
                         worker: Any, retryable: bool) -> None:
@@ -299,7 +304,7 @@ class _Engine:
         if retryable and attempts <= spec.retries:
             self.stats.retried += 1
             ready_at = time.monotonic() + spec.backoff * (2 ** (attempts - 1)) if spec.backoff else 0.0
-            self.retry_queue.append((ready_at, flight.block, flight.offset + pos, index, item, attempts))
+            self._requeue(ready_at, flight.block, flight.offset + pos, index, item, attempts)
             return
         if kind == "timeout":
             self.stats.timed_out += 1
@@ -323,8 +328,8 @@ class _Engine:
             for flight in self.flights.values():
                 if flight.started is not None:
                     wait = min(wait, flight.started + self.spec.timeout - now)
-        if self.retry_queue:
-            wait = min(wait, self.retry_queue[0][0] - now)
+        if self.requeued:
+            wait = min(wait, self.requeued[0][0] - now)
         return max(0.0, wait)
 
     def _expire_deadlines(self) -> None:

@@ -19,10 +19,11 @@ import cloudpickle
 
 from .._worker import dumps, loads
 from ..errors import FunctionNotPicklable
-from ._procutil import end_process_group
+from ._procutil import process_exists, end_process_group
 from .base import Backend, Done, Lost
 
 _SHM = "/dev/shm"
+SWEEP_SECONDS = 0.5  # how often wait() double-checks that running tasks' workers exist
 
 
 def pickle_function(fn, backend_name: str) -> bytes:
@@ -50,6 +51,8 @@ class PooledBackend(Backend):
         self.fn_key = None
         self.fn_bytes = None
         self.dead_pids: set[int] = set()  # deaths already reported; their sentinels stay ready
+        self.known: dict[int, object] = {}  # pid -> Process, kept after the pool forgets them
+        self.next_sweep = 0.0
 
     def initializer_bytes(self):
         if self.initializer is None:
@@ -60,9 +63,19 @@ class PooledBackend(Backend):
     def _send(self, task_id: int, payload: bytes) -> None:
         raise NotImplementedError
 
-    def _processes(self) -> list:
+    def _current_processes(self) -> list:
         """The pool's current worker Process objects."""
         raise NotImplementedError
+
+    def _processes(self) -> list:
+        """Every worker seen so far and not yet reported dead: a pool may drop a dead worker
+        from its own list before wait() looks."""
+        try:
+            for proc in self._current_processes():
+                self.known.setdefault(proc.pid, proc)
+        except RuntimeError:  # the pool changed its list meanwhile; the next call catches up
+            pass
+        return [p for pid, p in self.known.items() if pid not in self.dead_pids]
 
     def _worker_died(self, proc, seen_at: float) -> list:
         """Events for the tasks a dead worker took with it."""
@@ -102,6 +115,24 @@ class PooledBackend(Backend):
                 self.dead_pids.add(procs[handle].pid)
                 events.extend(self._worker_died(procs[handle], now))
         events.extend(self._drain())
+        if not events and now >= self.next_sweep:
+            events.extend(self._sweep())
+        return events
+
+    def _sweep(self) -> list:
+        """Safety net: a task whose marker names a process that no longer exists is lost."""
+        self.next_sweep = time.monotonic() + SWEEP_SECONDS
+        events = []
+        for task_id in list(self.inflight):
+            pid = self.marker_pid(task_id)
+            if pid is not None and not process_exists(pid) and task_id in self.inflight:
+                proc = self.known.get(pid)
+                if proc is not None:
+                    self.dead_pids.add(pid)
+                    events.extend(self._worker_died(proc, time.monotonic()))
+                else:
+                    self.inflight.discard(task_id)
+                    events.append(Lost(task_id, pid, None, "its worker vanished", blame=True))
         return events
 
     def _drain(self) -> list:

@@ -11,7 +11,7 @@ TERMINATE_GRACE = 0.2   # seconds a worker gets between SIGTERM and SIGKILL
 def end_process_group(pid: int, alive=None, grace: float = TERMINATE_GRACE) -> None:
     """SIGTERM the worker's process group (the worker leads it), then SIGKILL what is left.
     `alive()` tells whether the worker still runs (default: ask the kernel)."""
-    alive = alive or (lambda: _exists(pid))
+    alive = alive or (lambda: process_exists(pid))
     try:
         pgid = os.getpgid(pid)
     except (ProcessLookupError, PermissionError):
@@ -34,7 +34,7 @@ def end_process_group(pid: int, alive=None, grace: float = TERMINATE_GRACE) -> N
         pass
 
 
-def _exists(pid: int) -> bool:
+def process_exists(pid: int) -> bool:
     try:
         import psutil
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE

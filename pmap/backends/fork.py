@@ -49,12 +49,14 @@ def _worker_main(conn, functions, initializer, initargs, max_tasks):
 
 
 class _Worker:
-    __slots__ = ("proc", "conn", "task_id")
+    __slots__ = ("proc", "conn", "task_id", "tasks_done", "retiring")
 
     def __init__(self, proc, conn):
         self.proc = proc
         self.conn = conn
         self.task_id = None
+        self.tasks_done = 0
+        self.retiring = False  # reached max_tasks_per_worker: it exits, takes no more tasks
 
     @property
     def pid(self):
@@ -150,12 +152,12 @@ class ForkBackend(Backend):
 
     # ---- tasks -----------------------------------------------------------------------
     def capacity(self) -> int:
-        return sum(1 for w in self.workers_list if w.task_id is None)
+        return sum(1 for w in self.workers_list if w.task_id is None and not w.retiring)
 
     def submit(self, task) -> None:
         message = dumps(("task", task.fn, (task.id, task.items)))
         for worker in self.workers_list:
-            if worker.task_id is None:
+            if worker.task_id is None and not worker.retiring:
                 break
         else:
             raise RuntimeError("fork backend: submit() with no idle worker")
@@ -205,6 +207,8 @@ class ForkBackend(Backend):
             return Fatal(exc)
         task_id, values, failures, elapsed = decoded
         worker.task_id = None
+        worker.tasks_done += 1
+        worker.retiring = bool(self.max_tasks) and worker.tasks_done >= self.max_tasks
         self.by_task.pop(task_id, None)
         return Done(task_id, worker.pid, values, failures, elapsed)
 

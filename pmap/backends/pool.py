@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
 import sys
 
 from .._worker import pooled_worker_init, run_pooled_task
@@ -37,13 +38,14 @@ class PoolBackend(PooledBackend):
         if self.pool is None:
             ctx = multiprocessing.get_context(self.start_method)
             self.pool = ctx.Pool(self.workers, initializer=pooled_worker_init,
-                                 initargs=(self.initializer_bytes(),), maxtasksperchild=self.max_tasks)
+                                 initargs=(self.initializer_bytes(), os.getpid()),
+                                 maxtasksperchild=self.max_tasks)
 
     def _send(self, task_id, payload) -> None:
         on_result = self._result_callback(task_id)
         self.pool.apply_async(run_pooled_task, (payload,), callback=on_result, error_callback=on_result)
 
-    def _processes(self) -> list:
+    def _current_processes(self) -> list:
         return list(self.pool._pool) if self.pool is not None else []
 
     def _worker_died(self, proc, seen_at) -> list:

@@ -1,6 +1,7 @@
 """process: loky's reusable executor. Spawn-safe, the robust default for CPU-bound work."""
 from __future__ import annotations
 
+import os
 import time
 
 from .._worker import pooled_worker_init, run_pooled_task
@@ -17,11 +18,14 @@ class ProcessBackend(PooledBackend):
     guarantees = ("hard timeout; a crash or timeout restarts loky's executor and re-runs the other "
                   "items in flight (at-least-once for those)")
 
-    def __init__(self, workers=None, initializer=None, initargs=(), reuse_timeout=REUSE_SECONDS, **options):
+    def __init__(self, workers=None, initializer=None, initargs=(), reuse_timeout=REUSE_SECONDS,
+                 max_tasks_per_worker=None, **options):
         super().__init__(workers, initializer, initargs, **options)
         self.reuse_timeout = reuse_timeout
+        # loky cannot retire one worker, so the whole executor is renewed after this many tasks
+        self.tasks_per_executor = max_tasks_per_worker * self.workers if max_tasks_per_worker else None
+        self.tasks_on_executor = 0
         self.executor = None
-        self.known: dict[int, object] = {}     # pid -> Process, kept after loky forgets them
         self.first_death: dict[int, float] = {}
         self.killed_by_us: set[int] = set()
 
@@ -34,28 +38,32 @@ class ProcessBackend(PooledBackend):
             init_bytes = self.initializer_bytes()
             self.executor = get_reusable_executor(
                 max_workers=self.workers, timeout=self.reuse_timeout,
-                initializer=pooled_worker_init, initargs=(init_bytes,))
+                initializer=pooled_worker_init, initargs=(init_bytes, os.getpid()))
             self.known.clear()
+            self.tasks_on_executor = 0
             self.first_death.clear()
             self.killed_by_us.clear()
             self.dead_pids.clear()
         return self.executor
 
+    def capacity(self) -> int:
+        if self.tasks_per_executor and self.tasks_on_executor >= self.tasks_per_executor:
+            if self.inflight:
+                return 0  # let the executor drain, then renew it
+            self.executor.shutdown(wait=True)
+            self.executor = None
+            self._executor()
+        return super().capacity()
+
     def _send(self, task_id, payload) -> None:
+        self.tasks_on_executor += 1
         future = self._executor().submit(run_pooled_task, payload)
-        self._remember_processes()
+        self._processes()  # remember the workers now, so their exit codes outlive loky's cleanup
         on_result = self._result_callback(task_id)
         future.add_done_callback(lambda f: on_result(f.exception() or f.result()))
 
-    def _remember_processes(self) -> None:
-        try:
-            self.known.update(self.executor._processes)
-        except RuntimeError:  # loky changed the dict meanwhile; the next call catches up
-            pass
-
-    def _processes(self) -> list:
-        self._remember_processes()
-        return list(self.known.values())
+    def _current_processes(self) -> list:
+        return list(self.executor._processes.values()) if self.executor is not None else []
 
     def _worker_died(self, proc, seen_at) -> list:
         self.first_death.setdefault(proc.pid, seen_at)

@@ -15,7 +15,7 @@ class SerialBackend(Backend):
     name = "serial"
     kind = "serial"
     hard_timeout = False
-    guarantees = "timeout interrupts Python code and sleeps via SIGALRM in the main thread; no isolation from crashes"
+    guarantees = "timeout interrupts Python code and sleeps via SIGALRM (main thread only); no isolation from crashes"
 
     @classmethod
     def default_workers(cls) -> int:
@@ -53,20 +53,23 @@ class SerialBackend(Backend):
 
 
 class _alarm:
-    """Raise TaskTimeout in the main thread after `seconds`, where SIGALRM is ours to use."""
+    """Raise TaskTimeout in the main thread after `seconds`. A SIGALRM timer someone else
+    had set is put back afterwards, less the time spent (it rings late, never early)."""
 
     def __init__(self, seconds):
         self.seconds = seconds
-        self.previous = None
+        self.previous_handler = None
+        self.previous_timer = (0.0, 0.0)
+        self.started = 0.0
 
     def __enter__(self):
         if (not self.seconds or threading.current_thread() is not threading.main_thread()
-                or not hasattr(signal, "setitimer")
-                or signal.getsignal(signal.SIGALRM) not in (signal.SIG_DFL, None)):
+                or not hasattr(signal, "setitimer")):
             self.seconds = None
             return self
-        self.previous = signal.signal(signal.SIGALRM, self._ring)
-        signal.setitimer(signal.ITIMER_REAL, self.seconds)
+        self.started = time.monotonic()
+        self.previous_handler = signal.signal(signal.SIGALRM, self._ring)
+        self.previous_timer = signal.setitimer(signal.ITIMER_REAL, self.seconds)
         return self
 
     def _ring(self, signum, frame):
@@ -75,5 +78,9 @@ class _alarm:
     def __exit__(self, *exc):
         if self.seconds:
             signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, self.previous)
+            signal.signal(signal.SIGALRM, self.previous_handler)
+            remaining, interval = self.previous_timer
+            if remaining:
+                spent = time.monotonic() - self.started
+                signal.setitimer(signal.ITIMER_REAL, max(remaining - spent, 1e-3), interval)
         return False

@@ -1,0 +1,185 @@
+"""Nothing hangs, nothing is lost: real segfaults, exits, kills, hangs, Ctrl-C and driver death."""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import psutil
+import pytest
+
+import pmap
+from faults import (count_attempts, exit_on_five, flaky_once, hang_on_seven, kill_self_on_four,
+                    pid_after_sleep, poison_on_two, segfault_on_three)
+
+PROCESS_LIKE = ("fork", "pool", "process")
+COOPERATIVE = ("serial", "thread")
+BOUND = 60  # seconds: a run that takes longer than this has hung
+
+
+def expected(n, bad):
+    return [x * 10 for x in range(n) if x not in bad]
+
+
+def ok_values(out):
+    return [r for r in out if not isinstance(r, pmap.Failure)]
+
+
+@pytest.mark.pmap_backends(*PROCESS_LIKE)
+@pytest.mark.parametrize("fn, bad_item, code", [(segfault_on_three, 3, -signal.SIGSEGV),
+                                                (exit_on_five, 5, 3),
+                                                (kill_self_on_four, 4, -signal.SIGKILL)],
+                         ids=["segfault", "os._exit", "sigkill"])
+def test_dead_worker_costs_only_its_item(pmap_backend, fn, bad_item, code):
+    start = time.monotonic()
+    out = pmap.pmap(fn, range(12), backend=pmap_backend, workers=2, on_error="return")
+    assert time.monotonic() - start < BOUND
+    assert ok_values(out) == expected(12, {bad_item})
+    failure = out[bad_item]
+    assert failure.kind == "crash" and isinstance(failure.exception, pmap.WorkerCrashed)
+    assert failure.exception.exitcode == code
+    assert out.stats.crashed_workers >= 1
+
+
+@pytest.mark.pmap_backends(*PROCESS_LIKE)
+def test_crash_raises_worker_crashed_by_default(pmap_backend):
+    with pytest.raises(pmap.WorkerCrashed, match="SIGSEGV|signal 11") as info:
+        pmap.pmap(segfault_on_three, range(8), backend=pmap_backend, workers=2)
+    assert "item 3" in "\n".join(info.value.__notes__)
+
+
+@pytest.mark.pmap_backends(*PROCESS_LIKE)
+def test_crash_in_a_big_chunk_isolates_the_culprit(pmap_backend):
+    out = pmap.pmap(segfault_on_three, range(400), backend=pmap_backend, workers=2, chunksize=50,
+                    on_error="return")
+    assert ok_values(out) == expected(400, {3})
+    assert out[3].kind == "crash"
+
+
+@pytest.mark.pmap_backends(*PROCESS_LIKE)
+def test_hung_item_is_killed_and_the_rest_go_on(pmap_backend):
+    start = time.monotonic()
+    out = pmap.pmap(hang_on_seven, range(12), backend=pmap_backend, workers=2, timeout=1,
+                    on_error="return")
+    assert time.monotonic() - start < BOUND
+    assert ok_values(out) == expected(12, {7})
+    assert out[7].kind == "timeout" and isinstance(out[7].exception, pmap.TaskTimeout)
+    assert out.stats.timed_out == 1
+
+
+@pytest.mark.pmap_backends(*COOPERATIVE)
+def test_cooperative_timeout_interrupts_python_code(pmap_backend):
+    def spin_on_seven(x):
+        if x == 7:
+            while True:
+                pass
+        return x * 10
+
+    out = pmap.pmap(spin_on_seven, range(10), backend=pmap_backend, timeout=0.5, on_error="return")
+    assert ok_values(out) == expected(10, {7})
+    assert out[7].kind == "timeout"
+
+
+@pytest.mark.pmap_backends(*PROCESS_LIKE, *COOPERATIVE)
+def test_flaky_item_succeeds_on_retry(pmap_backend, tmp_path):
+    items = [(str(tmp_path), x) for x in range(10)]
+    out = pmap.pmap(flaky_once, items, backend=pmap_backend, retries=1, workers=2)
+    assert out == [x * 10 for x in range(10)]
+    assert out.stats.retried == 4  # items 0, 3, 6, 9 failed once each
+
+
+@pytest.mark.pmap_backends(*PROCESS_LIKE, *COOPERATIVE)
+def test_retry_on_limits_which_errors_are_retried(pmap_backend, tmp_path):
+    log = tmp_path / "attempts"
+    out = pmap.pmap(count_attempts, [(str(log), 1)], backend=pmap_backend, retries=3,
+                    retry_on=ConnectionError, on_error="return")
+    assert out[0].kind == "error" and out[0].attempts == 1
+    assert log.read_text().split() == ["1"]
+    out = pmap.pmap(count_attempts, [(str(log), 2)], backend=pmap_backend, retries=2,
+                    retry_on=RuntimeError, backoff=0.01, on_error="return")
+    assert out[0].attempts == 3
+    assert log.read_text().split() == ["1", "2", "2", "2"]
+
+
+@pytest.mark.pmap_backends(*PROCESS_LIKE)
+def test_poison_item_is_reported_after_retries_and_never_loops(pmap_backend):
+    start = time.monotonic()
+    out = pmap.pmap(poison_on_two, range(8), backend=pmap_backend, retries=2, workers=2, on_error="return")
+    assert time.monotonic() - start < BOUND
+    assert ok_values(out) == expected(8, {2})
+    assert out[2].kind == "crash" and out[2].attempts == 3
+    assert out.stats.crashed_workers >= 3
+
+
+@pytest.mark.pmap_backends(*PROCESS_LIKE)
+def test_max_tasks_per_worker_recycles_workers(pmap_backend):
+    out = pmap.pmap(pid_after_sleep, range(40), backend=pmap_backend, workers=2, chunksize=1,
+                    max_tasks_per_worker=5)
+    assert len(set(out)) >= 40 // 5
+
+
+# ---- Ctrl-C and driver death, in a real child process --------------------------------------
+
+DRIVER = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {tests!r})
+    import pmap
+    from faults import sleep_forever
+    if __name__ == "__main__":
+        print("running", flush=True)
+        pmap.pmap(sleep_forever, range(100), backend={backend!r}, workers=2)
+""")
+
+
+def start_driver(backend, tmp_path):
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER.format(tests=os.path.dirname(__file__), backend=backend))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout.readline().strip() == "running"
+    driver = psutil.Process(proc.pid)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # wait until the workers exist (and, for threads, the run is under way)
+        if backend == "thread" or len(driver.children(recursive=True)) >= 2:
+            break
+        time.sleep(0.05)
+    time.sleep(0.5)
+    return proc, driver.children(recursive=True)
+
+
+def survivors(children, within):
+    deadline = time.monotonic() + within
+    alive = children
+    while time.monotonic() < deadline:
+        alive = [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+        if not alive:
+            return []
+        time.sleep(0.05)
+    return alive
+
+
+@pytest.mark.pmap_backends(*PROCESS_LIKE, *COOPERATIVE)
+def test_ctrl_c_reaches_the_caller_fast_and_leaves_no_process(pmap_backend, tmp_path):
+    proc, children = start_driver(pmap_backend, tmp_path)
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("Ctrl-C did not end the run within 10 s")
+    took = time.monotonic() - sent
+    stderr = proc.stderr.read()
+    assert "KeyboardInterrupt" in stderr
+    assert took < 3.0, f"Ctrl-C took {took:.1f}s"
+    assert survivors(children, within=3) == []
+
+
+@pytest.mark.pmap_backends(*PROCESS_LIKE)
+def test_workers_die_with_a_killed_driver(pmap_backend, tmp_path):
+    proc, children = start_driver(pmap_backend, tmp_path)
+    assert children, "the driver started no worker processes"
+    proc.kill()
+    proc.wait(timeout=10)
+    assert survivors(children, within=5) == []
