@@ -96,12 +96,6 @@ def encode_result(task_id, values, failures, elapsed) -> bytes:
     return pickle.dumps((task_id, values, failures, elapsed), _PROTOCOL)
 
 
-def run_task_bytes(payload: bytes) -> bytes:
-    """Entry point for pool-like backends: payload is dumps((task_id, fn, items))."""
-    task_id, fn, items = pickle.loads(payload)
-    return encode_result(task_id, *run_items(fn, items, catch=WORKER_CATCH))
-
-
 # A worker process also isolates SystemExit from one item; KeyboardInterrupt is the caller's.
 WORKER_CATCH = (Exception, SystemExit)
 
@@ -187,4 +181,4 @@ def run_pooled_task(payload: bytes) -> bytes:
         os.unlink(marker)
     except OSError:
         pass
-    return result
+    return os.getpid(), result

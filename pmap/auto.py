@@ -302,7 +302,9 @@ def start_auto_run(spec: RunSpec, stats: RunStats, *, workers=None, initializer=
     def run() -> Iterator:
         if initializer is not None:  # the probe runs in this thread, so the initializer does too
             initializer(*initargs)
+        probe_started = time.perf_counter()
         results, source, used, plan, meter = _probe(spec, stats, workers)
+        stats.probe_seconds = time.perf_counter() - probe_started
         stats.plan = plan
         yield from results
         if plan.backend == "serial" and not backend_options:

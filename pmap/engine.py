@@ -53,17 +53,41 @@ class RunStats:
     tasks: int = 0
     wall_seconds: float = 0.0
     busy_seconds: float = 0.0
+    busy_by_worker: dict = field(default_factory=dict)
+    startup_seconds: float = 0.0        # opening the backend and preparing the function
+    probe_seconds: float = 0.0          # auto mode's measuring of the first items
+    first_result_seconds: float | None = None
+    bytes_sent: int | None = None       # pickled tasks and results, where the backend can tell
+    bytes_received: int | None = None
     chunk_sizes: list = field(default_factory=list)
     plan: Any = None
+
+    @property
+    def utilisation(self) -> float:
+        """Share of the workers' time spent running items."""
+        if not self.wall_seconds or not self.workers:
+            return 0.0
+        return self.busy_seconds / (self.wall_seconds * self.workers)
 
     def __str__(self) -> str:
         sizes = self.chunk_sizes
         chunk = f"{min(sizes)}..{max(sizes)}" if sizes else "-"
-        util = self.busy_seconds / (self.wall_seconds * self.workers) if self.wall_seconds and self.workers else 0.0
-        return (f"{self.items_done} items on {self.backend} x{self.workers} in {self.wall_seconds:.3f}s "
-                f"({self.tasks} tasks, chunk {chunk}, utilisation {util:.0%}); "
-                f"failed {self.failed}, skipped {self.skipped}, retried {self.retried}, "
+        text = (f"{self.items_done} items on {self.backend} x{self.workers} in {self.wall_seconds:.3f}s "
+                f"({self.tasks} tasks, chunk {chunk}, utilisation {self.utilisation:.0%}, "
+                f"start-up {self.startup_seconds * 1e3:.1f} ms")
+        if self.probe_seconds:
+            text += f", probe {self.probe_seconds * 1e3:.1f} ms"
+        if self.bytes_sent is not None:
+            text += f", {_size(self.bytes_sent)} sent, {_size(self.bytes_received or 0)} received"
+        return (text + f"); failed {self.failed}, skipped {self.skipped}, retried {self.retried}, "
                 f"timed out {self.timed_out}, worker crashes {self.crashed_workers}")
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
 
 
 class _Block:
@@ -126,7 +150,10 @@ class _Engine:
     # ---- the loop -------------------------------------------------------------------
     def run(self) -> Iterator:
         started = time.perf_counter()
+        self.started = started
+        sent0, received0 = self.backend.bytes_sent, self.backend.bytes_received
         self.fn = self.backend.prepare(self.spec.fn, self.spec.timeout)
+        self.stats.startup_seconds += time.perf_counter() - started
         ordered = self.spec.ordered
         try:
             while True:
@@ -149,6 +176,10 @@ class _Engine:
             # Tasks still in flight (an error, or the reader stopped early) are left to the
             # caller: a one-shot run closes the backend, a Pool lets them finish unread.
             self.stats.wall_seconds += time.perf_counter() - started
+            if sent0 is not None:
+                stats = self.stats
+                stats.bytes_sent = (stats.bytes_sent or 0) + self.backend.bytes_sent - sent0
+                stats.bytes_received = (stats.bytes_received or 0) + self.backend.bytes_received - received0
             self.source = None
 
     # ---- dispatch -------------------------------------------------------------------
@@ -230,7 +261,11 @@ class _Engine:
             return
         values = event.values
         n = len(values)
-        self.stats.busy_seconds += event.elapsed
+        stats = self.stats
+        stats.busy_seconds += event.elapsed
+        stats.busy_by_worker[event.worker] = stats.busy_by_worker.get(event.worker, 0.0) + event.elapsed
+        if stats.first_result_seconds is None:
+            stats.first_result_seconds = time.perf_counter() - self.started
         self.sizer.observe(n, event.elapsed)
         if event.failures:
             for pos, exc, tb in event.failures:

@@ -36,8 +36,15 @@ def test_gil_releasing_code_goes_to_threads():
     if (os.cpu_count() or 1) < 2:
         pytest.skip("needs two cores to see two threads compute at once")
     blob = os.urandom(1 << 16) * 64  # 4 MiB that compresses slowly
-    plan = pmap.explain(compress, [blob] * 60)
-    assert plan.gil_released is True, str(plan)
+    # Two threads can only be seen computing at once when a second core is free: other
+    # processes on a small machine can hide it, so a probe that saw it once is enough.
+    plans = []
+    for _ in range(3):
+        plans.append(pmap.explain(compress, [blob] * 60))
+        if plans[-1].gil_released:
+            break
+    plan = plans[-1]
+    assert plan.gil_released is True, "\n\n".join(map(str, plans))
     assert plan.backend == "thread", str(plan)
 
 

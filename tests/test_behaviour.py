@@ -202,3 +202,17 @@ def test_results_are_picklable_lists(pmap_backend, work):
     out = pmap.pmap(work(square), range(5), backend=pmap_backend)
     assert pickle.loads(pickle.dumps(list(out))) == [0, 1, 4, 9, 16]
     assert isinstance(out, list)
+
+
+def test_stats_describe_the_run(pmap_backend, work):
+    out = pmap.pmap(work(square), range(300), backend=pmap_backend)
+    stats = out.stats
+    assert stats.backend == pmap_backend and stats.items_done == 300
+    assert stats.tasks >= 1 and sum(stats.chunk_sizes) == 300
+    assert stats.wall_seconds > 0 and 0 <= stats.utilisation
+    assert sum(stats.busy_by_worker.values()) == pytest.approx(stats.busy_seconds)
+    assert stats.first_result_seconds is not None and stats.first_result_seconds <= stats.wall_seconds
+    if stats.bytes_sent is not None:
+        assert stats.bytes_sent > 0 and stats.bytes_received > 0
+    text = str(stats)
+    assert "300 items" in text and pmap_backend in text

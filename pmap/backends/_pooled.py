@@ -53,6 +53,8 @@ class PooledBackend(Backend):
         self.dead_pids: set[int] = set()  # deaths already reported; their sentinels stay ready
         self.known: dict[int, object] = {}  # pid -> Process, kept after the pool forgets them
         self.next_sweep = 0.0
+        self.bytes_sent = 0
+        self.bytes_received = 0
 
     def initializer_bytes(self):
         if self.initializer is None:
@@ -95,6 +97,7 @@ class PooledBackend(Backend):
     def submit(self, task) -> None:
         payload = dumps((task.id, self.fn_key, self.fn_bytes, task.items, self.start_dir))
         self._send(task.id, payload)
+        self.bytes_sent += len(payload)
         self.inflight.add(task.id)
 
     def _result_callback(self, task_id):
@@ -147,9 +150,11 @@ class PooledBackend(Backend):
             if task_id not in self.inflight:
                 continue
             self.inflight.discard(task_id)
-            if isinstance(outcome, bytes):
-                tid, values, failures, elapsed = loads(outcome)
-                events.append(Done(task_id, None, values, failures, elapsed))
+            if isinstance(outcome, tuple):  # (worker pid, encoded result)
+                pid, encoded = outcome
+                self.bytes_received += len(encoded)
+                _, values, failures, elapsed = loads(encoded)
+                events.append(Done(task_id, pid, values, failures, elapsed))
             else:
                 events.extend(self._task_error(task_id, outcome))
 

@@ -78,6 +78,9 @@ class Backend:
     hard_timeout: ClassVar[bool] = False  # cancel() really stops a running item
     reports_start: ClassVar[bool] = True  # emits Started; else the engine uses submit time
     guarantees: ClassVar[str] = ""        # one line for `pmap backends` and the README table
+    # Running totals of pickled bytes to and from workers; None where the backend cannot tell.
+    bytes_sent: int | None = None
+    bytes_received: int | None = None
 
     def __init__(self, workers: int | None = None, initializer: Callable | None = None,
                  initargs: tuple = (), **options: Any):

@@ -89,6 +89,8 @@ class ForkBackend(Backend):
         self.by_task: dict[int, _Worker] = {}
         self.events: list = []
         self.warned_threads = False
+        self.bytes_sent = 0
+        self.bytes_received = 0
 
     # ---- workers ---------------------------------------------------------------------
     def _fork(self) -> _Worker:
@@ -162,6 +164,7 @@ class ForkBackend(Backend):
         else:
             raise RuntimeError("fork backend: submit() with no idle worker")
         worker.conn.send_bytes(message)
+        self.bytes_sent += len(message)
         worker.task_id = task.id
         self.by_task[task.id] = worker
         self.events.append(Started(task.id, worker.pid, time.monotonic()))
@@ -199,6 +202,7 @@ class ForkBackend(Backend):
         return events
 
     def _decode(self, worker, message):
+        self.bytes_received += len(message)
         decoded = loads(message)
         if decoded[0] == _FATAL:
             _, exc, tb = decoded
