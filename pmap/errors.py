@@ -108,7 +108,7 @@ def warn_user(message: str, category: type = RuntimeWarning) -> None:
     import sys
     import warnings
     package_dir = os.path.dirname(os.path.abspath(__file__))
-    frame, level = sys._getframe(1), 1
+    frame, level = sys._getframe(1), 2  # stacklevel 2 is the caller of warn_user
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package_dir):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, category, stacklevel=level)

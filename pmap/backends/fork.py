@@ -18,6 +18,7 @@ from ._procutil import describe_exit, end_process_group
 from .base import Backend, Done, Fatal, Lost, Started, fork_supported
 
 _FATAL = "fatal"
+_warned_threads = False
 _JOIN_SECONDS = 1.0
 
 
@@ -88,7 +89,6 @@ class ForkBackend(Backend):
         self.workers_list: list[_Worker] = []
         self.by_task: dict[int, _Worker] = {}
         self.events: list = []
-        self.warned_threads = False
         self.bytes_sent = 0
         self.bytes_received = 0
 
@@ -109,9 +109,10 @@ class ForkBackend(Backend):
         return worker
 
     def _warn_if_threaded(self) -> None:
-        if self.warned_threads or threading.active_count() <= 1:
+        global _warned_threads
+        if _warned_threads or threading.active_count() <= 1:
             return
-        self.warned_threads = True
+        _warned_threads = True  # once per process: the risk is the same on every fork
         warn_user(
             f"pmap: the fork backend is forking a process that runs {threading.active_count() - 1} other "
             "thread(s); a lock one of them holds at that moment stays locked in the worker. "

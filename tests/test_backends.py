@@ -1,0 +1,155 @@
+"""What only one backend does: fork's platform check and thread warning, pool's start
+methods, loky's reuse, registration of third-party backends."""
+import os
+import threading
+import time
+import warnings
+
+import pytest
+
+import pmap
+from pmap.backends import base
+from workloads import pid_of, square
+
+
+def test_fork_unavailable_without_fork(monkeypatch):
+    from pmap.backends import fork
+    monkeypatch.setattr(fork, "fork_supported", lambda: False)
+    with pytest.raises(pmap.BackendUnavailable, match="no os.fork.*backend='process'"):
+        pmap.pmap(square, [1], backend="fork")
+    info = {b.name: b for b in pmap.backends()}["fork"]
+    assert not info.available and "os.fork" in info.reason
+
+
+def test_fork_warns_once_when_threads_run(monkeypatch):
+    from pmap.backends import fork
+    monkeypatch.setattr(fork, "_warned_threads", False)
+    stop = threading.Event()
+    helper = threading.Thread(target=stop.wait, daemon=True)
+    helper.start()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert pmap.pmap(square, range(5), backend="fork") == [0, 1, 4, 9, 16]
+            assert pmap.pmap(square, range(5), backend="fork") == [0, 1, 4, 9, 16]
+    finally:
+        stop.set()
+    ours = [w for w in caught if "fork backend is forking a process" in str(w.message)]
+    assert len(ours) == 1
+    assert ours[0].filename == __file__  # points at the caller's line, not at pmap
+    assert not [w for w in caught if issubclass(w.category, DeprecationWarning) and "fork" in str(w.message)]
+
+
+def test_fork_inherits_unpicklable_globals():
+    lock = threading.Lock()
+    assert pmap.pmap(lambda x: (lock.locked(), x), [1, 2], backend="fork") == [(False, 1), (False, 2)]
+
+
+def test_fork_pool_learns_a_new_unpicklable_function():
+    with pmap.Pool(backend="fork", workers=2) as pool:
+        assert pool.map(square, [2, 3]) == [4, 9]
+        lock = threading.Lock()
+        assert pool.map(lambda x: (x, lock.locked()), [1]) == [(1, False)]
+
+
+@pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])
+def test_pool_start_methods(method):
+    offset = 5
+    out = pmap.pmap(lambda x: x + offset, range(6), backend="pool", start_method=method, workers=2)
+    assert out == [x + 5 for x in range(6)]
+
+
+def test_pool_rejects_unknown_start_method():
+    with pytest.raises(ValueError, match="start_method must be one of"):
+        pmap.pmap(square, [1], backend="pool", start_method="teleport")
+
+
+def test_pool_default_start_method_is_explicit():
+    from pmap.backends.pool import PoolBackend
+    backend = PoolBackend(workers=1)
+    assert backend.start_method in ("forkserver", "spawn")
+    backend.close()
+
+
+def test_process_backend_reuses_loky_workers():
+    first = set(pmap.pmap(pid_of, range(20), backend="process", workers=2, chunksize=1))
+    second = set(pmap.pmap(pid_of, range(20), backend="process", workers=2, chunksize=1))
+    assert first & second, "the second run started new workers instead of reusing loky's"
+    assert os.getpid() not in first
+
+
+def test_thread_timeout_replaces_the_stuck_thread():
+    def stuck_on_one(x):
+        if x == 1:
+            time.sleep(2)  # blocked in C: cannot be interrupted, only abandoned
+        return x
+
+    start = time.monotonic()
+    out = pmap.pmap(stuck_on_one, range(6), backend="thread", workers=1, timeout=0.3, on_error="return")
+    assert time.monotonic() - start < 1.9  # the run did not wait for the stuck thread
+    assert [r for r in out if not isinstance(r, pmap.Failure)] == [0, 2, 3, 4, 5]
+    assert out[1].kind == "timeout"
+
+
+class EchoBackend(base.Backend):
+    """A third-party backend in a few lines: runs tasks in the caller, doubling nothing."""
+
+    name = "echo"
+    kind = "serial"
+
+    def __init__(self, workers=None, initializer=None, initargs=(), **options):
+        super().__init__(1, initializer, initargs, **options)
+        self.tasks = []
+
+    def capacity(self):
+        return 1 - len(self.tasks)
+
+    def submit(self, task):
+        self.tasks.append(task)
+
+    def wait(self, timeout):
+        from pmap._worker import run_items
+        events = []
+        while self.tasks:
+            task = self.tasks.pop()
+            values, failures, elapsed = run_items(task.fn, task.items)
+            events.append(base.Done(task.id, "echo", values, failures, elapsed))
+        return events
+
+
+def test_register_backend_plugs_in_a_new_backend():
+    pmap.register_backend("echo", EchoBackend)
+    try:
+        assert pmap.pmap(square, range(10), backend="echo") == [x * x for x in range(10)]
+        assert "echo" in [b.name for b in pmap.backends()]
+    finally:
+        base._FACTORIES.pop("echo", None)
+
+
+def test_entry_point_group_registers_a_plugin(tmp_path, monkeypatch):
+    (tmp_path / "pmap_echo_plugin.py").write_text(
+        "from pmap._worker import run_items\n"
+        "from pmap.backends import base\n"
+        "class Echo(base.Backend):\n"
+        "    name = 'echo-plugin'\n"
+        "    kind = 'serial'\n"
+        "    def __init__(self, workers=None, initializer=None, initargs=(), **options):\n"
+        "        super().__init__(1, initializer, initargs, **options)\n"
+        "        self.tasks = []\n"
+        "    def capacity(self):\n"
+        "        return 1 - len(self.tasks)\n"
+        "    def submit(self, task):\n"
+        "        self.tasks.append(task)\n"
+        "    def wait(self, timeout):\n"
+        "        task = self.tasks.pop()\n"
+        "        return [base.Done(task.id, 'echo', *run_items(task.fn, task.items))]\n")
+    dist = tmp_path / "pmap_echo_plugin-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: pmap-echo-plugin\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[pmap.backends]\necho-plugin = pmap_echo_plugin:Echo\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(base, "_entry_points_loaded", False)
+    try:
+        assert pmap.pmap(square, range(4), backend="echo-plugin") == [0, 1, 4, 9]
+    finally:
+        base._FACTORIES.pop("echo-plugin", None)
