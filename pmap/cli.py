@@ -130,7 +130,7 @@ def load_target(target: str) -> Callable:
             import difflib
             close = difflib.get_close_matches(attribute, known, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            where = module_part if module is not None and module_part.endswith(".py") else f"module {module_part!r}"
+            where = module_part if module_part.endswith(".py") else f"module {module_part!r}"
             raise UsageError(f"{where} has no function {attribute!r}{hint}") from None
     if not callable(obj):
         raise UsageError(f"{target} is not callable (it is a {type(obj).__name__})")
