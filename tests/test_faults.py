@@ -140,8 +140,8 @@ def start_driver(backend, tmp_path):
     assert proc.stdout.readline().strip() == "running"
     driver = psutil.Process(proc.pid)
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:  # wait until the workers exist (and, for threads, the run is under way)
-        if backend == "thread" or len(driver.children(recursive=True)) >= 2:
+    while time.monotonic() < deadline:  # wait until the worker processes exist
+        if backend in COOPERATIVE or len(driver.children(recursive=True)) >= 2:
             break
         time.sleep(0.05)
     time.sleep(0.5)
