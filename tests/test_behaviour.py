@@ -216,3 +216,41 @@ def test_stats_describe_the_run(pmap_backend, work):
         assert stats.bytes_sent > 0 and stats.bytes_received > 0
     text = str(stats)
     assert "300 items" in text and pmap_backend in text
+
+
+class CountingSource:
+    """An endless input that counts how many items were taken from it."""
+
+    def __init__(self):
+        self.pulled = 0
+
+    def __iter__(self):
+        while True:
+            self.pulled += 1
+            yield self.pulled - 1
+
+
+READ_AHEAD_BOUND = 64  # with workers=2 and chunksize=1: 2 workers x 4 chunks ahead, and slack
+
+
+def test_imap_reads_input_lazily_and_boundedly(pmap_backend, work):
+    source = CountingSource()
+    results = pmap.imap(work(square), source, backend=pmap_backend, workers=2, chunksize=1)
+    taken = [next(results) for _ in range(10)]
+    assert taken == [x * x for x in range(10)]
+    assert source.pulled <= 10 + READ_AHEAD_BOUND
+    results.close()
+
+
+def slow_first(x):
+    pause(0.5 if x == 0 else 0)
+    return x
+
+
+def test_unread_results_are_bounded_behind_a_slow_item(pmap_backend, work):
+    source = CountingSource()
+    with pmap.imap(work(slow_first), source, backend=pmap_backend, workers=2, chunksize=1) as results:
+        assert next(results) == 0
+        # while item 0 was slow, later items finished but could not be yielded yet:
+        # dispatch must have stopped instead of piling up unread results
+        assert source.pulled <= 1 + READ_AHEAD_BOUND
