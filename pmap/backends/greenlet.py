@@ -126,8 +126,6 @@ class GreenletBackend(Backend):
         return self.workers - len(self._outstanding)
 
     def submit(self, task) -> None:
-        # Our count keeps len(pool) within size, except for greenlets that have reported Done
-        # and not yet left the pool; spawn then yields to the hub for the moment it takes.
         self._outstanding[task.id] = self._pool.spawn(self._run_task, task)
 
     def _run_task(self, task) -> None:
@@ -147,8 +145,13 @@ class GreenletBackend(Backend):
             return
         self._started_at.pop(task.id, None)
         self._spans.append((start, time.perf_counter()))
+        self._leave_pool(me)  # its slot is free now, not a hub turn later: submit never blocks on it
         self._events.append(Done(task.id, me.name, values, failures, elapsed))
         self._wake.set()
+
+    def _leave_pool(self, greenlet) -> None:
+        if greenlet in self._pool:  # Pool.discard frees a slot even for a greenlet it no longer holds
+            self._pool.discard(greenlet)
 
     def wait(self, timeout):
         if not self._events:
@@ -175,7 +178,7 @@ class GreenletBackend(Backend):
         if greenlet is None:
             return
         # Out of the pool at once, so its slot is free even if it takes a while to unwind.
-        self._pool.discard(greenlet)
+        self._leave_pool(greenlet)
         self._cancelled.add(greenlet)
         greenlet.link(self._cancelled.discard)
         greenlet.kill(block=False)
