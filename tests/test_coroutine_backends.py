@@ -104,13 +104,14 @@ def test_greenlet_unpatched_warns_once_up_front():
             first = pmap.pmap(nap, range(20), backend="greenlet")
             second = pmap.pmap(nap, range(20), backend="gevent")
         print(json.dumps({"ok": first == second == list(range(20)),
-                          "warnings": [[w.category.__name__, str(w.message)] for w in caught]}))
+                          "warnings": [[w.category.__name__, str(w.message), w.filename] for w in caught]}))
     """)
     result = last_json_line(proc)
     assert result["ok"]
     assert len(result["warnings"]) == 1, result["warnings"]
-    category, message = result["warnings"][0]
+    category, message, filename = result["warnings"][0]
     assert category == "NotCooperativeWarning"
+    assert filename == "<string>"  # the caller's code (here `python -c`), not pmap's
     assert "'socket' and 'time' are not monkey-patched" in message
     assert "gevent.monkey.patch_all()" in message and "backend='thread'" in message
 
@@ -124,8 +125,9 @@ def test_greenlet_warns_at_run_time_when_calls_do_not_yield():
     with pytest.warns(NotCooperativeWarning, match="ran one at a time") as caught:
         out = pmap.pmap(blocking_nap, range(40), backend="greenlet", workers=8)
     assert out == list(range(40))
-    message = next(str(w.message) for w in caught if "one at a time" in str(w.message))
-    assert "backend='thread'" in message and "patch_all()" in message
+    warning = next(w for w in caught if "one at a time" in str(w.message))
+    assert "backend='thread'" in str(warning.message) and "patch_all()" in str(warning.message)
+    assert warning.filename == __file__  # points at the caller's line, not at pmap
 
 
 def cooperative_nap(x):
