@@ -1,0 +1,332 @@
+"""What the benchmark scripts share besides the workloads: the machine description, the timing
+loop, child processes (each run isolated, leftovers found and ended), and markdown tables.
+
+Every child process a script starts carries a tag in its environment. Workers inherit it
+(fork, spawn, forkserver and loky all pass the environment on), so after a child is gone
+any process still carrying its tag was left behind, wherever it was re-parented to.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any, Callable
+
+BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+RESULTS_DIR = os.path.join(BENCH_DIR, "results")
+TAG_VARIABLE = "PMAP_BENCH_TAG"
+LIBRARIES = ("pmap-parallel", "loky", "cloudpickle", "joblib", "mpire", "pebble", "gevent", "psutil",
+             "matplotlib")
+
+# Workers started by spawn or forkserver import the workload modules by name.
+if BENCH_DIR not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (BENCH_DIR, os.environ.get("PYTHONPATH")) if p)
+
+
+# ---- the machine ------------------------------------------------------------------------
+def usable_cpus() -> int:
+    from pmap.backends.base import usable_cpus as pmap_usable_cpus
+    return pmap_usable_cpus()
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_summary() -> str:
+    import psutil
+    memory_gb = psutil.virtual_memory().total / 2**30
+    return (f"{cpu_model()}, {usable_cpus()} usable cores ({os.cpu_count()} logical), "
+            f"{memory_gb:.0f} GB memory; {platform.system()} {platform.release()}")
+
+
+def versions() -> str:
+    found = [f"Python {platform.python_version()} ({platform.python_implementation()})"]
+    for name in LIBRARIES:
+        try:
+            found.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            found.append(f"{name} not installed")
+    return ", ".join(found)
+
+
+def load_average() -> str:
+    return ", ".join(f"{value:.2f}" for value in os.getloadavg())
+
+
+def header_lines(command: str) -> list[str]:
+    """The lines every results file starts with: how it was made and on what."""
+    return [f"Command: `{command}`  ",
+            f"Date: {time.strftime('%Y-%m-%d %H:%M %Z')}; load average at start: {load_average()}  ",
+            f"Machine: {machine_summary()}  ",
+            f"Versions: {versions()}"]
+
+
+# ---- timing -----------------------------------------------------------------------------
+@dataclass
+class Runner:
+    """One way of mapping a function over items: a pmap backend, a peer, or the plain map."""
+
+    name: str
+    group: str                                    # reference | pmap | peer
+    run: Callable[[Callable, list], list]
+    before: Callable[[], None] | None = None      # untimed, before each run (e.g. a cold start)
+    concurrency: int | None = None                # items in flight at once, for the IO ideal
+    describe: Callable[[Any], str] | None = None  # a note from the returned results (auto's plan)
+    max_runs: int | None = None                   # fewer runs for a slow reference whose time is known
+
+
+@dataclass
+class Measured:
+    name: str
+    group: str
+    seconds: list = field(default_factory=list)
+    error: str | None = None
+    note: str = ""
+    concurrency: int | None = None
+
+    @property
+    def median(self) -> float | None:
+        return statistics.median(self.seconds) if self.seconds else None
+
+
+def measure(runners: list[Runner], func: Callable, items: list, repeat: int, expected: list | None = None,
+            progress: Callable[[str], None] = lambda line: None) -> list[Measured]:
+    """Time every runner `repeat` times, interleaved (the start rotates each round) so that a
+    burst of load elsewhere falls on all of them alike. Results are checked against `expected`,
+    or else against the first runner's; a runner that differs or raises is reported with its
+    error and not run again."""
+    measured = {r.name: Measured(r.name, r.group, concurrency=r.concurrency) for r in runners}
+    for round_number in range(repeat):
+        shift = round_number % len(runners)
+        for runner in runners[shift:] + runners[:shift]:
+            record = measured[runner.name]
+            if record.error or (runner.max_runs and len(record.seconds) >= runner.max_runs):
+                continue
+            if runner.before is not None:
+                runner.before()
+            start = time.perf_counter()
+            try:
+                out = runner.run(func, items)
+            except Exception as exc:  # noqa: BLE001 - any failure is a result to report
+                record.error = f"{type(exc).__name__}: {str(exc)[:200]}"
+                progress(f"{runner.name}: {record.error}")
+                continue
+            elapsed = time.perf_counter() - start
+            if expected is None:
+                expected = list(out)
+            elif list(out) != expected:
+                record.error = "wrong results: " + difference(list(out), expected)
+                if runner.describe is not None:
+                    record.error += f" ({runner.describe(out)})"
+                progress(f"{runner.name}: wrong results")
+                continue
+            record.seconds.append(elapsed)
+            if runner.describe is not None:
+                record.note = runner.describe(out)
+            del out
+            progress(f"{runner.name}: {elapsed:.3f}s")
+    return list(measured.values())
+
+
+def difference(got: list, expected: list) -> str:
+    if len(got) != len(expected):
+        return f"{len(got)} results for {len(expected)} items"
+    wrong = [i for i, (a, b) in enumerate(zip(got, expected)) if a != b]
+    return f"{len(wrong)} of {len(expected)} differ, the first at index {wrong[0]}"
+
+
+def as_json(records: list[Measured]) -> list[dict]:
+    return [record.__dict__ for record in records]
+
+
+def from_json(rows: list[dict]) -> list[Measured]:
+    return [Measured(**row) for row in rows]
+
+
+# ---- pmap runners -----------------------------------------------------------------------
+def shut_down_loky() -> None:
+    """End loky's reusable executor (pmap's process backend), so the next run starts cold.
+    Also leaves no loky threads behind, which auto reads as 'fork is not safe'."""
+    try:
+        from loky import reusable_executor
+    except ImportError:
+        return
+    shut_down_reusable(reusable_executor)
+
+
+def shut_down_reusable(module) -> None:
+    """End the reusable executor of a loky module (loky's own or joblib's vendored copy).
+    Older loky keeps it in a module global, loky 3.5+ in thread-local storage."""
+    storage = getattr(module, "_executor_storage", None)
+    executor = getattr(module, "_executor", None) or getattr(storage, "executor", None)
+    if executor is not None:
+        executor.shutdown(wait=True, kill_workers=True)
+
+
+def pmap_runner(backend: str, workers: int | None = None, label: str | None = None,
+                cold: bool = True) -> Runner:
+    """pmap with one backend (or auto). `cold` ends loky's reusable executor before each run,
+    so every run pays its own start-up, as the first call of a program does."""
+    import pmap
+
+    def run(func, items):
+        return pmap.pmap(func, items, backend=backend, workers=workers)
+
+    def describe(out) -> str:
+        plan = getattr(out.stats, "plan", None)
+        return f"{plan.backend} x{plan.workers}" if plan is not None else ""
+
+    return Runner(label or f"pmap {backend}", "pmap", run, before=shut_down_loky if cold else None,
+                  concurrency=workers, describe=describe if backend == "auto" else None)
+
+
+def plan_workers(note: str) -> int | None:
+    """The worker count in an auto note such as 'thread x64'."""
+    try:
+        return int(note.rsplit("x", 1)[1])
+    except (IndexError, ValueError):
+        return None
+
+
+# ---- child processes --------------------------------------------------------------------
+def tagged_processes(tag: str) -> list:
+    """Live processes whose environment carries `tag` (children, grandchildren, orphans)."""
+    import psutil
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get(TAG_VARIABLE) == tag and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def end_processes(procs: list) -> None:
+    import psutil
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=5)
+
+
+@dataclass
+class ChildResult:
+    returncode: int | None         # None: killed at the time limit
+    seconds: float                 # from start (or from `signal_after`'s signal) to exit
+    output: dict | None            # the last JSON line the child printed
+    lines: list                    # every JSON line, in order
+    stderr: str
+    left_behind: int               # tagged processes alive after the child ended (then ended)
+
+
+def run_child(args: list[str], limit: float, patched: bool = False, signal_after: float | None = None,
+              grace: float = 0.0) -> ChildResult:
+    """Run `python args...` in a new session with a fresh tag; kill it at `limit` seconds.
+
+    `signal_after`: once the child prints a line `{"ready": true}`, wait that long and send
+    SIGINT to its process group, as a terminal's Ctrl-C does; `seconds` then counts from the
+    signal. `grace`: how long to let cleanup finish before counting processes left behind."""
+    tag = uuid.uuid4().hex
+    env = dict(os.environ, **{TAG_VARIABLE: tag})
+    command = [sys.executable, *args] + (["--gevent-patch"] if patched else [])
+    start = time.perf_counter()
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=env, start_new_session=True)
+    lines = []
+    if signal_after is not None:
+        for line in child.stdout:  # a child that never gets ready ends at the limit below
+            lines.extend(_json_lines(line))
+            if lines and lines[-1].get("ready"):
+                time.sleep(signal_after)
+                start = time.perf_counter()
+                os.killpg(child.pid, signal.SIGINT)
+                break
+    try:
+        out, err = child.communicate(timeout=max(0.1, limit - (time.perf_counter() - start)))
+        seconds, returncode = time.perf_counter() - start, child.returncode
+    except subprocess.TimeoutExpired:
+        seconds, returncode = time.perf_counter() - start, None
+        try:
+            os.killpg(child.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        out, err = child.communicate()
+    lines.extend(_json_lines(out))
+    time.sleep(grace)
+    leftovers = tagged_processes(tag)
+    end_processes(leftovers)
+    return ChildResult(returncode, seconds, lines[-1] if lines else None, lines, err, len(leftovers))
+
+
+def _json_lines(text: str) -> list[dict]:
+    found = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                found.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return found
+
+
+def emit(payload: dict) -> None:
+    """A child's way to report: one JSON line on stdout."""
+    print(json.dumps(payload), flush=True)
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# ---- output -----------------------------------------------------------------------------
+def markdown_table(header: list[str], rows: list[list], first_left: int = 1) -> list[str]:
+    """A markdown table; the first `first_left` columns are left-aligned, the rest right."""
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "|".join(":---" if i < first_left else "---:" for i in range(len(header))) + "|"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return lines
+
+
+def seconds_text(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value * 1000:.1f} ms" if value < 1 else f"{value:.2f} s"
+
+
+def ratio_text(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def write_results(name: str, lines: list[str], quick: bool) -> str:
+    """Write a results file; smoke runs go to results/quick/, which git ignores."""
+    directory = results_dir(quick)
+    path = os.path.join(directory, name)
+    with open(path, "w") as handle:
+        handle.write("\n".join(lines) + "\n")
+    return path
+
+
+def results_dir(quick: bool) -> str:
+    directory = os.path.join(RESULTS_DIR, "quick") if quick else RESULTS_DIR
+    os.makedirs(directory, exist_ok=True)
+    return directory
