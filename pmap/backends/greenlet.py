@@ -206,7 +206,8 @@ class GreenletBackend(Backend):
                       f"{concurrency:.1f} of {self.workers} workers, CPU {cpu_share:.0%} of wall time): "
                       "the function blocks without yielding to gevent, as time.sleep and socket calls do "
                       "when they are not monkey-patched. Call gevent.monkey.patch_all() at the very start "
-                      "of the program, before other imports, or use backend='thread'.",
+                      "of the program, before other imports (`pmap run --gevent-patch` does so), or use "
+                      "backend='thread'.",
                       NotCooperativeWarning)
 
 
@@ -235,8 +236,9 @@ def _warn_if_not_patched() -> None:
         warn_user(f"pmap: backend='greenlet' runs on gevent, but {names} "
                   f"{'is' if len(missing) == 1 else 'are'} not monkey-patched, so blocking calls such as "
                   "time.sleep or socket IO stop every greenlet until they return. pmap never patches "
-                  "by itself: call gevent.monkey.patch_all() at the very start of the program, or use "
-                  "backend='thread'. Code that only uses gevent's own APIs can ignore this warning.",
+                  "by itself: call gevent.monkey.patch_all() at the very start of the program "
+                  "(`pmap run --gevent-patch` does so), or use backend='thread'. Code that only uses "
+                  "gevent's own APIs can ignore this warning.",
                   NotCooperativeWarning)
 
 
