@@ -39,6 +39,10 @@ TARGETS = textwrap.dedent('''
         _log(x)
         return x
 
+    def hang(x):
+        time.sleep(1)
+        return x
+
     def fail_on_three(x):
         if int(x) == 3:
             raise ValueError("three is not allowed")
@@ -255,7 +259,7 @@ def test_on_error_raise_stops_after_the_results_before_it(targets):
 
 
 def test_retries_and_timeout_reach_the_run(targets):
-    result = invoke("run", f"{targets}:slow", "--range", "2", "-b", "thread", "--timeout", "0.01",
+    result = invoke("run", f"{targets}:hang", "--range", "2", "-b", "thread", "--timeout", "0.05",
                     "--retries", "1", "--on-error", "record")
     assert result.exit_code == 1
     records = [json.loads(line) for line in lines(result.stdout)]
@@ -522,7 +526,7 @@ def test_sigterm_exits_143_and_flushes_the_journal(targets, tmp_path):
 
 def test_journal_resume_after_sigkill_gives_complete_output_without_duplicates(targets, tmp_path):
     journal, out, calls = tmp_path / "run.journal", tmp_path / "out.txt", tmp_path / "calls.log"
-    command = ["run", "targets:slow", "--range", "40", "--json", "-b", "fork", "-j", "2",
+    command = ["run", "targets:slow", "--range", "100", "--json", "-b", "fork", "-j", "4",
                "--journal", journal, "--output", out]
     env = {"PMAP_TEST_CALLS": str(calls)}
     child = pmap_process(*command, cwd=tmp_path, env=env)
@@ -531,16 +535,16 @@ def test_journal_resume_after_sigkill_gives_complete_output_without_duplicates(t
     child.communicate(timeout=30)
     _, entries = journal_entries(journal)
     done_before = {e["i"] for e in entries}
-    assert 0 < len(done_before) < 40
+    assert 0 < len(done_before) < 100
 
     calls.write_text("")
     again = pmap_process(*command, cwd=tmp_path, env=env)
     _, err = again.communicate(timeout=60)
     assert again.returncode == 0, err
-    assert out.read_text().splitlines() == [str(i) for i in range(40)]
+    assert out.read_text().splitlines() == [str(i) for i in range(100)]
     ran_again = {json.loads(c) for c in calls.read_text().splitlines()}
     assert not ran_again & done_before
-    assert ran_again | done_before == set(range(40))
+    assert ran_again | done_before == set(range(100))
 
 
 def test_a_closed_stdout_stops_the_run_quietly(targets, tmp_path):
