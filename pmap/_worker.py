@@ -39,14 +39,16 @@ def run_items(fn, items, catch=Exception):
         return _run_async_items(fn, items, catch)
     values = []
     failures = []
-    append = values.append
+    pending = iter(items)
     start = time.perf_counter()
-    for pos, item in enumerate(items):
+    while True:
         try:
-            append(fn(item))
+            values.extend(map(fn, pending))  # stops at a failing item; the values before it stay
+            break
         except catch as exc:
-            append(None)
-            failures.append((pos, exc, "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))))
+            tb = exc.__traceback__.tb_next or exc.__traceback__  # start at the user's frame, not this one
+            failures.append((len(values), exc, "".join(traceback.format_exception(type(exc), exc, tb))))
+            values.append(None)
     return values, failures, time.perf_counter() - start
 
 

@@ -1,6 +1,7 @@
 """pmap / imap / starmap / Pool: check the arguments, then hand a run to the engine."""
 from __future__ import annotations
 
+import itertools
 import numbers
 import threading
 from typing import Any, Callable, Iterable, Iterator
@@ -91,8 +92,9 @@ def _total(items) -> int | None:
 class Results(Iterator):
     """A lazy run: iterate for results; `.stats` is filled as it goes; `close()` stops it."""
 
-    def __init__(self, gen: Iterator, stats: RunStats, finish: Callable[[bool], None]):
-        self._gen = gen
+    def __init__(self, batches: Iterator[list], stats: RunStats, finish: Callable[[bool], None]):
+        self._batches = batches
+        self._items = itertools.chain.from_iterable(batches)
         self.stats = stats
         self._finish = finish
         self._closed = False
@@ -101,7 +103,7 @@ class Results(Iterator):
         if self._closed:
             raise StopIteration
         try:
-            return next(self._gen)
+            return next(self._items)
         except StopIteration:
             self._end(ok=True)
             raise
@@ -112,7 +114,7 @@ class Results(Iterator):
     def _end(self, ok: bool) -> None:
         if not self._closed:
             self._closed = True
-            self._gen.close()
+            self._batches.close()
             self._finish(ok)
 
     def close(self) -> None:
@@ -178,7 +180,12 @@ def _current_exception():
 
 
 def _collect(results: Results) -> ResultList:
-    out = ResultList(results)
+    try:
+        out = ResultList(results._items)  # straight from the batches, no per-item Python call
+    except BaseException:
+        results._end(ok=False)
+        raise
+    results._end(ok=True)
     out.stats = results.stats
     return out
 

@@ -121,6 +121,10 @@ class _Budgeted:
             raise
 
 
+def _flat(batches) -> list:
+    return list(itertools.chain.from_iterable(batches))
+
+
 def _free_threaded() -> bool:
     is_gil_enabled = getattr(sys, "_is_gil_enabled", None)
     return is_gil_enabled is not None and not is_gil_enabled()
@@ -254,8 +258,8 @@ def _probe_gil(source: Iterator, spec: RunSpec, stats: RunStats, offset: int):
     thread = resolve_backend_class("thread")(workers=2)
     thread.open()
     try:
-        results = list(execute(thread, replace(spec, fn=overlap, items=pair, start_index=offset,
-                                               chunksize=1), stats))
+        results = _flat(execute(thread, replace(spec, fn=overlap, items=pair, start_index=offset,
+                                                chunksize=1), stats))
     finally:
         thread.close()
     return results, pair, overlap.cpu_per_wall() >= GIL_RELEASED_OVERLAP
@@ -269,7 +273,7 @@ def _probe(spec: RunSpec, stats: RunStats, workers: int | None):
     serial = resolve_backend_class("serial")()
     serial.open()
     # one item per chunk, so the budget is checked before every item
-    results = list(execute(serial, replace(spec, fn=meter, items=budget, chunksize=spec.chunksize or 1), stats))
+    results = _flat(execute(serial, replace(spec, fn=meter, items=budget, chunksize=spec.chunksize or 1), stats))
     used = meter.calls
     gil_released = None
     wall = meter.wall / used if used else 0.0
@@ -306,7 +310,8 @@ def start_auto_run(spec: RunSpec, stats: RunStats, *, workers=None, initializer=
         results, source, used, plan, meter = _probe(spec, stats, workers)
         stats.probe_seconds = time.perf_counter() - probe_started
         stats.plan = plan
-        yield from results
+        if results:
+            yield results
         if plan.backend == "serial" and not backend_options:
             rest_backend = resolve_backend_class("serial")()
         else:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import heapq
 import itertools
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
@@ -117,8 +116,9 @@ class _Flight:
         self.worker = None
 
 
-def execute(backend: Backend, spec: RunSpec, stats: RunStats | None = None) -> Iterator:
-    """Yield the results of `spec.fn` over `spec.items` on an opened backend."""
+def execute(backend: Backend, spec: RunSpec, stats: RunStats | None = None) -> Iterator[list]:
+    """Yield the results of `spec.fn` over `spec.items` on an opened backend, in batches
+    (non-empty lists): per-item work stays in C when the caller flattens them."""
     return _Engine(backend, spec, stats or RunStats()).run()
 
 
@@ -138,7 +138,7 @@ class _Engine:
         self.flights: dict[int, _Flight] = {}
         self.requeued: list = []           # heap of (ready_at, seq, block, offset, index, item, attempts)
         self.requeue_seq = itertools.count()
-        self.ready: deque = deque()        # unordered mode: values to yield
+        self.ready: list = []              # unordered mode: values to yield
         remaining = spec.total - spec.start_index if spec.total is not None else None
         self.sizer = ChunkSizer(spec.chunksize, backend.workers, remaining)
         if spec.measured:
@@ -160,7 +160,7 @@ class _Engine:
                 if ordered:
                     yield from self._emit_ordered()
                 elif self.ready:
-                    yield from self._emit_unordered()
+                    yield self._take_ready()
                 self._dispatch()
                 if not self.flights and not self.requeued and (self.exhausted or self.source_error):
                     break
@@ -168,8 +168,8 @@ class _Engine:
                 self._expire_deadlines()
             if ordered:
                 yield from self._emit_ordered()
-            else:
-                yield from self._emit_unordered()
+            elif self.ready:
+                yield self._take_ready()
             if self.source_error is not None:
                 raise self.source_error
         finally:
@@ -210,10 +210,8 @@ class _Engine:
 
     def _read(self, n: int) -> list:
         items = []
-        append = items.append
         try:
-            for item in itertools.islice(self.source, n):
-                append(item)
+            items.extend(itertools.islice(self.source, n))  # keeps what came before an error
         except Exception as exc:  # the input iterable failed: finish what came before it
             self.source_error = exc
             return items
@@ -388,15 +386,13 @@ class _Engine:
                 return
             del blocks[self.emit_index]
             self.emit_index += len(block.values)
-            if block.has_skips:
-                yield from (v for v in block.values if v is not _SKIP)
-            else:
-                yield from block.values
+            values = [v for v in block.values if v is not _SKIP] if block.has_skips else block.values
+            if values:
+                yield values
 
-    def _emit_unordered(self) -> Iterator:
-        ready = self.ready
-        while ready:
-            yield ready.popleft()
+    def _take_ready(self) -> list:
+        ready, self.ready = self.ready, []
+        return ready
 
     def _progress(self, n: int) -> None:
         stats = self.stats

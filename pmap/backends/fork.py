@@ -1,25 +1,29 @@
 """fork: our own os.fork workers, one pipe each. The function is inherited, not pickled."""
 from __future__ import annotations
 
+import gc
 import itertools
 import multiprocessing
 import multiprocessing.connection
 import pickle
+import queue
 import threading
 import time
 import traceback
 import warnings
+from collections import deque
 
 import cloudpickle
 
 from .._worker import WORKER_CATCH, become_worker_process, dumps, encode_result, loads, run_items
-from ..errors import warn_user
+from ..errors import BackendUnavailable, RemoteTraceback, warn_user
 from ._procutil import describe_exit, end_process_group
 from .base import Backend, Done, Fatal, Lost, Started, fork_supported
 
 _FATAL = "fatal"
-_warned_threads = False
 _JOIN_SECONDS = 1.0
+QUEUE_DEPTH = 2  # tasks a worker holds: the next one waits in the worker while it runs the first
+_warned_threads = False
 
 
 def _worker_main(conn, functions, initializer, initargs, max_tasks):
@@ -30,12 +34,24 @@ def _worker_main(conn, functions, initializer, initargs, max_tasks):
         except BaseException as exc:
             conn.send_bytes(cloudpickle.dumps((_FATAL, exc, traceback.format_exc())))
             return
+    # A reader thread takes the next task off the pipe while this one runs, so the parent
+    # never blocks writing to a busy worker (and the two writes cannot deadlock).
+    inbox: queue.SimpleQueue = queue.SimpleQueue()
+
+    def read():
+        while True:
+            try:
+                inbox.put(conn.recv_bytes())
+            except (EOFError, OSError):
+                inbox.put(None)  # the parent has gone
+                return
+
+    threading.Thread(target=read, name="pmap-fork-reader", daemon=True).start()
     done = 0
     while True:
-        try:
-            message = conn.recv_bytes()
-        except (EOFError, OSError):
-            return  # the parent has gone
+        message = inbox.get()
+        if message is None:
+            return
         kind, key, payload = loads(message)
         if kind == "fn":
             functions[key] = loads(payload)
@@ -50,14 +66,13 @@ def _worker_main(conn, functions, initializer, initargs, max_tasks):
 
 
 class _Worker:
-    __slots__ = ("proc", "conn", "task_id", "tasks_done", "retiring")
+    __slots__ = ("proc", "conn", "tasks", "tasks_done")
 
     def __init__(self, proc, conn):
         self.proc = proc
         self.conn = conn
-        self.task_id = None
+        self.tasks: deque = deque()  # task ids sent, oldest (running) first
         self.tasks_done = 0
-        self.retiring = False  # reached max_tasks_per_worker: it exits, takes no more tasks
 
     @property
     def pid(self):
@@ -80,7 +95,6 @@ class ForkBackend(Backend):
         super().__init__(workers, initializer, initargs, **options)
         reason = self.unavailable_reason()
         if reason:
-            from ..errors import BackendUnavailable
             raise BackendUnavailable(f"backend 'fork' is unavailable: {reason}")
         self.max_tasks = max_tasks_per_worker
         self.ctx = multiprocessing.get_context("fork")
@@ -98,11 +112,15 @@ class ForkBackend(Backend):
         parent_end, child_end = multiprocessing.Pipe(duplex=True)
         proc = self.ctx.Process(target=_worker_main, daemon=True, name="pmap-fork-worker",
                                 args=(child_end, self.functions, self.initializer, self.initargs, self.max_tasks))
-        with warnings.catch_warnings():
-            # Python 3.12+ warns on every fork of a threaded process; we warn once ourselves.
-            warnings.filterwarnings("ignore", message=".*use of fork\\(\\) may lead to deadlocks.*",
-                                    category=DeprecationWarning)
-            proc.start()
+        gc.freeze()  # the child's collector then leaves the parent's objects (and their pages) alone
+        try:
+            with warnings.catch_warnings():
+                # Python 3.12+ warns on every fork of a threaded process; we warn once ourselves.
+                warnings.filterwarnings("ignore", message=".*use of fork\\(\\) may lead to deadlocks.*",
+                                        category=DeprecationWarning)
+                proc.start()
+        finally:
+            gc.unfreeze()
         child_end.close()
         worker = _Worker(proc, parent_end)
         self.workers_list.append(worker)
@@ -123,8 +141,13 @@ class ForkBackend(Backend):
         worker.conn.close()
         worker.proc.join(0)
 
-    def open(self) -> None:
-        pass  # workers are forked in prepare(), once the function exists to be inherited
+    def _room(self, worker: _Worker) -> int:
+        """How many more tasks `worker` takes: one at a time under a timeout (its clock starts
+        at the send), and none past its max_tasks_per_worker."""
+        room = (1 if self.timeout is not None else QUEUE_DEPTH) - len(worker.tasks)
+        if self.max_tasks:
+            room = min(room, self.max_tasks - worker.tasks_done - len(worker.tasks))
+        return max(0, room)
 
     def prepare(self, fn, timeout=None):
         self.timeout = timeout
@@ -155,20 +178,19 @@ class ForkBackend(Backend):
 
     # ---- tasks -----------------------------------------------------------------------
     def capacity(self) -> int:
-        return sum(1 for w in self.workers_list if w.task_id is None and not w.retiring)
+        return sum(self._room(w) for w in self.workers_list)
 
     def submit(self, task) -> None:
         message = dumps(("task", task.fn, (task.id, task.items)))
-        for worker in self.workers_list:
-            if worker.task_id is None and not worker.retiring:
-                break
-        else:
-            raise RuntimeError("fork backend: submit() with no idle worker")
+        worker = max(self.workers_list, key=self._room)  # the least loaded
+        if not self._room(worker):
+            raise RuntimeError("fork backend: submit() beyond capacity()")
         worker.conn.send_bytes(message)
         self.bytes_sent += len(message)
-        worker.task_id = task.id
+        worker.tasks.append(task.id)
         self.by_task[task.id] = worker
-        self.events.append(Started(task.id, worker.pid, time.monotonic()))
+        if len(worker.tasks) == 1:
+            self.events.append(Started(task.id, worker.pid, time.monotonic()))
 
     def wait(self, timeout):
         events, self.events = self.events, []
@@ -178,15 +200,17 @@ class ForkBackend(Backend):
         for worker in self.workers_list:
             handles[worker.conn] = worker
             handles[worker.proc.sentinel] = worker
-        ready = multiprocessing.connection.wait(list(handles), timeout) if handles else []
-        if not handles and timeout:
-            time.sleep(timeout)
+        if not handles:
+            if timeout:
+                time.sleep(timeout)
+            return events
+        ready = multiprocessing.connection.wait(list(handles), timeout)
         dead = []
         for handle in ready:
             worker = handles[handle]
             if handle is worker.conn:
                 try:
-                    events.append(self._decode(worker, worker.conn.recv_bytes()))
+                    events.extend(self._decode(worker, worker.conn.recv_bytes()))
                 except (EOFError, OSError):
                     dead.append(worker)
         for handle in ready:
@@ -194,7 +218,7 @@ class ForkBackend(Backend):
             if handle is worker.proc.sentinel and worker not in dead:
                 try:
                     while worker.conn.poll():  # what it sent before exiting still counts
-                        events.append(self._decode(worker, worker.conn.recv_bytes()))
+                        events.extend(self._decode(worker, worker.conn.recv_bytes()))
                 except (EOFError, OSError):
                     pass
                 dead.append(worker)
@@ -202,41 +226,47 @@ class ForkBackend(Backend):
             events.extend(self._bury(worker))
         return events
 
-    def _decode(self, worker, message):
+    def _decode(self, worker, message) -> list:
         self.bytes_received += len(message)
         decoded = loads(message)
         if decoded[0] == _FATAL:
             _, exc, tb = decoded
-            from ..errors import RemoteTraceback
             exc.__cause__ = RemoteTraceback(tb)
-            return Fatal(exc)
+            return [Fatal(exc)]
         task_id, values, failures, elapsed = decoded
-        worker.task_id = None
+        if worker.tasks and worker.tasks[0] == task_id:
+            worker.tasks.popleft()
         worker.tasks_done += 1
-        worker.retiring = bool(self.max_tasks) and worker.tasks_done >= self.max_tasks
         self.by_task.pop(task_id, None)
-        return Done(task_id, worker.pid, values, failures, elapsed)
+        events = [Done(task_id, worker.pid, values, failures, elapsed)]
+        if worker.tasks:  # the queued task starts now
+            events.append(Started(worker.tasks[0], worker.pid, time.monotonic()))
+        return events
 
-    def _bury(self, worker: _Worker) -> list:
-        """A worker exited: report its task lost and start a replacement."""
+    def _bury(self, worker: _Worker, reason: str | None = None) -> list:
+        """A worker exited: its running task is lost (it may be the cause), a queued one was
+        never started; a replacement takes its place."""
         worker.proc.join(_JOIN_SECONDS)
         exitcode = worker.proc.exitcode
         self._retire(worker)
         events = []
-        if worker.task_id is not None:
-            self.by_task.pop(worker.task_id, None)
-            events.append(Lost(worker.task_id, worker.pid, exitcode, describe_exit(exitcode), blame=True))
+        for position, task_id in enumerate(worker.tasks):
+            self.by_task.pop(task_id, None)
+            events.append(Lost(task_id, worker.pid, exitcode, reason or describe_exit(exitcode),
+                               blame=position == 0 and reason is None))
+        worker.tasks.clear()
         if len(self.workers_list) < self.workers and self.functions:
             self._fork()
         return events
 
     def cancel(self, task_id) -> None:
-        worker = self.by_task.pop(task_id, None)
+        worker = self.by_task.get(task_id)
         if worker is None:
             return
         end_process_group(worker.pid, alive=worker.proc.is_alive)
-        self._retire(worker)
-        self._fork()
+        worker.tasks.remove(task_id)
+        self.by_task.pop(task_id, None)
+        self.events.extend(self._bury(worker, reason="its worker was ended for another item's timeout"))
 
     def close(self, kill=False) -> None:
         workers, self.workers_list = self.workers_list, []
