@@ -10,10 +10,12 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
 import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -69,8 +71,9 @@ def load_average() -> str:
     return ", ".join(f"{value:.2f}" for value in os.getloadavg())
 
 
-def header_lines(command: str) -> list[str]:
+def header_lines(script: str) -> list[str]:
     """The lines every results file starts with: how it was made and on what."""
+    command = shlex.join(["python", f"bench/{script}", *sys.argv[1:]])
     return [f"Command: `{command}`  ",
             f"Date: {time.strftime('%Y-%m-%d %H:%M %Z')}; load average at start: {load_average()}  ",
             f"Machine: {machine_summary()}  ",
@@ -244,37 +247,55 @@ def run_child(args: list[str], limit: float, patched: bool = False, signal_after
 
     `signal_after`: once the child prints a line `{"ready": true}`, wait that long and send
     SIGINT to its process group, as a terminal's Ctrl-C does; `seconds` then counts from the
-    signal. `grace`: how long to let cleanup finish before counting processes left behind."""
+    signal. `grace`: how long to let cleanup finish before counting processes left behind.
+    A child killed at the limit is killed alone first, so that what its workers do when their
+    driver dies shows in `left_behind`. Output goes to files, not pipes: a worker left holding
+    a pipe would otherwise keep us waiting after the child itself has exited."""
     tag = uuid.uuid4().hex
     env = dict(os.environ, **{TAG_VARIABLE: tag})
     command = [sys.executable, *args] + (["--gevent-patch"] if patched else [])
-    start = time.perf_counter()
-    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env=env, start_new_session=True)
-    lines = []
-    if signal_after is not None:
-        for line in child.stdout:  # a child that never gets ready ends at the limit below
-            lines.extend(_json_lines(line))
-            if lines and lines[-1].get("ready"):
-                time.sleep(signal_after)
-                start = time.perf_counter()
-                os.killpg(child.pid, signal.SIGINT)
-                break
-    try:
-        out, err = child.communicate(timeout=max(0.1, limit - (time.perf_counter() - start)))
-        seconds, returncode = time.perf_counter() - start, child.returncode
-    except subprocess.TimeoutExpired:
-        seconds, returncode = time.perf_counter() - start, None
+    with tempfile.TemporaryDirectory(prefix="pmap-bench-") as directory:
+        out_path, err_path = os.path.join(directory, "out"), os.path.join(directory, "err")
+        with open(out_path, "w") as stdout, open(err_path, "w") as stderr:
+            start = time.perf_counter()
+            child = subprocess.Popen(command, stdout=stdout, stderr=stderr, text=True, env=env,
+                                     start_new_session=True)
+        if signal_after is not None and _wait_for_ready(child, out_path, start + limit):
+            time.sleep(signal_after)
+            start = time.perf_counter()
+            _signal_group(child.pid, signal.SIGINT)
         try:
-            os.killpg(child.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        out, err = child.communicate()
-    lines.extend(_json_lines(out))
-    time.sleep(grace)
-    leftovers = tagged_processes(tag)
-    end_processes(leftovers)
+            child.wait(timeout=max(0.1, limit - (time.perf_counter() - start)))
+            returncode = child.returncode
+        except subprocess.TimeoutExpired:
+            returncode = None
+            child.kill()
+            child.wait()
+        seconds = time.perf_counter() - start
+        time.sleep(grace)
+        leftovers = tagged_processes(tag)
+        end_processes(leftovers)
+        _signal_group(child.pid, signal.SIGKILL)
+        with open(out_path) as stdout, open(err_path) as stderr:
+            lines, err = _json_lines(stdout.read()), stderr.read()
     return ChildResult(returncode, seconds, lines[-1] if lines else None, lines, err, len(leftovers))
+
+
+def _wait_for_ready(child, out_path: str, deadline: float) -> bool:
+    """Poll the child's output file for a `{"ready": true}` line."""
+    while time.perf_counter() < deadline and child.poll() is None:
+        with open(out_path) as handle:
+            if any(found.get("ready") for found in _json_lines(handle.read())):
+                return True
+        time.sleep(0.01)
+    return False
+
+
+def _signal_group(pid: int, signum: int) -> None:
+    try:
+        os.killpg(pid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _json_lines(text: str) -> list[dict]:

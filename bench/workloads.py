@@ -250,6 +250,41 @@ WORKLOADS = {w.name: w for w in [
 ]}
 
 
+# ---- faults (bench/faults.py): one item of the run misbehaves ---------------------------
+FAULT_INDEX = 5
+FAULT_ITEM_SECONDS = 0.05
+SLOW_ITEM_SECONDS = 0.5   # a long run to interrupt with Ctrl-C
+
+
+def _ordinary(x: int) -> int:
+    time.sleep(FAULT_ITEM_SECONDS)
+    return 2 * x
+
+
+def segfault_on_fault(x: int) -> int:
+    if x == FAULT_INDEX:
+        import ctypes
+        ctypes.string_at(0)  # reads address 0: SIGSEGV
+    return _ordinary(x)
+
+
+def exit_on_fault(x: int) -> int:
+    if x == FAULT_INDEX:
+        os._exit(3)
+    return _ordinary(x)
+
+
+def hang_on_fault(x: int) -> int:
+    if x == FAULT_INDEX:
+        time.sleep(3600)
+    return _ordinary(x)
+
+
+def slow_item(x: int) -> int:
+    time.sleep(SLOW_ITEM_SECONDS)
+    return 2 * x
+
+
 @contextlib.contextmanager
 def prepared(workload: Workload, scale: float) -> Iterator[list]:
     """The workload's items at `scale` times full size, with whatever they need running."""
