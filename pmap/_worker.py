@@ -8,6 +8,7 @@ import signal
 import sys
 import time
 import traceback
+import weakref
 
 import cloudpickle
 
@@ -148,10 +149,22 @@ def _exit_when_gone(pid: int) -> None:
     threading.Thread(target=watch, name="pmap-driver-watch", daemon=True).start()
 
 
+_ASYNC_SEEN = weakref.WeakKeyDictionary()  # fn -> is_async(fn): asked once per task, so remember
+
+
 def is_async(fn) -> bool:
     """True for an `async def` function (also behind starmap's StarCall or a callable object)."""
     target = fn.func if isinstance(fn, StarCall) else fn
-    return inspect.iscoroutinefunction(target) or inspect.iscoroutinefunction(getattr(target, "__call__", None))
+    try:
+        return _ASYNC_SEEN[target]
+    except (KeyError, TypeError):
+        pass
+    answer = inspect.iscoroutinefunction(target) or inspect.iscoroutinefunction(getattr(target, "__call__", None))
+    try:
+        _ASYNC_SEEN[target] = answer
+    except TypeError:  # not weak-referenceable or unhashable: ask every time
+        pass
+    return answer
 
 
 # ---- pool-like backends (process, pool): tasks travel as bytes, the worker caches functions --

@@ -16,7 +16,8 @@ _SKIP = object()              # a slot whose item failed under on_error="skip"
 _PENDING = object()           # a slot still being computed
 _TASK_IDS = itertools.count()  # unique across runs, so a Pool tells its runs' events apart
 WAIT_SLICE = 0.5              # longest single wait, so liveness and deadlines are rechecked
-AHEAD_CHUNKS_PER_SLOT = 4     # ordered output: how far dispatch may run ahead of the reader
+AHEAD_CHUNKS_PER_SLOT = 4     # how far dispatch may run ahead of the reader, in chunks per worker
+MAX_AHEAD_ITEMS = 100_000     # and in items: many workers times big chunks must not read far ahead
 MAX_RECORDED_CHUNKS = 1000    # stats keep this many chunk sizes, so memory stays flat
 
 
@@ -184,10 +185,10 @@ class _Engine:
 
     # ---- dispatch -------------------------------------------------------------------
     def _room_ahead(self) -> bool:
+        limit = max(self.max_ahead_chunks, min(self.max_ahead_chunks * self.sizer.size(), MAX_AHEAD_ITEMS))
         if self.spec.ordered:
-            limit = self.max_ahead_chunks * max(1, self.sizer.size())
             return self.next_index - self.emit_index < limit
-        return len(self.ready) < self.max_ahead_chunks * max(1, self.sizer.size())
+        return len(self.ready) < limit
 
     def _dispatch(self) -> None:
         backend = self.backend
@@ -268,9 +269,9 @@ class _Engine:
         if event.failures:
             for pos, exc, tb in event.failures:
                 values[pos] = _PENDING
-                kind = "timeout" if isinstance(exc, TaskTimeout) else "error"
-                self._record_failure(flight, pos, exc, tb, kind, event.worker,
-                                     retryable=isinstance(exc, self.spec.retry_on))
+                timed_out = isinstance(exc, TaskTimeout)  # a backend that times items out itself
+                self._record_failure(flight, pos, exc, tb, "timeout" if timed_out else "error", event.worker,
+                                     retryable=timed_out or isinstance(exc, self.spec.retry_on))
             ok = [v for v in values if v is not _PENDING]
             self._deliver(flight, values, len(ok), skip_pending=True)
         else:

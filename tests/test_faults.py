@@ -183,3 +183,17 @@ def test_workers_die_with_a_killed_driver(pmap_backend, tmp_path):
     proc.kill()
     proc.wait(timeout=10)
     assert survivors(children, within=5) == []
+
+
+@pytest.mark.pmap_backends("fork", "thread", "serial")
+def test_timeouts_are_retried_whatever_retry_on(pmap_backend):
+    def spin_on_one(x):
+        if x == 1:
+            while True:
+                pass
+        return x
+
+    out = pmap.pmap(spin_on_one, range(3), backend=pmap_backend, timeout=0.3, retries=1,
+                    retry_on=ValueError, on_error="return")
+    assert out[0] == 0 and out[2] == 2
+    assert out[1].kind == "timeout" and out[1].attempts == 2
