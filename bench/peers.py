@@ -509,14 +509,15 @@ def chart(results: dict, startup: dict, streaming: dict, path: str) -> None:
         return
     columns = 2
     rows = -(-panels // columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(15, 3.6 * rows), squeeze=False)
+    height = 3.6 * rows + 0.5  # the last half inch holds the legend
+    figure, axes = plt.subplots(rows, columns, figsize=(15, height), squeeze=False)
     cells = iter(axes.flat)
     for name, result in results.items():
         ax = next(cells)
         summary = summarise(result)
         records = sorted([r for r in summary["records"] if r.median], key=lambda r: r.median, reverse=True)
         speedups = [summary["serial"] / r.median if summary["serial"] else 0 for r in records]
-        ax.barh([r.name for r in records], speedups, color=[colours[r.group] for r in records])
+        ax.barh([r.name.replace("multiprocessing", "mp") for r in records], speedups, color=[colours[r.group] for r in records])
         ax.axvline(1.0, color="black", linewidth=0.8)
         ax.set_title(workloads.WORKLOADS[name].title, fontsize=9)
         ax.set_xlabel("speed-up vs serial (higher is better)", fontsize=8)
@@ -534,7 +535,11 @@ def chart(results: dict, startup: dict, streaming: dict, path: str) -> None:
         ax.tick_params(labelsize=7)
     for ax in cells:
         ax.axis("off")
-    figure.tight_layout()
+    from matplotlib.patches import Patch
+    figure.legend(handles=[Patch(color=colour, label=label) for label, colour in
+                           (("pmap", colours["pmap"]), ("peer", colours["peer"]), ("plain map", colours["reference"]))],
+                  loc="upper center", ncol=3, fontsize=9)
+    figure.tight_layout(rect=(0, 0, 1, 1 - 0.5 / height))
     figure.savefig(path, dpi=90)
     plt.close(figure)
 
