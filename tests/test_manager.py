@@ -206,6 +206,27 @@ def test_wrong_authkey_is_refused_and_the_driver_keeps_serving(key_file, worker_
     assert pmap.pmap(square, range(30), backend=backend) == [i * i for i in range(30)]
 
 
+def test_interrupted_worker_hands_its_tasks_back_at_once(key_file, worker_commands, marker_dir):
+    """Ctrl-C on a `pmap worker`: its tasks go back to the queue at once, unblamed, rather
+    than after its lease (set far beyond the hang guard here) expires."""
+    backend = remote_only_driver(key_file, lease_seconds=600)
+    leaving = worker_commands(backend.address, key_file)
+    staying = worker_commands(backend.address, key_file)
+    wait_until(lambda: backend.broker.live_workers() == 2, "two workers to join")
+    leaving_pids = set(worker_children(leaving))
+    items = [(i, 0.3, str(marker_dir)) for i in range(10)]
+    with ThreadPoolExecutor(1) as pool:
+        run = pool.submit(pmap.pmap, note_start_then_sleep, items, backend=backend, chunksize=1)
+        wait_until(lambda: any(pid in leaving_pids for _, pid in markers(marker_dir)), "the leaver to start an item")
+        leaving.send_signal(signal.SIGINT)
+        assert leaving.wait(HANG_GUARD) == 130
+        out = run.result(timeout=HANG_GUARD)
+    assert [item for item, _ in out] == list(range(10))
+    assert out.stats.crashed_workers == 0 and out.stats.retried == 0
+    assert "interrupted" in log_of(leaving)
+    assert staying.wait(HANG_GUARD) == 0
+
+
 def test_driver_closing_ends_its_workers(key_file, worker_commands):
     backend = remote_only_driver(key_file)
     workers = [worker_commands(backend.address, key_file, processes=2) for _ in range(2)]

@@ -425,9 +425,10 @@ class BrokerClient:
     Nagle's algorithm, ~40 ms per connection), every call has a deadline (a driver that went
     silent is noticed), and there are no reference-count finalizers calling a gone driver."""
 
-    def __init__(self, address: tuple, authkey: bytes):
+    def __init__(self, address: tuple, authkey: bytes, deadline: float | None = DRIVER_SILENCE_SECONDS):
         self.address = address
         self.authkey = authkey
+        self.deadline = deadline          # None: wait as long as it takes
         self.local = threading.local()   # one connection per thread, as the server expects
         conn = self._open()
         try:
@@ -440,7 +441,7 @@ class BrokerClient:
         _no_delay(conn)
         return conn
 
-    def call(self, method: str, *args, deadline: float = DRIVER_SILENCE_SECONDS):
+    def call(self, method: str, *args):
         conn = getattr(self.local, "conn", None)
         if conn is None:
             conn = self._open()
@@ -448,8 +449,8 @@ class BrokerClient:
             self.local.conn = conn
         try:
             conn.send((self.ident, method, args, {}))
-            if not conn.poll(deadline):
-                raise TimeoutError(f"the driver did not answer {method} within {deadline:g}s")
+            if self.deadline is not None and not conn.poll(self.deadline):
+                raise TimeoutError(f"the driver did not answer {method} within {self.deadline:g}s")
             kind, result = conn.recv()
         except BaseException:
             self.local.conn = None  # its state is unknown now; the next call reconnects
@@ -488,16 +489,18 @@ class JoinError(PmapError):
     """A worker could not join the driver (unreachable, or the authkey was refused)."""
 
 
-def connect(address: tuple, authkey: bytes, patience: float = CONNECT_PATIENCE) -> BrokerClient:
-    """A client of the driver's broker; retries a refused connection for `patience` seconds."""
-    deadline = time.monotonic() + patience
+def connect(address: tuple, authkey: bytes, patience: float = CONNECT_PATIENCE,
+            deadline: float | None = DRIVER_SILENCE_SECONDS) -> BrokerClient:
+    """A client of the driver's broker; retries a refused connection for `patience` seconds.
+    Its calls fail after `deadline` seconds without an answer (None: never)."""
+    give_up = time.monotonic() + patience
     while True:
         try:
-            return BrokerClient(address, authkey)
+            return BrokerClient(address, authkey, deadline)
         except AuthenticationError:
             raise JoinError(f"the driver at {format_address(address)} refused the authkey") from None
         except ConnectionRefusedError:
-            if time.monotonic() >= deadline:
+            if time.monotonic() >= give_up:
                 raise JoinError(f"no driver is listening at {format_address(address)}") from None
             time.sleep(0.1)
         except (EOFError, OSError) as exc:
@@ -927,7 +930,8 @@ class _Supervisor:
         self.host_id, settings = hello
         if not self.quiet:
             _say(f"pmap worker: joined {where} with {self.processes} process(es)")
-        previous_term = signal.signal(signal.SIGTERM, _raise_interrupt)
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous_term = signal.signal(signal.SIGTERM, _raise_interrupt) if main_thread else None
         status = EXIT_OK
         try:
             threading.Thread(target=self._heartbeat, args=(settings["heartbeat"],),
@@ -937,7 +941,8 @@ class _Supervisor:
             status = EXIT_INTERRUPTED
             self.reason = "interrupted"
         finally:
-            signal.signal(signal.SIGTERM, previous_term)
+            if main_thread:
+                signal.signal(signal.SIGTERM, previous_term)
             self._end_children()
             if status == EXIT_INTERRUPTED:
                 try:
@@ -1089,7 +1094,9 @@ class _WorkerProcess:
 
     def __init__(self, config):
         self.config = config
-        self.broker = connect(config["address"], config["authkey"])
+        # No deadline: whether the driver is gone is the supervisor's call (it ends this
+        # process); a worker timing out on a driver that is only slow would lose its task.
+        self.broker = connect(config["address"], config["authkey"], deadline=None)
         self.worker_id = None
         self.capacity = None
         self.inbox: collections.deque = collections.deque()
