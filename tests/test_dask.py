@@ -6,7 +6,6 @@ import subprocess
 import sys
 import textwrap
 
-import psutil
 import pytest
 
 import pmap
