@@ -141,10 +141,6 @@ def run_case(library: str, scenario: str, count: int, limit: float) -> dict:
     return row
 
 
-def expected_kept(scenario: str, count: int) -> str:
-    return "-" if scenario == "ctrl-c" else str(count - 1)
-
-
 def report(rows: list[dict], header: list[str], count: int, limit: float) -> list[str]:
     lines = ["# Faults: pmap and its peers", ""] + header + [
         "",
@@ -152,18 +148,21 @@ def report(rows: list[dict], header: list[str], count: int, limit: float) -> lis
         f"{workloads.FAULT_INDEX} is the faulty one, so {count - 1} results can be kept. Ctrl-C interrupts "
         f"{count} items of {workloads.SLOW_ITEM_SECONDS:g} s, {CTRL_C_AFTER:g} s in; its time runs from the "
         f"signal to the driver's exit. Each case in a fresh process, killed after {limit:g} s. "
-        f"'left behind': processes of the run still alive {LEFT_BEHIND_GRACE:g} s after its driver exited.",
+        f"'left behind': processes of the run still alive {LEFT_BEHIND_GRACE:g} s after its driver exited "
+        "(for a hung case, after its driver was killed).",
         ""]
     for scenario, (title, _, _) in SCENARIOS.items():
         cases = [row for row in rows if row["scenario"] == scenario]
         if not cases:
             continue
-        table = [[row["library"], f"{row['kept']}/{row['total']}" if scenario != "ctrl-c" else "-",
-                  ("> " if row["hung"] else "") + common.seconds_text(row["seconds"]), row["outcome"],
-                  row["left_behind"]] for row in cases]
+        interrupt = scenario == "ctrl-c"
+        table = [[row["library"]] + ([] if interrupt else [row["kept"]])
+                 + [("> " if row["hung"] else "") + common.seconds_text(row["seconds"]), row["outcome"],
+                    row["left_behind"]] for row in cases]
+        columns = (["library", "exit after Ctrl-C"] if interrupt
+                   else ["library", f"results kept (of {count - 1} possible)", "time to finish"])
         lines += [f"## {title}", ""]
-        lines += common.markdown_table(["library", f"results kept (of {expected_kept(scenario, count)} possible)",
-                                        "time to finish", "outcome", "left behind"], table) + [""]
+        lines += common.markdown_table(columns + ["outcome", "left behind"], table) + [""]
     return lines
 
 
