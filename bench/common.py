@@ -92,6 +92,7 @@ class Runner:
     concurrency: int | None = None                # items in flight at once, for the IO ideal
     describe: Callable[[Any], str] | None = None  # a note from the returned results (auto's plan)
     max_runs: int | None = None                   # fewer runs for a slow reference whose time is known
+    warm: bool = False                            # reuses workers started before the timed run
 
 
 @dataclass
@@ -102,6 +103,7 @@ class Measured:
     error: str | None = None
     note: str = ""
     concurrency: int | None = None
+    warm: bool = False
 
     @property
     def median(self) -> float | None:
@@ -114,7 +116,7 @@ def measure(runners: list[Runner], func: Callable, items: list, repeat: int, exp
     burst of load elsewhere falls on all of them alike. Results are checked against `expected`,
     or else against the first runner's; a runner that differs or raises is reported with its
     error and not run again."""
-    measured = {r.name: Measured(r.name, r.group, concurrency=r.concurrency) for r in runners}
+    measured = {r.name: Measured(r.name, r.group, concurrency=r.concurrency, warm=r.warm) for r in runners}
     for round_number in range(repeat):
         shift = round_number % len(runners)
         for runner in runners[shift:] + runners[:shift]:
@@ -196,7 +198,7 @@ def pmap_runner(backend: str, workers: int | None = None, label: str | None = No
         return f"{plan.backend} x{plan.workers}" if plan is not None else ""
 
     return Runner(label or f"pmap {backend}", "pmap", run, before=shut_down_loky if cold else None,
-                  concurrency=workers, describe=describe if backend == "auto" else None)
+                  concurrency=workers, describe=describe if backend == "auto" else None, warm=not cold)
 
 
 def plan_workers(note: str) -> int | None:
