@@ -152,14 +152,17 @@ def workers_for(workload, cores: int) -> int:
 
 
 def item_seconds(workload, items: list) -> float:
-    """Serial time per item, from a few items (the IO ones are known)."""
+    """Serial time per item, from the first items (about 50 ms of them); the IO ones are known."""
     if workload.kind == "io":
         return workload.wait_per_item
-    sample = items[:max(1, min(len(items), 2000 if workload.name == "tiny" else 10))]
     start = time.perf_counter()
-    for item in sample:
+    done = 0
+    for item in items:
         workload.func(item)
-    return (time.perf_counter() - start) / len(sample)
+        done += 1
+        if time.perf_counter() - start > 0.05:
+            break
+    return (time.perf_counter() - start) / done
 
 
 def runners_for(workload, n: int, cores: int, patched: bool, per_item: float) -> list[Runner]:
