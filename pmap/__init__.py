@@ -2,7 +2,8 @@
 from .api import Pool, Results, imap, pmap, starmap
 from .aio import AsyncResults, aimap, apmap
 from .auto import Plan, explain
-from .backends.base import Backend, BackendInfo, backends, register_backend
+from . import backends  # callable: pmap.backends() lists them
+from .backends.base import Backend, BackendInfo, register_backend
 from .compare import ResultsDiffer, compare
 from .engine import RunStats
 from .errors import (BackendUnavailable, Failure, PmapError, RemoteTraceback, TaskTimeout,

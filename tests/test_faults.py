@@ -13,7 +13,7 @@ import pmap
 from faults import (count_attempts, exit_on_five, flaky_once, hang_on_seven, kill_self_on_four,
                     pid_after_sleep, poison_on_two, segfault_on_three)
 
-PROCESS_LIKE = ("fork", "pool", "process")
+PROCESS_LIKE = ("fork", "pool", "process", "manager")
 COOPERATIVE = ("serial", "thread")
 BOUND = 60  # seconds: a run that takes longer than this has hung
 
@@ -112,7 +112,7 @@ def test_poison_item_is_reported_after_retries_and_never_loops(pmap_backend):
     assert out.stats.crashed_workers >= 3
 
 
-@pytest.mark.pmap_backends(*PROCESS_LIKE)
+@pytest.mark.pmap_backends("fork", "pool", "process")
 def test_max_tasks_per_worker_recycles_workers(pmap_backend):
     out = pmap.pmap(pid_after_sleep, range(40), backend=pmap_backend, workers=2, chunksize=1,
                     max_tasks_per_worker=5)
