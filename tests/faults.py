@@ -5,14 +5,6 @@ import signal
 import time
 
 
-def segfault_on(bad):
-    def run(x):
-        if x in bad:
-            ctypes.string_at(0)
-        return x * 10
-    return run
-
-
 def segfault_on_three(x):
     if x == 3:
         ctypes.string_at(0)  # a real segmentation fault
