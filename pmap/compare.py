@@ -114,7 +114,7 @@ class Comparison:
                           "-" if row.seconds is None else format_seconds(row.seconds),
                           "-" if row.speedup is None else f"{row.speedup:.2f}x",
                           "-" if row.overhead_per_item is None else format_seconds(row.overhead_per_item),
-                          _utilisation(row.stats),
+                          _utilisation(row.stats, self.items),
                           _result_text(row)))
         widths = [max(len(line[i]) for line in table) for i in range(len(header))]
         right = {1, 2, 3, 4, 5}  # numbers align right
@@ -144,10 +144,11 @@ def format_seconds(seconds: float) -> str:
     return f"{seconds * 1e6:.3g}us"
 
 
-def _utilisation(stats) -> str:
-    if stats is None or not stats.wall_seconds or not stats.workers:
+def _utilisation(stats, items: int) -> str:
+    """Busy share of the workers that had an item to run (more workers than items idle by necessity)."""
+    if stats is None or not stats.wall_seconds or not stats.workers or not items:
         return "-"
-    return f"{stats.busy_seconds / (stats.wall_seconds * stats.workers):.0%}"
+    return f"{stats.busy_seconds / (stats.wall_seconds * min(stats.workers, items)):.0%}"
 
 
 def _result_text(row: BackendRun) -> str:
