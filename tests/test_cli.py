@@ -177,9 +177,12 @@ def test_process_backend_runs_a_function_from_a_file(targets):
 
 def test_backend_options_reach_the_backend(targets):
     result = invoke("run", f"{targets}:square", "--range", "3", "-b", "pool", "-j", "1",
-                    "-o", "start_method=fork")
+                    "-o", "start_method=forkserver")
     assert result.exit_code == 0
     assert lines(result.stdout) == ["0", "1", "4"]
+    refused = invoke("run", f"{targets}:square", "--range", "3", "-b", "pool", "-o", "start_method=5")
+    assert refused.exit_code == 2
+    assert lines(refused.stderr) == ["pmap: error: start_method must be one of fork, spawn, forkserver, got 5"]
 
 
 def test_backend_option_values_are_json_when_they_parse():
