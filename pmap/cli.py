@@ -590,7 +590,7 @@ def run_command(
     option: OptionOpt = None,
     gevent: GeventOpt = False,
 ) -> None:
-    """Run TARGET over items and write one result per line, in input order."""
+    """Map TARGET over the items: one result per line, in input order."""
     try:
         code = _run(target, items, input_path, range_text, as_json, star, unordered, with_index, output_path,
                     backend, workers, chunksize, timeout, retries, on_error, progress, explain, journal_path,
@@ -792,7 +792,7 @@ def bench_command(
     option: OptionOpt = None,
     gevent: GeventOpt = False,
 ) -> None:
-    """Time TARGET over the same items on several backends and check the results agree."""
+    """Time TARGET on several backends; check the results agree."""
     try:
         code = _bench(target, items, input_path, range_text, as_json, star, backends, repeat, unordered,
                       workers, chunksize, option, gevent)
@@ -841,7 +841,7 @@ def _bench(target, items, input_path, range_text, as_json, star, backends, repea
 # ---- pmap backends --------------------------------------------------------------------
 @app.command("backends")
 def backends_command() -> None:
-    """List the backends: whether each can run here (and why not), default workers, guarantees."""
+    """List the backends: which run here (or why not), and their guarantees."""
     from . import backends
     header = ("backend", "kind", "available", "workers", "guarantees")
     rows = [header]
