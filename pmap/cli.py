@@ -841,7 +841,7 @@ def _bench(target, items, input_path, range_text, as_json, star, backends, repea
 # ---- pmap backends --------------------------------------------------------------------
 @app.command("backends")
 def backends_command() -> None:
-    """List the backends: which run here (or why not), and their guarantees."""
+    """List the backends, which run here (or why not), and guarantees."""
     from . import backends
     header = ("backend", "kind", "available", "workers", "guarantees")
     rows = [header]
