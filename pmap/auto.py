@@ -183,7 +183,7 @@ def decide(meter: _Meter, remaining: int | None, fn, workers: int | None,
     fork_safe = fork_supported() and threading.active_count() == 1
     estimates = {"serial": serial_time, "thread": thread_time}
     process_name = "fork" if fork_safe else "process"
-    if unpicklable is None or fork_safe:
+    if (unpicklable is None or fork_safe) and resolve_backend_class(process_name).unavailable_reason() is None:
         start = FORK_START if fork_safe else (0.0 if _loky_warm(proc_workers) else PROCESS_START_COLD)
         estimates[process_name] = start + rest * (PROCESS_PER_ITEM + transfer) + max(
             rest * cpu / min(cores, proc_workers), rest * wall / proc_workers)

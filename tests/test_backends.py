@@ -153,3 +153,38 @@ def test_entry_point_group_registers_a_plugin(tmp_path, monkeypatch):
         assert pmap.pmap(square, range(4), backend="echo-plugin") == [0, 1, 4, 9]
     finally:
         base._FACTORIES.pop("echo-plugin", None)
+
+
+def run_script(code, timeout=60):
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-"], input=code, text=True, capture_output=True,
+                          timeout=timeout, cwd=os.path.dirname(__file__))
+
+
+def test_pool_workers_that_cannot_start_fail_fast_instead_of_hanging():
+    # forkserver workers re-import the main module; a script read from stdin cannot be
+    result = run_script("import pmap\n"
+                        "def add_one(x):\n    return x + 1\n"
+                        "pmap.pmap(add_one, range(3), backend='pool', start_method='forkserver')\n")
+    assert result.returncode == 1
+    assert "BackendUnavailable: backend 'pool' cannot start its workers" in result.stderr
+    assert "start_method='fork'" in result.stderr
+
+
+def test_gevent_patched_process_fork_works_and_pools_say_why_not():
+    result = run_script("from gevent import monkey; monkey.patch_all()\n"
+                        "import pmap, time\n"
+                        "def nap(x):\n    time.sleep(0.01)\n    return x * 2\n"
+                        "print(pmap.pmap(nap, range(40), backend='fork', workers=2))\n"
+                        "for name in ('process', 'pool'):\n"
+                        "    try:\n"
+                        "        pmap.pmap(nap, range(3), backend=name)\n"
+                        "    except pmap.BackendUnavailable as exc:\n"
+                        "        print('unavailable', name, 'monkey-patched' in str(exc))\n"
+                        "print(pmap.explain(nap, [0.01] * 50).backend)\n")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == str([x * 2 for x in range(40)])
+    assert lines[1:3] == ["unavailable process True", "unavailable pool True"]
+    assert lines[3] in ("thread", "fork", "serial")

@@ -18,9 +18,9 @@ import time
 import cloudpickle
 
 from .._worker import dumps, loads
-from ..errors import FunctionNotPicklable
+from ..errors import BackendUnavailable, FunctionNotPicklable
 from ._procutil import process_exists, end_process_group
-from .base import Backend, Done, Lost
+from .base import Backend, Done, Lost, threads_are_greenlets
 
 _SHM = "/dev/shm"
 SWEEP_SECONDS = 0.5  # how often wait() double-checks that running tasks' workers exist
@@ -42,8 +42,18 @@ class PooledBackend(Backend):
     hard_timeout = True
     reports_start = False  # a task starts when submitted: the pool holds at most `workers` under a timeout
 
+    @classmethod
+    def unavailable_reason(cls):
+        if threads_are_greenlets():
+            return ("gevent has monkey-patched threading in this process, and the pool's own threads "
+                    "then stall (use backend='fork', 'greenlet' or 'thread')")
+        return None
+
     def __init__(self, workers=None, initializer=None, initargs=(), **options):
         super().__init__(workers, initializer, initargs, **options)
+        reason = self.unavailable_reason()
+        if reason:
+            raise BackendUnavailable(f"backend {self.name!r} is unavailable: {reason}")
         self.events: queue.SimpleQueue = queue.SimpleQueue()
         self.wake_r, self.wake_w = multiprocessing.Pipe(duplex=False)
         self.inflight: set[int] = set()
@@ -52,6 +62,7 @@ class PooledBackend(Backend):
         self.fn_bytes = None
         self.dead_pids: set[int] = set()  # deaths already reported; their sentinels stay ready
         self.known: dict[int, object] = {}  # pid -> Process, kept after the pool forgets them
+        self.ended_pids: set[int] = set()   # workers we ended ourselves (timeouts)
         self.next_sweep = 0.0
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -178,6 +189,7 @@ class PooledBackend(Backend):
         self.inflight.discard(task_id)
         pid = self.marker_pid(task_id)
         if pid is not None:
+            self.ended_pids.add(pid)
             end_process_group(pid)
 
     def close(self, kill=False) -> None:

@@ -247,5 +247,11 @@ def backends() -> list[BackendInfo]:
     return infos
 
 
+def threads_are_greenlets() -> bool:
+    """gevent's monkey-patching has turned threads (and their locks and queues) into greenlets."""
+    monkey = sys.modules.get("gevent.monkey")
+    return monkey is not None and monkey.is_module_patched("threading")
+
+
 def fork_supported() -> bool:
     return hasattr(os, "fork") and sys.platform != "win32"

@@ -5,6 +5,7 @@ import gc
 import itertools
 import multiprocessing
 import multiprocessing.connection
+import os
 import pickle
 import queue
 import threading
@@ -18,7 +19,7 @@ import cloudpickle
 from .._worker import WORKER_CATCH, become_worker_process, dumps, encode_result, loads, run_items
 from ..errors import BackendUnavailable, RemoteTraceback, warn_user
 from ._procutil import describe_exit, end_process_group
-from .base import Backend, Done, Fatal, Lost, Started, fork_supported
+from .base import Backend, Done, Fatal, Lost, Started, fork_supported, threads_are_greenlets
 
 _FATAL = "fatal"
 _JOIN_SECONDS = 1.0
@@ -34,22 +35,10 @@ def _worker_main(conn, functions, initializer, initargs, max_tasks):
         except BaseException as exc:
             conn.send_bytes(cloudpickle.dumps((_FATAL, exc, traceback.format_exc())))
             return
-    # A reader thread takes the next task off the pipe while this one runs, so the parent
-    # never blocks writing to a busy worker (and the two writes cannot deadlock).
-    inbox: queue.SimpleQueue = queue.SimpleQueue()
-
-    def read():
-        while True:
-            try:
-                inbox.put(conn.recv_bytes())
-            except (EOFError, OSError):
-                inbox.put(None)  # the parent has gone
-                return
-
-    threading.Thread(target=read, name="pmap-fork-reader", daemon=True).start()
+    next_message = _start_reader(conn) if not threads_are_greenlets() else _read_directly(conn)
     done = 0
     while True:
-        message = inbox.get()
+        message = next_message()
         if message is None:
             return
         kind, key, payload = loads(message)
@@ -63,6 +52,32 @@ def _worker_main(conn, functions, initializer, initargs, max_tasks):
         done += 1
         if max_tasks and done >= max_tasks:
             return  # recycled: the parent starts a fresh worker
+
+
+def _start_reader(conn):
+    """A reader thread takes the next task off the pipe while this one runs, so the parent
+    never blocks writing to a busy worker (and the two writes cannot deadlock)."""
+    inbox: queue.SimpleQueue = queue.SimpleQueue()
+
+    def read():
+        while True:
+            try:
+                inbox.put(conn.recv_bytes())
+            except (EOFError, OSError):
+                inbox.put(None)  # the parent has gone
+                return
+
+    threading.Thread(target=read, name="pmap-fork-reader", daemon=True).start()
+    return inbox.get
+
+
+def _read_directly(conn):
+    def read():
+        try:
+            return conn.recv_bytes()
+        except (EOFError, OSError):
+            return None  # the parent has gone
+    return read
 
 
 class _Worker:
@@ -110,6 +125,8 @@ class ForkBackend(Backend):
     def _fork(self) -> _Worker:
         self._warn_if_threaded()
         parent_end, child_end = multiprocessing.Pipe(duplex=True)
+        for end in (parent_end, child_end):  # gevent's patched socketpair makes them non-blocking
+            os.set_blocking(end.fileno(), True)
         proc = self.ctx.Process(target=_worker_main, daemon=True, name="pmap-fork-worker",
                                 args=(child_end, self.functions, self.initializer, self.initargs, self.max_tasks))
         gc.freeze()  # the child's collector then leaves the parent's objects (and their pages) alone
@@ -144,7 +161,8 @@ class ForkBackend(Backend):
     def _room(self, worker: _Worker) -> int:
         """How many more tasks `worker` takes: one at a time under a timeout (its clock starts
         at the send), and none past its max_tasks_per_worker."""
-        room = (1 if self.timeout is not None else QUEUE_DEPTH) - len(worker.tasks)
+        depth = 1 if self.timeout is not None or threads_are_greenlets() else QUEUE_DEPTH
+        room = depth - len(worker.tasks)
         if self.max_tasks:
             room = min(room, self.max_tasks - worker.tasks_done - len(worker.tasks))
         return max(0, room)

@@ -8,7 +8,8 @@ import sys
 from .._worker import pooled_worker_init, run_pooled_task
 from ._procutil import describe_exit
 from ._pooled import PooledBackend
-from .base import Lost
+from ..errors import BackendUnavailable
+from .base import Fatal, Lost
 
 START_METHODS = ("fork", "forkserver", "spawn")
 
@@ -33,6 +34,7 @@ class PoolBackend(PooledBackend):
         self.max_tasks = max_tasks_per_worker
         self.pool = None
         self.orphaned = False  # a task died with its worker: Pool.join() would wait for it forever
+        self.start_failures = 0
 
     def open(self) -> None:
         if self.pool is None:
@@ -57,6 +59,21 @@ class PoolBackend(PooledBackend):
             self.inflight.discard(task_id)
             events.append(Lost(task_id, proc.pid, proc.exitcode, describe_exit(proc.exitcode), blame=True))
         self.orphaned = self.orphaned or bool(events)
+        if not events and proc.pid not in self.ended_pids:
+            # Died before running anything: the pool would start it again and again, forever.
+            self.start_failures += 1
+            if self.start_failures > 2 * self.workers:
+                error = BackendUnavailable(
+                    f"backend 'pool' cannot start its workers (each died at start, {describe_exit(proc.exitcode)}); "
+                    f"with start_method={self.start_method!r} the main module must be importable from a file, "
+                    "or use start_method='fork' or backend='process'")
+                return [Fatal(error)]
+        return events
+
+    def _drain(self) -> list:
+        events = super()._drain()
+        if events:
+            self.start_failures = 0  # workers do run tasks: earlier deaths were not start failures
         return events
 
     def cancel(self, task_id) -> None:

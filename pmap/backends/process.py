@@ -27,7 +27,6 @@ class ProcessBackend(PooledBackend):
         self.tasks_on_executor = 0
         self.executor = None
         self.first_death: dict[int, float] = {}
-        self.killed_by_us: set[int] = set()
 
     def open(self) -> None:
         self._executor()
@@ -42,7 +41,7 @@ class ProcessBackend(PooledBackend):
             self.known.clear()
             self.tasks_on_executor = 0
             self.first_death.clear()
-            self.killed_by_us.clear()
+            self.ended_pids.clear()
             self.dead_pids.clear()
         return self.executor
 
@@ -81,8 +80,8 @@ class ProcessBackend(PooledBackend):
     def _culprit(self) -> int | None:
         """The worker whose death broke the executor: one we ended, else the first seen dead,
         else the one that did not die by loky's own SIGKILL of the survivors."""
-        if self.killed_by_us:
-            return next(iter(self.killed_by_us))
+        if self.ended_pids:
+            return next(iter(self.ended_pids))
         if self.first_death:
             return min(self.first_death, key=self.first_death.get)
         deadline = time.monotonic() + 0.5
@@ -95,12 +94,6 @@ class ProcessBackend(PooledBackend):
                 break
             time.sleep(0.01)
         return None
-
-    def cancel(self, task_id) -> None:
-        pid = self.marker_pid(task_id)
-        if pid is not None and task_id in self.inflight:
-            self.killed_by_us.add(pid)
-        super().cancel(task_id)
 
     def close(self, kill=False) -> None:
         executor, self.executor = self.executor, None
