@@ -21,8 +21,12 @@ from .engine import RunSpec, RunStats, execute
 PROBE_MIN_ITEMS = 2
 PROBE_SECONDS = 0.02        # serial probe budget: enough items to measure, a small share of any run worth parallelising
 PROBE_MAX_SECONDS = 0.25    # one slow item stops the probe at once
+PROBE_CHUNK_SECONDS = 0.002 # the probe reads items in chunks of about this much work
 GIL_PROBE_MIN_ITEM = 5e-4   # below this, running two items in two threads measures noise
-GIL_RELEASED_OVERLAP = 1.25  # CPU seconds per wall second of two threads: above 1, both ran at once (1.25 leaves room for a busy machine)
+# CPU seconds per wall second of two threads: above 1, both ran at once (1.25 leaves room for
+# a busy machine; a machine whose cores are all taken hides the overlap, and auto then picks
+# processes, which still run in parallel)
+GIL_RELEASED_OVERLAP = 1.25
 CPU_BOUND_SHARE = 0.3       # CPU share of wall time from which work counts as CPU-bound
 PARALLEL_MARGIN = 0.8       # a parallel plan must promise this fraction of serial time or better
 MAX_IO_THREADS = 64
@@ -272,8 +276,9 @@ def _probe(spec: RunSpec, stats: RunStats, workers: int | None):
     budget = _Budgeted(source, meter)
     serial = resolve_backend_class("serial")()
     serial.open()
-    # one item per chunk, so the budget is checked before every item
-    results = _flat(execute(serial, replace(spec, fn=meter, items=budget, chunksize=spec.chunksize or 1), stats))
+    # small chunks, so the budget is checked often without paying the engine per item
+    probe = replace(spec, fn=meter, items=budget, chunk_seconds=PROBE_CHUNK_SECONDS)
+    results = _flat(execute(serial, probe, stats))
     used = meter.calls
     gil_released = None
     wall = meter.wall / used if used else 0.0

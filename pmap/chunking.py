@@ -15,10 +15,12 @@ class ChunkSizer:
     time per item, doubling at most per step so one fast item does not make a huge chunk.
     """
 
-    __slots__ = ("fixed", "workers", "cap", "items_seen", "seconds_seen", "current")
+    __slots__ = ("fixed", "workers", "cap", "items_seen", "seconds_seen", "current", "target")
 
-    def __init__(self, fixed: int | None, workers: int, total: int | None):
+    def __init__(self, fixed: int | None, workers: int, total: int | None,
+                 target: float = TARGET_CHUNK_SECONDS):
         self.fixed = fixed
+        self.target = target
         self.workers = max(1, workers)
         self.cap = MAX_CHUNK
         if total is not None:
@@ -36,7 +38,7 @@ class ChunkSizer:
         self.items_seen += n_items
         self.seconds_seen += elapsed
         per_item = self.seconds_seen / self.items_seen + PER_ITEM_OVERHEAD
-        ideal = int(TARGET_CHUNK_SECONDS / per_item)
+        ideal = int(self.target / per_item)
         self.current = max(1, min(ideal, self.cap, max(self.current * 4, 2)))
 
     @property

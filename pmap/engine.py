@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
 from .backends.base import Backend, Done, Fatal, Lost, Started, Task
-from .chunking import ChunkSizer
+from .chunking import TARGET_CHUNK_SECONDS, ChunkSizer
 from .errors import Failure, ItemNotPicklable, TaskTimeout, WorkerCrashed, raise_failure
 
 _SKIP = object()              # a slot whose item failed under on_error="skip"
@@ -36,6 +36,7 @@ class RunSpec:
     total: int | None = None
     start_index: int = 0                 # index of the first item (auto mode ran earlier ones)
     measured: tuple | None = None        # (items, seconds) already measured, seeds chunk sizes
+    chunk_seconds: float = TARGET_CHUNK_SECONDS  # what adaptive chunks aim at
 
 
 @dataclass
@@ -141,7 +142,7 @@ class _Engine:
         self.requeue_seq = itertools.count()
         self.ready: list = []              # unordered mode: values to yield
         remaining = spec.total - spec.start_index if spec.total is not None else None
-        self.sizer = ChunkSizer(spec.chunksize, backend.workers, remaining)
+        self.sizer = ChunkSizer(spec.chunksize, backend.workers, remaining, spec.chunk_seconds)
         if spec.measured:
             self.sizer.observe(*spec.measured)
         slots = max(1, backend.workers)
