@@ -101,23 +101,58 @@ class _Meter:
         return result
 
 
+    def discount_preemption(self, queued: float, span: float, blocked: int) -> None:
+        """Time spent runnable but not running (other processes had the cores) is not waiting
+        on IO: take the calls' share of it out of their wall time. A probe in which the thread
+        never blocked (no voluntary context switch) did not wait at all, whatever the clock says."""
+        if blocked == 0:
+            self.wall = self.cpu
+        elif queued > 0 and span > 0:
+            self.wall = max(self.cpu, self.wall - queued * min(1.0, self.wall / span))
+
+
+def _voluntary_switches() -> int | None:
+    """How often this thread gave up its core by blocking (Linux); None where unknown."""
+    try:
+        import resource
+        return resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw
+    except (ImportError, AttributeError, OSError):
+        return None
+
+
+def _run_queue_seconds() -> float:
+    """This thread's time spent waiting for a core (Linux schedstat); 0 where unknown."""
+    try:
+        with open("/proc/thread-self/schedstat") as handle:
+            return int(handle.read().split()[1]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 class _Budgeted:
-    """Yields items from the shared iterator until the probe's budget is spent."""
+    """Yields items from the shared iterator until the probe's budget is spent. Time spent
+    waiting for a core (other processes had them) does not count against the budget."""
 
     def __init__(self, source: Iterator, meter: _Meter):
         self.source = source
         self.meter = meter
         self.started = time.perf_counter()
+        self.queued_at_start = _run_queue_seconds()
+        self.blocked_at_start = _voluntary_switches()
         self.exhausted = False
+
+    def spent(self) -> float:
+        return time.perf_counter() - self.started
 
     def __iter__(self):
         return self
 
     def __next__(self):
-        meter = self.meter
-        spent = time.perf_counter() - self.started
-        if meter.calls >= PROBE_MIN_ITEMS and spent >= PROBE_SECONDS or spent >= PROBE_MAX_SECONDS:
-            raise StopIteration
+        spent = self.spent()
+        if spent >= PROBE_SECONDS and self.meter.calls >= PROBE_MIN_ITEMS or spent >= PROBE_MAX_SECONDS:
+            spent -= _run_queue_seconds() - self.queued_at_start  # read only once the clock says stop
+            if spent >= PROBE_SECONDS and self.meter.calls >= PROBE_MIN_ITEMS or spent >= PROBE_MAX_SECONDS:
+                raise StopIteration
         try:
             return next(self.source)
         except StopIteration:
@@ -279,6 +314,9 @@ def _probe(spec: RunSpec, stats: RunStats, workers: int | None):
     # small chunks, so the budget is checked often without paying the engine per item
     probe = replace(spec, fn=meter, items=budget, chunk_seconds=PROBE_CHUNK_SECONDS)
     results = _flat(execute(serial, probe, stats))
+    blocked = _voluntary_switches()
+    meter.discount_preemption(_run_queue_seconds() - budget.queued_at_start, budget.spent(),
+                              -1 if blocked is None else blocked - budget.blocked_at_start)
     used = meter.calls
     gil_released = None
     wall = meter.wall / used if used else 0.0
