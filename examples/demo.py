@@ -32,10 +32,11 @@ def timed(label, fn):
 if __name__ == "__main__":
     items = [1_000_000] * 40
     serial = timed("CPU-bound, 40 items, serial", lambda: pmap.pmap(cpu_work, items, backend="serial"))
-    fast = timed("CPU-bound, 40 items, backend='process'", lambda: pmap.pmap(cpu_work, items, backend="process"))
+    fast = timed("CPU-bound, 40 items, backend='auto'", lambda: pmap.pmap(cpu_work, items))
     assert serial == fast
-    timed("IO-bound, 100 x 50 ms sleeps, backend='thread'",
-          lambda: pmap.pmap(io_work, [0.05] * 100, backend="thread", workers=50))
+    print("   auto chose:", fast.stats.plan.reason)
+    waits = timed("IO-bound, 100 x 50 ms sleeps, backend='auto'", lambda: pmap.pmap(io_work, [0.05] * 100))
+    print("   auto chose:", waits.stats.plan.reason)
     out = pmap.pmap(flaky, range(12), backend="thread", on_error="return")
     print("failures kept in their slots:", [r for r in out if isinstance(r, pmap.Failure)][:2], "...")
     print("stats:", out.stats)
