@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import numbers
+import sys
 import threading
 from typing import Any, Callable, Iterable, Iterator
 
@@ -152,9 +153,12 @@ def _run(func, items, *, star, backend, workers, chunksize, ordered, timeout, re
                    on_error=on_error, chunksize=1 if timeout is not None else chunksize,
                    progress=callback, total=_total(items))
     if backend == "auto" and pool is None:
+        if backend_options:
+            raise TypeError(f"backend option(s) {', '.join(sorted(backend_options))} need an explicit "
+                            "backend=..., since auto mode may pick any backend")
         from .auto import start_auto_run
         gen, instance = start_auto_run(spec, stats, workers=workers, initializer=initializer,
-                                       initargs=initargs, backend_options=backend_options)
+                                       initargs=initargs)
     else:
         instance = pool if pool is not None else make_backend(
             backend, workers=workers, initializer=initializer, initargs=initargs, **backend_options)
@@ -166,17 +170,10 @@ def _run(func, items, *, star, backend, workers, chunksize, ordered, timeout, re
         close_progress()
         if owned:
             instance.close(kill=not ok)
-        elif not ok and pool is not None:
-            pool_interrupted = isinstance(_current_exception(), KeyboardInterrupt)
-            if pool_interrupted:
-                instance.close(kill=True)
+        elif isinstance(sys.exc_info()[1], KeyboardInterrupt):
+            instance.close(kill=True)  # Ctrl-C during a Pool call ends the Pool's workers too
 
     return Results(gen, stats, finish)
-
-
-def _current_exception():
-    import sys
-    return sys.exc_info()[1]
 
 
 def _collect(results: Results) -> ResultList:

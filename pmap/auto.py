@@ -334,14 +334,13 @@ def _probe(spec: RunSpec, stats: RunStats, workers: int | None):
     return results, source, used, plan, meter
 
 
-def start_auto_run(spec: RunSpec, stats: RunStats, *, workers=None, initializer=None, initargs=(),
-                   backend_options=None):
+def start_auto_run(spec: RunSpec, stats: RunStats, *, workers=None, initializer=None, initargs=()):
     """The generator of an auto run and the backend it ends on (None until it is chosen)."""
     from .api import make_backend
     if is_async(spec.fn):
         stats.plan = Plan("asyncio", workers or 100, None, "the function is a coroutine function (async def)")
         backend = make_backend("asyncio", workers=stats.plan.workers, initializer=initializer,
-                               initargs=initargs, **(backend_options or {}))
+                               initargs=initargs)
         backend.open()
         return execute(backend, spec, stats), backend
     holder = _Holder()
@@ -355,11 +354,10 @@ def start_auto_run(spec: RunSpec, stats: RunStats, *, workers=None, initializer=
         stats.plan = plan
         if results:
             yield results
-        if plan.backend == "serial" and not backend_options:
-            rest_backend = resolve_backend_class("serial")()
-        else:
-            rest_backend = make_backend(plan.backend, workers=plan.workers, initializer=initializer,
-                                        initargs=initargs, **(backend_options or {}))
+        # the initializer already ran in this thread for the probe; a serial rest needs no second run
+        rest_backend = make_backend(plan.backend, workers=plan.workers,
+                                    initializer=None if plan.backend == "serial" else initializer,
+                                    initargs=initargs)
         holder.backend = rest_backend
         rest_backend.open()
         rest = replace(spec, items=source, start_index=used,

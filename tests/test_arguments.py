@@ -20,6 +20,7 @@ from workloads import square
     (dict(retries=-1), ValueError, "retries must be at least 0"),
     (dict(progress="yes"), TypeError, "progress must be"),
     (dict(backend="thread", frobnicate=1), TypeError, "unknown option.*frobnicate"),
+    (dict(start_method="spawn"), TypeError, "start_method need an explicit backend"),
 ])
 def test_bad_arguments(kwargs, error, text):
     with pytest.raises(error, match=text):
