@@ -48,7 +48,7 @@ def child(name: str, scale: float, repeat: int, patched: bool) -> None:
         runners.append(pmap_runner("auto", label="auto"))
     with workloads.prepared(workload, scale) as items:
         records = common.measure(runners, workload.func, items, repeat,
-                                 progress=lambda line: common.log(f"  {name}: {line}"))
+                                 progress=lambda line: common.log(f"  {name}: {line}"), reset=common.shut_down_loky)
         plan = None
         if not patched:
             common.shut_down_loky()

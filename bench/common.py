@@ -111,11 +111,13 @@ class Measured:
 
 
 def measure(runners: list[Runner], func: Callable, items: list, repeat: int, expected: list | None = None,
-            progress: Callable[[str], None] = lambda line: None) -> list[Measured]:
+            progress: Callable[[str], None] = lambda line: None,
+            reset: Callable[[], None] | None = None) -> list[Measured]:
     """Time every runner `repeat` times, interleaved (the start rotates each round) so that a
     burst of load elsewhere falls on all of them alike. Results are checked against `expected`,
     or else against the first runner's; a runner that differs or raises is reported with its
-    error and not run again."""
+    error and not run again. `reset` runs (untimed) before every run, so that no runner finds
+    what another left running (an executor's threads make auto avoid fork)."""
     measured = {r.name: Measured(r.name, r.group, concurrency=r.concurrency, warm=r.warm) for r in runners}
     for round_number in range(repeat):
         shift = round_number % len(runners)
@@ -123,6 +125,8 @@ def measure(runners: list[Runner], func: Callable, items: list, repeat: int, exp
             record = measured[runner.name]
             if record.error or (runner.max_runs and len(record.seconds) >= runner.max_runs):
                 continue
+            if reset is not None:
+                reset()
             if runner.before is not None:
                 runner.before()
             start = time.perf_counter()

@@ -47,6 +47,12 @@ def shut_down_joblib_loky() -> None:
     common.shut_down_reusable(reusable_executor)
 
 
+def shut_down_executors() -> None:
+    """End both reusable loky executors (pmap's and joblib's): every cold run starts clean."""
+    common.shut_down_loky()
+    shut_down_joblib_loky()
+
+
 def _mpire_args(items: list) -> list:
     """mpire unpacks tuple items into arguments; wrap them so the function gets the tuple."""
     return [(item,) for item in items] if items and isinstance(items[0], (tuple, dict)) else items
@@ -86,7 +92,7 @@ def process_peers(workers: int, chunksize: int, tiny: bool) -> list[Runner]:
         runners.append(Runner(f"multiprocessing.Pool ({method}), default chunksize", "peer", pool_map(None)))
     return runners + [
         Runner(f"ProcessPoolExecutor, chunksize {chunksize}", "peer", futures_map),
-        Runner("joblib loky, batch_size auto", "peer", joblib_loky, before=shut_down_joblib_loky),
+        Runner("joblib loky, batch_size auto", "peer", joblib_loky),
         Runner(f"mpire, chunk_size {chunksize}", "peer", mpire_map),
         Runner(f"pebble ProcessPool, chunksize {chunksize}", "peer", pebble_map),
     ]
@@ -195,7 +201,7 @@ def child_workload(name: str, scale: float, repeat: int, patched: bool) -> None:
         per_item = item_seconds(workload, items)
         runners = runners_for(workload, len(items), cores, patched, per_item)
         records = common.measure(runners, workload.func, items, repeat,
-                                 progress=lambda line: common.log(f"  {name}: {line}"))
+                                 progress=lambda line: common.log(f"  {name}: {line}"), reset=shut_down_executors)
         if not patched and workload.kind in ("cpu", "transfer"):
             warm = warm_runners(cores)
             for runner in warm:  # the untimed first run starts the executor
@@ -203,8 +209,7 @@ def child_workload(name: str, scale: float, repeat: int, patched: bool) -> None:
             expected = list(map(workload.func, items))
             records += common.measure(warm, workload.func, items, repeat, expected,
                                       progress=lambda line: common.log(f"  {name}: {line}"))
-            common.shut_down_loky()
-            shut_down_joblib_loky()
+            shut_down_executors()
     common.emit({"workload": name, "items": len(items), "item_seconds": per_item,
                  "records": common.as_json(records)})
 
