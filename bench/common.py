@@ -266,17 +266,22 @@ def run_child(args: list[str], limit: float, patched: bool = False, signal_after
             start = time.perf_counter()
             child = subprocess.Popen(command, stdout=stdout, stderr=stderr, text=True, env=env,
                                      start_new_session=True)
-        if signal_after is not None and _wait_for_ready(child, out_path, start + limit):
-            time.sleep(signal_after)
-            start = time.perf_counter()
-            _signal_group(child.pid, signal.SIGINT)
         try:
-            child.wait(timeout=max(0.1, limit - (time.perf_counter() - start)))
-            returncode = child.returncode
-        except subprocess.TimeoutExpired:
-            returncode = None
-            child.kill()
-            child.wait()
+            if signal_after is not None and _wait_for_ready(child, out_path, start + limit):
+                time.sleep(signal_after)
+                start = time.perf_counter()
+                _signal_group(child.pid, signal.SIGINT)
+            try:
+                child.wait(timeout=max(0.1, limit - (time.perf_counter() - start)))
+                returncode = child.returncode
+            except subprocess.TimeoutExpired:
+                returncode = None
+                child.kill()
+                child.wait()
+        except BaseException:  # we are interrupted ourselves: take the child's processes with us
+            _signal_group(child.pid, signal.SIGKILL)
+            end_processes(tagged_processes(tag))
+            raise
         seconds = time.perf_counter() - start
         time.sleep(grace)
         leftovers = tagged_processes(tag)
@@ -285,6 +290,11 @@ def run_child(args: list[str], limit: float, patched: bool = False, signal_after
         with open(out_path) as stdout, open(err_path) as stderr:
             lines, err = _json_lines(stdout.read()), stderr.read()
     return ChildResult(returncode, seconds, lines[-1] if lines else None, lines, err, len(leftovers))
+
+
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit, so that run_child still ends the child it is waiting for."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 def _wait_for_ready(child, out_path: str, deadline: float) -> bool:
