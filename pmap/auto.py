@@ -20,6 +20,9 @@ from .engine import RunSpec, RunStats, execute
 
 PROBE_MIN_ITEMS = 2
 PROBE_SECONDS = 0.02        # serial probe budget: enough items to measure, a small share of any run worth parallelising
+PROBE_SHARE = 0.02          # with a known length, the probe stops at this share of the estimated serial time
+PROBE_MIN_SECONDS = 0.001   # ...but only once it has measured this much
+PROBE_CHECK_SECONDS = 0.0005  # how much work passes between two looks at the clock
 PROBE_MAX_SECONDS = 0.25    # one slow item stops the probe at once
 PROBE_CHUNK_SECONDS = 0.002 # the probe reads items in chunks of about this much work
 GIL_PROBE_MIN_ITEM = 5e-4   # below this, running two items in two threads measures noise
@@ -73,42 +76,44 @@ class Plan:
 
 
 class _Meter:
-    """Wraps the function to time each call in wall and this thread's CPU time."""
+    """Measures the probe as a whole: wall time less the time spent waiting for a core, and
+    this thread's CPU time. Timing each call would cost more than a trivial function does."""
 
-    def __init__(self, fn):
-        self.fn = fn
+    def __init__(self):
         self.calls = 0
         self.wall = 0.0
         self.cpu = 0.0
         self.bytes = 0
-        self.sized = 0
+        self.started = self.cpu_started = self.queued_at_start = 0.0
+        self.blocked_at_start = None
 
-    def __call__(self, item):
-        wall0, cpu0 = time.perf_counter(), time.thread_time()
+    def size(self, item, result) -> None:
+        """Transfer cost: what a process backend would pickle for one item and its result."""
         try:
-            result = self.fn(item)
-        finally:
-            self.cpu += time.thread_time() - cpu0
-            self.wall += time.perf_counter() - wall0
-            self.calls += 1
-        if self.sized < 3:  # transfer cost: size of what a process backend would pickle
-            self.sized += 1
-            try:
-                self.bytes += len(pickle.dumps(item, pickle.HIGHEST_PROTOCOL)) + len(
-                    pickle.dumps(result, pickle.HIGHEST_PROTOCOL))
-            except Exception:
-                pass
-        return result
+            self.bytes = len(pickle.dumps(item, pickle.HIGHEST_PROTOCOL)) + len(
+                pickle.dumps(result, pickle.HIGHEST_PROTOCOL))
+        except Exception:
+            self.bytes = 0
 
+    def start(self) -> None:
+        self.started, self.cpu_started = time.perf_counter(), time.thread_time()
+        self.queued_at_start = _run_queue_seconds()
+        self.blocked_at_start = _voluntary_switches()
 
-    def discount_preemption(self, queued: float, span: float, blocked: int) -> None:
-        """Time spent runnable but not running (other processes had the cores) is not waiting
-        on IO: take the calls' share of it out of their wall time. A probe in which the thread
-        never blocked (no voluntary context switch) did not wait at all, whatever the clock says."""
-        if blocked == 0:
-            self.wall = self.cpu
-        elif queued > 0 and span > 0:
-            self.wall = max(self.cpu, self.wall - queued * min(1.0, self.wall / span))
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def queued(self) -> float:
+        """Seconds this thread waited for a core since start(): not the probe's own time."""
+        return _run_queue_seconds() - self.queued_at_start
+
+    def stop(self, calls: int) -> None:
+        self.calls = calls
+        self.cpu = time.thread_time() - self.cpu_started
+        self.wall = max(self.cpu, self.elapsed() - self.queued())
+        blocked = _voluntary_switches()
+        if blocked is not None and self.blocked_at_start is not None and blocked == self.blocked_at_start:
+            self.wall = self.cpu  # the thread never blocked: it waited on nothing, whatever the clock says
 
 
 def _voluntary_switches() -> int | None:
@@ -130,34 +135,50 @@ def _run_queue_seconds() -> float:
 
 
 class _Budgeted:
-    """Yields items from the shared iterator until the probe's budget is spent. Time spent
-    waiting for a core (other processes had them) does not count against the budget."""
+    """Hands the probe items from the shared iterator until its budget is spent: PROBE_SECONDS,
+    or with a known length a small share of the estimated serial time, so that tiny work is
+    not probed longer than it takes. Time spent waiting for a core does not count. Items go
+    out in small batches, so the clock is read per batch, not per item."""
 
-    def __init__(self, source: Iterator, meter: _Meter):
+    def __init__(self, source: Iterator, meter: _Meter, total: int | None):
         self.source = source
         self.meter = meter
-        self.started = time.perf_counter()
-        self.queued_at_start = _run_queue_seconds()
-        self.blocked_at_start = _voluntary_switches()
+        self.total = total
         self.exhausted = False
+        self.given = 0
+        self.first = None
 
-    def spent(self) -> float:
-        return time.perf_counter() - self.started
+    def _over(self, spent: float) -> bool:
+        if spent >= PROBE_MAX_SECONDS:
+            return True
+        if self.given < PROBE_MIN_ITEMS:
+            return False
+        budget = PROBE_SECONDS
+        if self.total is not None and spent >= PROBE_MIN_SECONDS:
+            budget = min(budget, PROBE_SHARE * self.total * spent / self.given)
+        return spent >= budget
 
     def __iter__(self):
-        return self
+        return itertools.chain.from_iterable(self._batches())  # per item at C speed
 
-    def __next__(self):
-        spent = self.spent()
-        if spent >= PROBE_SECONDS and self.meter.calls >= PROBE_MIN_ITEMS or spent >= PROBE_MAX_SECONDS:
-            spent -= _run_queue_seconds() - self.queued_at_start  # read only once the clock says stop
-            if spent >= PROBE_SECONDS and self.meter.calls >= PROBE_MIN_ITEMS or spent >= PROBE_MAX_SECONDS:
-                raise StopIteration
-        try:
-            return next(self.source)
-        except StopIteration:
-            self.exhausted = True
-            raise
+    def _batches(self):
+        meter = self.meter
+        step = 1
+        while True:
+            spent = meter.elapsed()
+            # read the run queue only once the clock says stop: preemption is not the probe's time
+            if self._over(spent) and self._over(spent - meter.queued()):
+                return
+            batch = list(itertools.islice(self.source, step))
+            if not self.given and batch:
+                self.first = batch[0]
+            self.given += len(batch)
+            yield batch
+            if len(batch) < step:
+                self.exhausted = True
+                return
+            per_item = meter.elapsed() / self.given
+            step = max(1, min(step * 4, int(PROBE_CHECK_SECONDS / per_item) if per_item > 0 else step * 4))
 
 
 def _flat(batches) -> list:
@@ -194,7 +215,7 @@ def decide(meter: _Meter, remaining: int | None, fn, workers: int | None,
     n = meter.calls
     wall = meter.wall / n if n else 0.0
     cpu = min(meter.cpu / n, wall) if n else 0.0
-    item_bytes = meter.bytes // meter.sized if meter.sized else 0
+    item_bytes = meter.bytes
     common = dict(probed_items=n, item_wall=wall if n else None, item_cpu=cpu if n else None,
                   gil_released=gil_released, item_bytes=item_bytes or None)
     if remaining == 0:
@@ -307,16 +328,17 @@ def _probe_gil(source: Iterator, spec: RunSpec, stats: RunStats, offset: int):
 def _probe(spec: RunSpec, stats: RunStats, workers: int | None):
     """Run the probe. Returns (probe results, the rest of the source, items used, plan)."""
     source = iter(spec.items)
-    meter = _Meter(spec.fn)
-    budget = _Budgeted(source, meter)
+    meter = _Meter()
+    budget = _Budgeted(source, meter, spec.total)
     serial = resolve_backend_class("serial")()
     serial.open()
     # small chunks, so the budget is checked often without paying the engine per item
-    probe = replace(spec, fn=meter, items=budget, chunk_seconds=PROBE_CHUNK_SECONDS)
+    probe = replace(spec, items=budget, chunk_seconds=PROBE_CHUNK_SECONDS)
+    meter.start()
     results = _flat(execute(serial, probe, stats))
-    blocked = _voluntary_switches()
-    meter.discount_preemption(_run_queue_seconds() - budget.queued_at_start, budget.spent(),
-                              -1 if blocked is None else blocked - budget.blocked_at_start)
+    meter.stop(budget.given)
+    if results and budget.given:
+        meter.size(budget.first, results[0])
     used = meter.calls
     gil_released = None
     wall = meter.wall / used if used else 0.0
