@@ -47,10 +47,24 @@ def shut_down_joblib_loky() -> None:
     common.shut_down_reusable(reusable_executor)
 
 
+def stop_tqdm_monitor() -> None:
+    """mpire's progress bars start tqdm's monitor thread, which lives on after the pool."""
+    tqdm_std = sys.modules.get("tqdm.std")
+    if tqdm_std is None:
+        return
+    tqdm_std.tqdm.monitor_interval = 0  # tqdm's own switch: no monitor thread from now on
+    monitor = tqdm_std.tqdm.monitor
+    if monitor is not None:
+        monitor.exit()
+        tqdm_std.tqdm.monitor = None
+
+
 def shut_down_executors() -> None:
-    """End both reusable loky executors (pmap's and joblib's): every cold run starts clean."""
+    """End what one runner leaves running (both reusable loky executors, tqdm's monitor
+    thread), so every cold run starts clean: auto reads any other thread as 'fork is unsafe'."""
     common.shut_down_loky()
     shut_down_joblib_loky()
+    stop_tqdm_monitor()
 
 
 def _mpire_args(items: list) -> list:
