@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 TARGET_CHUNK_SECONDS = 0.1      # within the 50-200 ms band: long enough to hide transfer cost
-CHUNKS_PER_WORKER = 4           # with a known length, keep at least this many chunks per worker
+CHUNKS_PER_WORKER = 8           # with a known length, keep at least this many chunks per worker (balance)
 MAX_CHUNK = 50_000              # without a known length, bound the items one chunk holds
 PER_ITEM_OVERHEAD = 2e-6        # seconds of engine and transfer cost per item, on top of the call
 
