@@ -147,7 +147,7 @@ def main() -> None:
     unknown = set(chosen) - set(WORKLOAD_NAMES)
     if unknown:
         parser.error(f"unknown workload(s): {', '.join(sorted(unknown))}")
-    common.exit_on_sigterm()
+    common.install_signal_handlers()
     header = common.header_lines("auto.py")
     results = run_all([n for n in WORKLOAD_NAMES if n in chosen], QUICK_SCALE if args.quick else 1.0,
                       args.repeat, args.limit)

@@ -292,9 +292,12 @@ def run_child(args: list[str], limit: float, patched: bool = False, signal_after
     return ChildResult(returncode, seconds, lines[-1] if lines else None, lines, err, len(leftovers))
 
 
-def exit_on_sigterm() -> None:
-    """Turn SIGTERM into SystemExit, so that run_child still ends the child it is waiting for."""
+def install_signal_handlers() -> None:
+    """SIGTERM becomes SystemExit, so that run_child still ends the child it is waiting for.
+    Ctrl-C gets Python's own handler back: a shell starts a background job with SIGINT
+    ignored, children would inherit that, and the Ctrl-C cases would measure nothing."""
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _wait_for_ready(child, out_path: str, deadline: float) -> bool:

@@ -188,7 +188,7 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown: {', '.join(sorted(unknown))} (libraries: {', '.join(LIBRARIES)}; "
                      f"scenarios: {', '.join(SCENARIOS)})")
-    common.exit_on_sigterm()
+    common.install_signal_handlers()
     header = common.header_lines("faults.py")
     rows = [run_case(library, scenario, count, limit) for scenario in scenarios for library in libraries]
     lines = report(rows, header, count, limit)

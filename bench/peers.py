@@ -630,7 +630,7 @@ def main() -> None:
     if args.stream:
         return child_stream(args.stream[0], int(args.stream[1]))
 
-    common.exit_on_sigterm()
+    common.install_signal_handlers()
     header = common.header_lines("peers.py")
     scale = QUICK_SCALE if args.quick else 1.0
     args.stream_items = args.stream_items or (QUICK_STREAM_ITEMS if args.quick else workloads.STREAM_ITEMS)
