@@ -5,6 +5,8 @@ TARGET_CHUNK_SECONDS = 0.1      # within the 50-200 ms band: long enough to hide
 CHUNKS_PER_WORKER = 8           # with a known length, keep at least this many chunks per worker (balance)
 MAX_CHUNK = 50_000              # without a known length, bound the items one chunk holds
 PER_ITEM_OVERHEAD = 2e-6        # seconds of engine and transfer cost per item, on top of the call
+TAIL_WORKER_SHARES = 2          # near the end, a chunk holds at most remaining / (2 x workers) items...
+TAIL_MIN_SECONDS = 0.005        # ...when a chunk that size would take longer than this (else no matter)
 
 
 class ChunkSizer:
@@ -29,8 +31,17 @@ class ChunkSizer:
         self.seconds_seen = 0.0
         self.current = 1
 
-    def size(self) -> int:
-        return self.fixed if self.fixed is not None else self.current
+    def size(self, remaining: int | None = None) -> int:
+        """Items for the next chunk; with `remaining` known, chunks shrink toward the end
+        (guided scheduling), so no worker is left with a long last chunk while others idle."""
+        if self.fixed is not None:
+            return self.fixed
+        size = self.current
+        if remaining is not None and self.items_seen:
+            per_item = self.seconds_seen / self.items_seen
+            if size * per_item > TAIL_MIN_SECONDS:
+                size = max(1, min(size, -(-remaining // (self.workers * TAIL_WORKER_SHARES))))
+        return size
 
     def observe(self, n_items: int, elapsed: float) -> None:
         if self.fixed is not None or n_items <= 0:

@@ -200,7 +200,8 @@ class _Engine:
                 continue
             if self.exhausted or self.source_error is not None or not self._room_ahead():
                 return
-            items = self._read(self.sizer.size())
+            remaining = self.spec.total - self.next_index if self.spec.total is not None else None
+            items = self._read(self.sizer.size(remaining))
             if not items:
                 return
             index = self.next_index
