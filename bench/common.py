@@ -67,6 +67,17 @@ def versions() -> str:
     return ", ".join(found)
 
 
+def git_revision() -> str:
+    """The checked-out commit, marked when the tree has changes to pmap/ (others edit it live)."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=BENCH_DIR, capture_output=True, text=True).stdout.strip()
+    try:
+        revision = git("rev-parse", "--short", "HEAD") or "unknown"
+        return revision + (" with local changes to pmap/" if git("status", "--porcelain", "--", "../pmap") else "")
+    except OSError:
+        return "unknown"
+
+
 def load_average() -> str:
     return ", ".join(f"{value:.2f}" for value in os.getloadavg())
 
@@ -74,7 +85,7 @@ def load_average() -> str:
 def header_lines(script: str) -> list[str]:
     """The lines every results file starts with: how it was made and on what."""
     command = shlex.join(["python", f"bench/{script}", *sys.argv[1:]])
-    return [f"Command: `{command}`  ",
+    return [f"Command: `{command}`; pmap at commit {git_revision()}  ",
             f"Date: {time.strftime('%Y-%m-%d %H:%M %Z')}; load average at start: {load_average()}  ",
             f"Machine: {machine_summary()}  ",
             f"Versions: {versions()}"]
