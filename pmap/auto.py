@@ -239,11 +239,15 @@ def decide(meter: _Meter, remaining: int | None, fn, workers: int | None,
     thread_time = THREAD_START + rest * THREAD_PER_ITEM + max(rest * cpu / min(thread_cpu_lanes, thread_workers),
                                                              rest * wall / thread_workers)
     transfer = item_bytes / TRANSFER_BYTES_PER_SECOND
-    unpicklable = _picklable(fn)
     fork_safe = fork_supported() and threading.active_count() == 1
     estimates = {"serial": serial_time, "thread": thread_time}
     process_name = "fork" if fork_safe else "process"
-    if (unpicklable is None or fork_safe) and resolve_backend_class(process_name).unavailable_reason() is None:
+    # Processes cannot start faster than a fork: when even that loses to serial, skip the
+    # picklability check, which costs more than tiny work.
+    could_win = FORK_START + rest * PROCESS_PER_ITEM < PARALLEL_MARGIN * serial_time
+    unpicklable = _picklable(fn) if could_win else None
+    if (could_win and (unpicklable is None or fork_safe)
+            and resolve_backend_class(process_name).unavailable_reason() is None):
         start = FORK_START if fork_safe else (0.0 if _loky_warm(proc_workers) else PROCESS_START_COLD)
         estimates[process_name] = start + rest * (PROCESS_PER_ITEM + transfer) + max(
             rest * cpu / min(cores, proc_workers), rest * wall / proc_workers)
