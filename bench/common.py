@@ -364,8 +364,8 @@ def seconds_text(value: float | None) -> str:
     return f"{value * 1000:.1f} ms" if value < 1 else f"{value:.2f} s"
 
 
-def ratio_text(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}x"
+def ratio_text(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}x"
 
 
 def write_results(name: str, lines: list[str], quick: bool) -> str:
