@@ -202,8 +202,9 @@ def _picklable(fn) -> str | None:
 def _loky_warm(workers: int) -> bool:
     try:
         from loky import reusable_executor
-        executor = reusable_executor._executor
-        return executor is not None and not executor._flags.broken and executor._max_workers == workers
+        executor = getattr(reusable_executor._executor_storage, "executor", None)
+        return (executor is not None and not executor._flags.broken and not executor._flags.shutdown
+                and executor._max_workers == workers)
     except Exception:
         return False
 
@@ -316,8 +317,9 @@ def _probe_gil(source: Iterator, spec: RunSpec, stats: RunStats, offset: int):
     """Run the next two items at once in two threads; their CPU overlap tells whether the
     function releases the GIL. Returns (results, items consumed, released?)."""
     pair = list(itertools.islice(source, 2))
-    if len(pair) < 2:
-        return pair, pair, None
+    if len(pair) < 2:  # one item left: nothing to compare, run it as the probe ran the others
+        serial = resolve_backend_class("serial")()
+        return _flat(execute(serial, replace(spec, items=pair, start_index=offset), stats)), pair, None
     overlap = _Overlap(spec.fn)
     thread = resolve_backend_class("thread")(workers=2)
     thread.open()

@@ -124,3 +124,17 @@ def test_free_threaded_cpu_work_goes_to_threads():
 def test_auto_never_picks_remote_backends():
     for fn, items in [(sleep_then, [0.02] * 50), (cpu_loop, [200_000] * 100), (square, range(1000))]:
         assert pmap.explain(fn, items).backend not in {"manager", "dask"}
+
+
+def spin_then_times_ten(x):
+    """CPU-bound long enough for the GIL probe (over 0.5 ms), yet a tiny run in all."""
+    deadline = time.thread_time() + 0.004
+    while time.thread_time() < deadline:
+        pass
+    return x * 10
+
+
+@pytest.mark.parametrize("n", range(1, 7))
+def test_every_item_gets_its_result_whatever_the_probe_leaves(n):
+    # with 3 items the serial probe takes 2 and the GIL probe finds a single one left
+    assert pmap.pmap(spin_then_times_ten, range(n)) == [x * 10 for x in range(n)]
