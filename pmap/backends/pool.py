@@ -4,6 +4,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import sys
+import time
 
 from .._worker import pooled_worker_init, run_pooled_task
 from ._procutil import describe_exit
@@ -12,6 +13,7 @@ from ..errors import BackendUnavailable
 from .base import Fatal, Lost
 
 START_METHODS = ("fork", "forkserver", "spawn")
+REAP_WAIT_SECONDS = 1.0  # the Pool's maintenance thread looks every 0.1 s
 
 
 def default_start_method() -> str:
@@ -51,7 +53,13 @@ class PoolBackend(PooledBackend):
         return list(self.pool._pool) if self.pool is not None else []
 
     def _worker_died(self, proc, seen_at) -> list:
-        proc.join(0.5)
+        # Let the Pool's own thread reap it: two threads polling one forkserver Popen race,
+        # and the loser records exit code 255 over the real one.
+        deadline = time.monotonic() + REAP_WAIT_SECONDS
+        while self.pool is not None and proc in self.pool._pool and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if self.pool is None or proc in self.pool._pool:
+            proc.join(0)
         if proc.exitcode == 0:  # recycled after max_tasks_per_worker
             return []
         events = []
