@@ -12,7 +12,6 @@ from ._pooled import PooledBackend
 from ..errors import BackendUnavailable
 from .base import Fatal, Lost
 
-START_METHODS = ("fork", "forkserver", "spawn")
 REAP_WAIT_SECONDS = 1.0  # the Pool's maintenance thread looks every 0.1 s
 
 
