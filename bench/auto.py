@@ -62,12 +62,7 @@ def run_all(names, scale, repeat, limit) -> dict:
         workload = workloads.WORKLOADS[name]
         common.log(f"{name}: {workload.title}")
         result = {"records": [], "plan": None, "items": None}
-        for patched in (False, True) if workload.gevent_cooperative else (False,):
-            run = common.run_child([os.path.abspath(__file__), "--child", name, "--scale", str(scale),
-                                    "--repeat", str(repeat)], limit=limit, patched=patched)
-            if run.output is None:
-                common.log(f"  {name}{' (patched)' if patched else ''} failed:\n{run.stderr[-2000:]}")
-                continue
+        for run in common.run_workload_children(__file__, name, scale, repeat, limit):
             result["records"] += run.output["records"]
             result["plan"] = result["plan"] or run.output["plan"]
             result["items"] = run.output["items"]

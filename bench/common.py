@@ -258,6 +258,21 @@ class ChildResult:
     left_behind: int               # tagged processes alive after the child ended (then ended)
 
 
+def run_workload_children(script: str, name: str, scale: float, repeat: int, limit: float) -> list:
+    """Run a script's `--child NAME` in a fresh process, and once more patched by gevent when the
+    workload can cooperate with it; log the runs that fail and return the others' results."""
+    import workloads
+    runs = []
+    for patched in (False, True) if workloads.WORKLOADS[name].gevent_cooperative else (False,):
+        child = run_child([os.path.abspath(script), "--child", name, "--scale", str(scale),
+                           "--repeat", str(repeat)], limit=limit, patched=patched)
+        if child.output is None:
+            log(f"  {name}{' (patched)' if patched else ''} failed:\n{child.stderr[-2000:]}")
+            continue
+        runs.append(child)
+    return runs
+
+
 def run_child(args: list[str], limit: float, patched: bool = False, signal_after: float | None = None,
               grace: float = 0.0) -> ChildResult:
     """Run `python args...` in a new session with a fresh tag; kill it at `limit` seconds.

@@ -358,12 +358,7 @@ def run_workloads(names, scale, repeat, limit) -> dict:
         workload = workloads.WORKLOADS[name]
         common.log(f"{name}: {workload.title}")
         records = []
-        for patched in (False, True) if workload.gevent_cooperative else (False,):
-            child = common.run_child([os.path.abspath(__file__), "--child", name, "--scale", str(scale),
-                                      "--repeat", str(repeat)], limit=limit, patched=patched)
-            if child.output is None:
-                common.log(f"  {name}{' (patched)' if patched else ''} failed:\n{child.stderr[-2000:]}")
-                continue
+        for child in common.run_workload_children(__file__, name, scale, repeat, limit):
             records += child.output["records"]
             results[name] = dict(child.output, records=records, left_behind=child.left_behind)
     return results
