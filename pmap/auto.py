@@ -270,9 +270,7 @@ def decide(meter: _Meter, remaining: int | None, fn, workers: int | None,
         else:
             why = (f"IO-bound work ({wait / wall:.0%} of each item is waiting): "
                    f"{thread_workers} threads overlap the waits")
-        if unpicklable and not cpu_bound:
-            pass
-        elif unpicklable:
+        if unpicklable and cpu_bound:
             why += f"; the function cannot be pickled ({unpicklable})"
         return Plan("thread", thread_workers, None, why, estimates=estimates, **common)
     if cpu_bound:

@@ -274,8 +274,7 @@ class _Engine:
                 timed_out = isinstance(exc, TaskTimeout)  # a backend that times items out itself
                 self._record_failure(flight, pos, exc, tb, "timeout" if timed_out else "error", event.worker,
                                      retryable=timed_out or isinstance(exc, self.spec.retry_on))
-            ok = [v for v in values if v is not _PENDING]
-            self._deliver(flight, values, len(ok), skip_pending=True)
+            self._deliver(flight, values, n - len(event.failures), skip_pending=True)
         else:
             self._deliver(flight, values, n)
 
