@@ -177,8 +177,10 @@ def _run(func, items, *, star, backend, workers, chunksize, ordered, timeout, re
 
 
 def _collect(results: Results) -> ResultList:
+    out = ResultList()
     try:
-        out = ResultList(results._items)  # straight from the batches, no per-item Python call
+        for batch in results._batches:  # whole lists: no per-item Python call or iterator step
+            out.extend(batch)
     except BaseException:
         results._end(ok=False)
         raise

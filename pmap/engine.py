@@ -19,6 +19,7 @@ WAIT_SLICE = 0.5              # longest single wait, so liveness and deadlines a
 AHEAD_CHUNKS_PER_SLOT = 4     # how far dispatch may run ahead of the reader, in chunks per worker
 MAX_AHEAD_ITEMS = 100_000     # and in items: many workers times big chunks must not read far ahead
 MAX_RECORDED_CHUNKS = 1000    # stats keep this many chunk sizes, so memory stays flat
+SLICED_TYPES = (list, tuple)  # input read by slicing; anything else is iterated
 
 
 @dataclass
@@ -35,6 +36,7 @@ class RunSpec:
     progress: Callable | None = None
     total: int | None = None
     start_index: int = 0                 # index of the first item (auto mode ran earlier ones)
+    items_offset: int = 0                # a list or tuple whose first entries were already run
     measured: tuple | None = None        # (items, seconds) already measured, seeds chunk sizes
     chunk_seconds: float = TARGET_CHUNK_SECONDS  # what adaptive chunks aim at
 
@@ -92,15 +94,30 @@ def _size(n: int) -> str:
 
 
 class _Block:
-    """Output slots for consecutive input indices, filled as tasks finish (ordered mode)."""
+    """Output slots for consecutive input indices, filled as tasks finish (ordered mode).
+    The slots are made on first use: a task that fills the whole block hands over its list."""
 
-    __slots__ = ("start", "values", "missing", "has_skips")
+    __slots__ = ("start", "size", "_values", "missing", "has_skips")
 
     def __init__(self, start: int, n: int):
         self.start = start
-        self.values = [_PENDING] * n
+        self.size = n
+        self._values = None
         self.missing = n
         self.has_skips = False
+
+    @property
+    def values(self) -> list:
+        if self._values is None:
+            self._values = [_PENDING] * self.size
+        return self._values
+
+    def fill_whole(self, values: list) -> bool:
+        """Take `values` as the block's slots when they are all of them; False otherwise."""
+        if self._values is not None or len(values) != self.size:
+            return False
+        self._values = values
+        return True
 
 
 class _Flight:
@@ -131,7 +148,9 @@ class _Engine:
         self.stats = stats
         stats.backend = backend.name
         stats.workers = backend.workers
-        self.source = iter(spec.items)
+        self.sequence = spec.items if type(spec.items) in SLICED_TYPES else None  # one C copy per chunk
+        self.read_position = spec.items_offset
+        self.source = iter(spec.items) if self.sequence is None else None
         self.source_error: BaseException | None = None
         self.exhausted = False
         self.next_index = spec.start_index
@@ -182,7 +201,7 @@ class _Engine:
                 stats = self.stats
                 stats.bytes_sent = (stats.bytes_sent or 0) + self.backend.bytes_sent - sent0
                 stats.bytes_received = (stats.bytes_received or 0) + self.backend.bytes_received - received0
-            self.source = None
+            self.source = self.sequence = None
 
     # ---- dispatch -------------------------------------------------------------------
     def _room_ahead(self) -> bool:
@@ -212,6 +231,15 @@ class _Engine:
             self._submit(block, 0, index, items, 0)
 
     def _read(self, n: int) -> list:
+        if self.sequence is not None:
+            start = self.read_position
+            items = self.sequence[start:start + n]
+            if type(items) is tuple:
+                items = list(items)
+            self.read_position = start + len(items)
+            if len(items) < n:
+                self.exhausted = True
+            return items
         items = []
         try:
             items.extend(itertools.islice(self.source, n))  # keeps what came before an error
@@ -290,10 +318,11 @@ class _Engine:
             return
         block = flight.block
         if skip_pending:
+            slots = block.values
             for k, value in enumerate(values):
                 if value is not _PENDING:
-                    block.values[flight.offset + k] = value
-        else:
+                    slots[flight.offset + k] = value
+        elif not block.fill_whole(values):
             block.values[flight.offset:flight.offset + len(values)] = values
         block.missing -= n_ok
 
@@ -387,7 +416,7 @@ class _Engine:
             if block is None or block.missing:
                 return
             del blocks[self.emit_index]
-            self.emit_index += len(block.values)
+            self.emit_index += block.size
             values = [v for v in block.values if v is not _SKIP] if block.has_skips else block.values
             if values:
                 yield values
