@@ -16,12 +16,12 @@ from typing import Any, Iterator
 
 from ._worker import is_async
 from .backends.base import fork_supported, resolve_backend_class, usable_cpus
-from .engine import RunSpec, RunStats, execute
+from .engine import SLICED_TYPES, RunSpec, RunStats, execute
 
 PROBE_MIN_ITEMS = 2
 PROBE_SECONDS = 0.02        # serial probe budget: enough items to measure, a small share of any run worth parallelising
 PROBE_SHARE = 0.02          # with a known length, the probe stops at this share of the estimated serial time
-PROBE_MIN_SECONDS = 0.001   # ...but only once it has measured this much
+PROBE_MIN_SECONDS = 0.00025 # ...but only once it has measured this much
 PROBE_CHECK_SECONDS = 0.0005  # how much work passes between two looks at the clock
 PROBE_MAX_SECONDS = 0.25    # one slow item stops the probe at once
 PROBE_CHUNK_SECONDS = 0.002 # the probe reads items in chunks of about this much work
@@ -151,7 +151,7 @@ class _Budgeted:
     def _over(self, spent: float) -> bool:
         if spent >= PROBE_MAX_SECONDS:
             return True
-        if self.given < PROBE_MIN_ITEMS:
+        if self.given < PROBE_MIN_ITEMS and spent < PROBE_SECONDS:  # one item that spent the budget is enough
             return False
         budget = PROBE_SECONDS
         if self.total is not None and spent >= PROBE_MIN_SECONDS:
@@ -386,8 +386,10 @@ def start_auto_run(spec: RunSpec, stats: RunStats, *, workers=None, initializer=
                                     initargs=initargs)
         holder.backend = rest_backend
         rest_backend.open()
-        rest = replace(spec, items=source, start_index=used,
-                       measured=(meter.calls, meter.wall) if meter.calls else None)
+        # a list or tuple is handed on whole, to be sliced; the probe used its first `used` entries
+        sliced = type(spec.items) in SLICED_TYPES
+        rest = replace(spec, items=spec.items if sliced else source, items_offset=used if sliced else 0,
+                       start_index=used, measured=(meter.calls, meter.wall) if meter.calls else None)
         yield from execute(rest_backend, rest, stats)
 
     return run(), holder

@@ -75,9 +75,11 @@ def test_unpicklable_cpu_closure_does_not_go_to_process():
     assert out == [cpu_loop(1000)] * 100
 
 
-def test_probed_items_run_exactly_once(tmp_path):
+@pytest.mark.parametrize("container", [list, tuple, iter], ids=["list", "tuple", "iterator"])
+def test_probed_items_run_exactly_once(tmp_path, container):
+    # a list or tuple is sliced after the probe, an iterator read on: both must resume exactly there
     log = tmp_path / "calls.log"
-    items = [(str(log), i) for i in range(400)]
+    items = container([(str(log), i) for i in range(400)])
     out = pmap.pmap(append_item_to, items)
     assert out == list(range(400))
     calls = log.read_text().split()
@@ -102,6 +104,12 @@ def test_auto_keeps_order_errors_and_indices_across_the_probe():
     out = pmap.pmap(fail_late, range(3000), on_error="return")
     assert [r for r in out if not isinstance(r, pmap.Failure)] == [x for x in range(3000) if x != 1500]
     assert out[1500].index == 1500 and out[1500].item == 1500
+
+
+def test_one_item_that_spends_the_probe_budget_ends_the_probe():
+    # a 30 ms wait is clearly IO: a second serial item would only delay the threads
+    plan = pmap.explain(sleep_then, [0.03] * 40)
+    assert plan.backend == "thread" and plan.probed_items == 1, str(plan)
 
 
 def test_generator_input_of_unknown_length():
