@@ -806,7 +806,7 @@ def bench_command(
 
 def _bench(target, items, input_path, range_text, as_json, star, backends, repeat, unordered, workers,
            chunksize, option, gevent) -> int:
-    from .compare import compare
+    from .comparison import compare
     check_numbers(workers=workers, chunksize=chunksize, repeat=repeat)
     names = None
     if backends is not None:

@@ -26,7 +26,7 @@ import pytest
 
 def default_backend_names() -> list[str]:
     """The fixture's default list: every registered backend that runs on this machine alone."""
-    from .compare import default_backend_names
+    from .comparison import default_backend_names
     return default_backend_names()
 
 
@@ -71,5 +71,5 @@ def assert_backends_agree(func, items, backends=None, *, ordered: bool = True, r
     Returns the `pmap.compare` table (times, speedups, stats) for further checks.
     """
     __tracebackhide__ = True
-    from .compare import compare
+    from .comparison import compare
     return compare(func, items, backends, repeat=repeat, ordered=ordered, equal=equal, check=True, **options)

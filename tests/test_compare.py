@@ -9,7 +9,7 @@ import pytest
 
 import pmap
 from pmap.backends.base import Backend
-from pmap.compare import Comparison, ResultsDiffer, default_backend_names, format_seconds, same
+from pmap.comparison import Comparison, ResultsDiffer, default_backend_names, format_seconds, same
 from pmap.pytest_plugin import assert_backends_agree
 from workloads import fail_on_three, square
 
