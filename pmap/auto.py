@@ -14,6 +14,11 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterator
 
+try:
+    import resource
+except ImportError:  # Windows
+    pass
+
 from ._worker import is_async
 from .backends.base import fork_supported, resolve_backend_class, usable_cpus
 from .engine import SLICED_TYPES, RunSpec, RunStats, execute
@@ -96,9 +101,9 @@ class _Meter:
             self.bytes = 0
 
     def start(self) -> None:
-        self.started, self.cpu_started = time.perf_counter(), time.thread_time()
         self.queued_at_start = _run_queue_seconds()
         self.blocked_at_start = _voluntary_switches()
+        self.started, self.cpu_started = time.perf_counter(), time.thread_time()  # last: the reads above are not the function's
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
@@ -109,6 +114,8 @@ class _Meter:
 
     def stop(self, calls: int) -> None:
         self.calls = calls
+        if not calls:
+            return
         self.cpu = time.thread_time() - self.cpu_started
         self.wall = max(self.cpu, self.elapsed() - self.queued())
         blocked = _voluntary_switches()
@@ -119,9 +126,8 @@ class _Meter:
 def _voluntary_switches() -> int | None:
     """How often this thread gave up its core by blocking (Linux); None where unknown."""
     try:
-        import resource
         return resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw
-    except (ImportError, AttributeError, OSError):
+    except (NameError, AttributeError, OSError):  # NameError: no resource module (Windows)
         return None
 
 
@@ -163,6 +169,7 @@ class _Budgeted:
 
     def _batches(self):
         meter = self.meter
+        meter.start()  # from the first item on: the engine's set-up is not the function's cost
         step = 1
         while True:
             spent = meter.elapsed()
@@ -338,7 +345,6 @@ def _probe(spec: RunSpec, stats: RunStats, workers: int | None):
     serial.open()
     # small chunks, so the budget is checked often without paying the engine per item
     probe = replace(spec, items=budget, chunk_seconds=PROBE_CHUNK_SECONDS)
-    meter.start()
     results = _flat(execute(serial, probe, stats))
     meter.stop(budget.given)
     if results and budget.given:
