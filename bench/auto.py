@@ -48,7 +48,8 @@ def child(name: str, scale: float, repeat: int, patched: bool) -> None:
         runners.append(pmap_runner("auto", label="auto"))
     with workloads.prepared(workload, scale) as items:
         records = common.measure(runners, workload.func, items, repeat,
-                                 progress=lambda line: common.log(f"  {name}: {line}"), reset=common.shut_down_loky)
+                                 progress=lambda line: common.log(f"  {name}: {line}"), reset=common.shut_down_loky,
+                                 fast_runs=common.FAST_RUNS if scale == 1.0 else 0)
         plan = None
         if not patched:
             common.shut_down_loky()
@@ -112,7 +113,7 @@ def report(results: dict, repeat: int, header: list[str]) -> list[str]:
                       result["plan"], "```", ""]
     lines = ["# Auto mode against the fixed backends", ""] + header + [
         "",
-        f"Medians of {repeat} runs, each workload in its own process with the backends taking turns; "
+        f"Medians of {repeat} runs ({common.FAST_RUNS} for a backend under {common.FAST_RUN_SECONDS * 1000:.0f} ms a run), each workload in its own process with the backends taking turns; "
         "fixed backends at their default workers; loky's executor ended before every run. "
         "greenlet ran in a separate process patched by gevent (sleep and socket only) and is not "
         "counted as the best fixed backend; 'auto / greenlet' shows how far it is. Targets (issue 3): "

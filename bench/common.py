@@ -121,20 +121,35 @@ class Measured:
         return statistics.median(self.seconds) if self.seconds else None
 
 
+FAST_RUN_SECONDS = 0.1   # a runner whose median is under this...
+FAST_RUNS = 21           # ...gets this many runs in a full benchmark: a few milliseconds vary by tens of percent
+
+
 def measure(runners: list[Runner], func: Callable, items: list, repeat: int, expected: list | None = None,
             progress: Callable[[str], None] = lambda line: None,
-            reset: Callable[[], None] | None = None) -> list[Measured]:
+            reset: Callable[[], None] | None = None, fast_runs: int = 0) -> list[Measured]:
     """Time every runner `repeat` times, interleaved (the start rotates each round) so that a
-    burst of load elsewhere falls on all of them alike. Results are checked against `expected`,
-    or else against the first runner's; a runner that differs or raises is reported with its
-    error and not run again. `reset` runs (untimed) before every run, so that no runner finds
-    what another left running (an executor's threads make auto avoid fork)."""
+    burst of load elsewhere falls on all of them alike; then runners faster than
+    FAST_RUN_SECONDS take further rounds among themselves, up to `fast_runs` runs each.
+    Results are checked against `expected`, or else against the first runner's; a runner that
+    differs or raises is reported with its error and not run again. `reset` runs (untimed)
+    before every run, so that no runner finds what another left running (an executor's
+    threads make auto avoid fork)."""
     measured = {r.name: Measured(r.name, r.group, concurrency=r.concurrency, warm=r.warm) for r in runners}
-    for round_number in range(repeat):
+
+    def wants_run(runner: Runner, round_number: int) -> bool:
+        record = measured[runner.name]
+        if record.error or (runner.max_runs and len(record.seconds) >= runner.max_runs):
+            return False
+        if round_number < repeat:
+            return True
+        return len(record.seconds) < fast_runs and record.median < FAST_RUN_SECONDS
+
+    for round_number in range(max(repeat, fast_runs)):
         shift = round_number % len(runners)
         for runner in runners[shift:] + runners[:shift]:
             record = measured[runner.name]
-            if record.error or (runner.max_runs and len(record.seconds) >= runner.max_runs):
+            if not wants_run(runner, round_number):
                 continue
             if reset is not None:
                 reset()

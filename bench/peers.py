@@ -224,14 +224,16 @@ def child_workload(name: str, scale: float, repeat: int, patched: bool) -> None:
         per_item = item_seconds(workload, items)
         runners = runners_for(workload, len(items), cores, patched, per_item)
         records = common.measure(runners, workload.func, items, repeat,
-                                 progress=lambda line: common.log(f"  {name}: {line}"), reset=shut_down_executors)
+                                 progress=lambda line: common.log(f"  {name}: {line}"), reset=shut_down_executors,
+                                 fast_runs=common.FAST_RUNS if scale == 1.0 else 0)
         if not patched and workload.kind in ("cpu", "transfer"):
             warm = warm_runners(cores)
             for runner in warm:  # the untimed first run starts the executor
                 runner.run(workload.func, items[:cores * 4])
             expected = list(map(workload.func, items))
             records += common.measure(warm, workload.func, items, repeat, expected,
-                                      progress=lambda line: common.log(f"  {name}: {line}"))
+                                      progress=lambda line: common.log(f"  {name}: {line}"),
+                                      fast_runs=common.FAST_RUNS if scale == 1.0 else 0)
             shut_down_executors()
         cpu_per_item = client_cpu_per_item(workload, items) if workload.kind == "io" else None
     common.emit({"workload": name, "items": len(items), "item_seconds": per_item,
@@ -596,7 +598,7 @@ def chart(results: dict, startup: dict, streaming: dict, path: str) -> None:
 def report(args, results, startup, streaming, header: list[str]) -> list[str]:
     lines = ["# pmap against its peers", ""] + header + [
         "",
-        f"Medians of {args.repeat} runs; each workload runs in its own process, the runners taking turns. "
+        f"Medians of {args.repeat} runs ({common.FAST_RUNS} for a runner under {common.FAST_RUN_SECONDS * 1000:.0f} ms a run); each workload runs in its own process, the runners taking turns. "
         "Every peer starts a fresh pool per run (start-up included), as each `pmap(...)` call does; "
         "pmap's process backend and joblib's loky are timed cold in the main rows (their reusable "
         "executor ended before each run) and warm in the rows that say so. IO rows use "
