@@ -38,6 +38,9 @@ GIL_RELEASED_OVERLAP = 1.25
 CPU_BOUND_SHARE = 0.3       # CPU share of wall time from which work counts as CPU-bound
 PARALLEL_MARGIN = 0.8       # a parallel plan must promise this fraction of serial time or better
 MAX_IO_THREADS = 64
+# Threads per "wait / CPU" of an item. Exactly that many leave the GIL idle whenever waits
+# bunch up, and a first item's one-off costs (imports, a first connection) inflate its CPU.
+IO_THREAD_HEADROOM = 2
 ASSUMED_UNKNOWN_ITEMS = 10_000  # input of unknown length that outlived the probe: assume it is long
 
 # Costs of this machine's kind, seconds (bench/auto.py measures them).
@@ -238,8 +241,8 @@ def decide(meter: _Meter, remaining: int | None, fn, workers: int | None,
     proc_workers = workers or (cores if wait <= cpu else min(4 * cores, max(cores, round(cores * wall / max(cpu, 1e-9)))))
     # Threads: CPU is serialised by the GIL unless the code releases it; waits overlap.
     thread_cpu_lanes = cores if (gil_released or _free_threaded()) else 1
-    thread_workers = workers or (max(cores, min(MAX_IO_THREADS, math.ceil(thread_cpu_lanes * wall / max(cpu, wall / MAX_IO_THREADS))))
-                                 if not cpu_bound else cores)
+    thread_workers = workers or (max(cores, min(MAX_IO_THREADS, math.ceil(
+        IO_THREAD_HEADROOM * thread_cpu_lanes * wall / max(cpu, wall / MAX_IO_THREADS)))) if not cpu_bound else cores)
     thread_workers = min(thread_workers, max(1, rest)) if remaining is not None else thread_workers
     proc_workers = min(proc_workers, max(1, rest)) if remaining is not None else proc_workers
 
