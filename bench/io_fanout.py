@@ -30,6 +30,7 @@ def child(backend: str, workers: int, items: int, wait: float) -> None:
     import time
 
     import pmap
+    pmap.pmap  # the package loads its API on first use; that import is not the run's
 
     if backend == "asyncio":
         import asyncio
