@@ -39,10 +39,3 @@ def test_cgroup_v1_quota_when_v2_is_absent(tmp_path, monkeypatch):
     assert base._cgroup_cpu_quota() == 1
     quota.write_text("-1\n")  # v1's "no limit"
     assert base._cgroup_cpu_quota() is None
-
-
-def test_auto_on_tiny_work_does_not_import_loky():
-    code = ("import sys, pmap; pmap.pmap(abs, range(1000)); "
-            "print('loky' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "False"

@@ -28,3 +28,12 @@ def test_worker_side_import_stays_light():
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_first_tiny_run_imports_neither_loky_nor_plugin_metadata():
+    # importing loky (for a CPU count) cost 45 ms and scanning installed plugins 20 ms, on
+    # work that takes a few milliseconds
+    code = ("import sys, pmap; pmap.pmap(abs, range(1000)); pmap.pmap(abs, range(10), backend='thread'); "
+            "print(sorted(m for m in ('loky', 'importlib.metadata') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
