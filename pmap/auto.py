@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import pickle
 import sys
 import threading
@@ -69,7 +70,9 @@ class Plan:
 
     def __str__(self) -> str:
         def ms(v):
-            return "-" if v is None else f"{v * 1e3:.3f} ms"
+            if v is None:
+                return "-"
+            return f"{v * 1e6:.3f} us" if v < 1e-4 else f"{v * 1e3:.3f} ms"  # tiny items read as 0.000 ms
         lines = [f"backend: {self.backend} (workers {self.workers}, chunksize "
                  f"{self.chunksize if self.chunksize else 'adaptive'})",
                  f"reason: {self.reason}",
@@ -137,10 +140,15 @@ def _voluntary_switches() -> int | None:
 def _run_queue_seconds() -> float:
     """This thread's time spent waiting for a core (Linux schedstat); 0 where unknown."""
     try:
-        with open("/proc/thread-self/schedstat") as handle:
-            return int(handle.read().split()[1]) / 1e9
+        fd = os.open("/proc/thread-self/schedstat", os.O_RDONLY)  # no text layer: half the cost of open()
+    except OSError:
+        return 0.0
+    try:
+        return int(os.read(fd, 256).split()[1]) / 1e9
     except (OSError, ValueError, IndexError):
         return 0.0
+    finally:
+        os.close(fd)
 
 
 class _Budgeted:
@@ -222,7 +230,6 @@ def _loky_warm(workers: int) -> bool:
 def decide(meter: _Meter, remaining: int | None, fn, workers: int | None,
            gil_released: bool | None) -> Plan:
     """The cost model: estimate the rest of the run on serial, threads and processes; pick the least."""
-    cores = usable_cpus()
     n = meter.calls
     wall = meter.wall / n if n else 0.0
     cpu = min(meter.cpu / n, wall) if n else 0.0
@@ -234,6 +241,16 @@ def decide(meter: _Meter, remaining: int | None, fn, workers: int | None,
     if n == 0:
         return Plan("serial", 1, None, "nothing was measured", **common)
     rest = remaining if remaining is not None else ASSUMED_UNKNOWN_ITEMS
+    serial_time = rest * wall
+    too_small = (f"the rest of the work (~{serial_time:.3f}s serial) is too small for parallel start-up "
+                 "and transfer to pay off")
+    # The per-item cost of any parallel backend alone, before start-up and however many cores:
+    # when even that loses, the answer is serial, and counting cores is not free.
+    parallel_floor = rest * min(THREAD_PER_ITEM, PROCESS_PER_ITEM)
+    if parallel_floor > PARALLEL_MARGIN * serial_time:
+        return Plan("serial", 1, None, too_small,
+                    estimates={"serial": serial_time, "any parallel backend, at least": parallel_floor}, **common)
+    cores = usable_cpus()
     wait = max(wall - cpu, 0.0)
     cpu_bound = cpu >= CPU_BOUND_SHARE * wall
 
@@ -246,7 +263,6 @@ def decide(meter: _Meter, remaining: int | None, fn, workers: int | None,
     thread_workers = min(thread_workers, max(1, rest)) if remaining is not None else thread_workers
     proc_workers = min(proc_workers, max(1, rest)) if remaining is not None else proc_workers
 
-    serial_time = rest * wall
     thread_time = THREAD_START + rest * THREAD_PER_ITEM + max(rest * cpu / min(thread_cpu_lanes, thread_workers),
                                                              rest * wall / thread_workers)
     transfer = item_bytes / TRANSFER_BYTES_PER_SECOND
@@ -267,9 +283,7 @@ def decide(meter: _Meter, remaining: int | None, fn, workers: int | None,
     if best != "serial" and estimates[best] > PARALLEL_MARGIN * serial_time:
         best = "serial"
     if best == "serial":
-        reason = (f"the rest of the work (~{serial_time:.3f}s serial) is too small for parallel start-up "
-                  "and transfer to pay off")
-        return Plan("serial", 1, None, reason, estimates=estimates, **common)
+        return Plan("serial", 1, None, too_small, estimates=estimates, **common)
     if best == "thread":
         if _free_threaded() and cpu_bound:
             why = "CPU-bound work on a free-threaded interpreter runs in parallel threads"
