@@ -111,7 +111,7 @@ def test_one_item_that_spends_the_probe_budget_ends_the_probe():
     plan = pmap.explain(sleep_then, [0.03] * 200)
     assert plan.backend == "thread" and plan.probed_items == 1, str(plan)
     # a sleep costs well under 1 ms of CPU; the probe's own bookkeeping must not be counted as
-    # the function's, or it shrinks the thread count (it gave 28-43 threads here, not 64)
+    # the function's, or it shrinks the thread count (it gave 28-52 threads here, not 64)
     assert plan.workers >= 48, str(plan)
 
 
