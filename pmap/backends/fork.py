@@ -16,7 +16,7 @@ from collections import deque
 
 import cloudpickle
 
-from .._worker import WORKER_CATCH, become_worker_process, dumps, encode_result, loads, run_items
+from .._worker import WORKER_CATCH, become_worker_process, dumps, encode_result, load_prctl, loads, run_items
 from ..errors import BackendUnavailable, RemoteTraceback, warn_user
 from ._procutil import describe_exit, end_process_group
 from .base import Backend, Done, Fatal, Lost, Started, fork_supported, threads_are_greenlets
@@ -129,6 +129,7 @@ class ForkBackend(Backend):
             os.set_blocking(end.fileno(), True)
         proc = self.ctx.Process(target=_worker_main, daemon=True, name="pmap-fork-worker",
                                 args=(child_end, self.functions, self.initializer, self.initargs, self.max_tasks))
+        load_prctl()  # inherited, so the worker need not import ctypes
         gc.freeze()  # the child's collector then leaves the parent's objects (and their pages) alone
         try:
             with warnings.catch_warnings():
