@@ -22,7 +22,6 @@ if "--gevent-patch" in sys.argv:  # must come before anything imports socket or 
     from gevent import monkey
     monkey.patch_all()
 
-import argparse
 import os
 
 import common
@@ -126,28 +125,14 @@ def report(results: dict, repeat: int, header: list[str]) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a smoke run at tiny sizes")
-    parser.add_argument("--repeat", type=int, default=None, help="runs per cell (default 5, quick 2)")
-    parser.add_argument("--only", default=",".join(WORKLOAD_NAMES), help="comma-separated workloads")
-    parser.add_argument("--limit", type=float, default=1800, help="seconds before a child is killed")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--scale", type=float, default=1.0, help=argparse.SUPPRESS)
-    parser.add_argument("--gevent-patch", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.repeat is None:
-        args.repeat = 2 if args.quick else 5
+    parser = common.workload_parser(__doc__.splitlines()[0], WORKLOAD_NAMES)
+    args = common.parse_workload_args(parser, WORKLOAD_NAMES)
     if args.child:
         return child(args.child, args.scale, args.repeat, args.gevent_patch)
 
-    chosen = [name.strip() for name in args.only.split(",") if name.strip()]
-    unknown = set(chosen) - set(WORKLOAD_NAMES)
-    if unknown:
-        parser.error(f"unknown workload(s): {', '.join(sorted(unknown))}")
     common.install_signal_handlers()
     header = common.header_lines("auto.py")
-    results = run_all([n for n in WORKLOAD_NAMES if n in chosen], QUICK_SCALE if args.quick else 1.0,
-                      args.repeat, args.limit)
+    results = run_all(args.chosen, QUICK_SCALE if args.quick else 1.0, args.repeat, args.limit)
     lines = report(results, args.repeat, header)
     path = common.write_results("auto.md", lines, args.quick)
     print("\n".join(lines))

@@ -7,6 +7,7 @@ any process still carrying its tag was left behind, wherever it was re-parented 
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -331,6 +332,34 @@ def run_child(args: list[str], limit: float, patched: bool = False, signal_after
         with open(out_path) as stdout, open(err_path) as stderr:
             lines, err = _json_lines(stdout.read()), stderr.read()
     return ChildResult(returncode, seconds, lines[-1] if lines else None, lines, err, len(leftovers))
+
+
+def workload_parser(description: str, names: tuple, only_help: str = "comma-separated workloads"
+                    ) -> argparse.ArgumentParser:
+    """The options every workload benchmark takes, and the hidden ones of its child processes."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="a smoke run at tiny sizes")
+    parser.add_argument("--repeat", type=int, default=None, help="runs per cell (default 5, quick 2)")
+    parser.add_argument("--only", default=",".join(names), help=only_help)
+    parser.add_argument("--limit", type=float, default=1800, help="seconds before a child is killed")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--scale", type=float, default=1.0, help=argparse.SUPPRESS)
+    parser.add_argument("--gevent-patch", action="store_true", help=argparse.SUPPRESS)
+    return parser
+
+
+def parse_workload_args(parser: argparse.ArgumentParser, names: tuple) -> argparse.Namespace:
+    """Parse, default --repeat, and turn --only into `args.chosen` (in `names` order); an
+    unknown name is a usage error."""
+    args = parser.parse_args()
+    if args.repeat is None:
+        args.repeat = 2 if args.quick else 5
+    wanted = {name.strip() for name in args.only.split(",") if name.strip()}
+    unknown = wanted - set(names)
+    if unknown:
+        parser.error(f"unknown workload(s): {', '.join(sorted(unknown))}")
+    args.chosen = [name for name in names if name in wanted]
+    return args
 
 
 def install_signal_handlers() -> None:

@@ -641,21 +641,13 @@ def report(args, results, startup, streaming, header: list[str]) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a smoke run at tiny sizes")
-    parser.add_argument("--repeat", type=int, default=None, help="runs per cell (default 5, quick 2)")
-    parser.add_argument("--only", default=",".join(ITEM_WORKLOADS + ("startup", "streaming")),
-                        help="comma-separated workloads, 'startup' and 'streaming' included")
+    names = ITEM_WORKLOADS + ("startup", "streaming")
+    parser = common.workload_parser(__doc__.splitlines()[0], names,
+                                    "comma-separated workloads, 'startup' and 'streaming' included")
     parser.add_argument("--stream-items", type=int, default=None)
-    parser.add_argument("--limit", type=float, default=1800, help="seconds before a child is killed")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--scale", type=float, default=1.0, help=argparse.SUPPRESS)
     parser.add_argument("--startup", help=argparse.SUPPRESS)
     parser.add_argument("--stream", nargs=2, help=argparse.SUPPRESS)
-    parser.add_argument("--gevent-patch", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.repeat is None:
-        args.repeat = 2 if args.quick else 5
+    args = common.parse_workload_args(parser, names)
     if args.child:
         return child_workload(args.child, args.scale, args.repeat, args.gevent_patch)
     if args.startup:
@@ -667,11 +659,8 @@ def main() -> None:
     header = common.header_lines("peers.py")
     scale = QUICK_SCALE if args.quick else 1.0
     args.stream_items = args.stream_items or (QUICK_STREAM_ITEMS if args.quick else workloads.STREAM_ITEMS)
-    chosen = [name.strip() for name in args.only.split(",") if name.strip()]
-    unknown = set(chosen) - set(ITEM_WORKLOADS) - {"startup", "streaming"}
-    if unknown:
-        parser.error(f"unknown workload(s): {', '.join(sorted(unknown))}")
-    results = run_workloads([n for n in ITEM_WORKLOADS if n in chosen], scale, args.repeat, args.limit)
+    chosen = args.chosen
+    results = run_workloads([n for n in chosen if n in ITEM_WORKLOADS], scale, args.repeat, args.limit)
     startup = run_fresh("--startup", STARTUP_RUNNERS, args.repeat, [], 120) if "startup" in chosen else {}
     streaming = (run_fresh("--stream", STREAM_RUNNERS, 1, [str(args.stream_items)], args.limit)
                  if "streaming" in chosen else {})
