@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterator
+from typing import Iterator
 
 try:
     import resource

@@ -51,7 +51,3 @@ class ChunkSizer:
         per_item = self.seconds_seen / self.items_seen + PER_ITEM_OVERHEAD
         ideal = int(self.target / per_item)
         self.current = max(1, min(ideal, self.cap, max(self.current * 4, 2)))
-
-    @property
-    def mean_item_seconds(self) -> float | None:
-        return self.seconds_seen / self.items_seen if self.items_seen else None

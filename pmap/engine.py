@@ -97,10 +97,9 @@ class _Block:
     """Output slots for consecutive input indices, filled as tasks finish (ordered mode).
     The slots are made on first use: a task that fills the whole block hands over its list."""
 
-    __slots__ = ("start", "size", "_values", "missing", "has_skips")
+    __slots__ = ("size", "_values", "missing", "has_skips")
 
-    def __init__(self, start: int, n: int):
-        self.start = start
+    def __init__(self, n: int):
         self.size = n
         self._values = None
         self.missing = n
@@ -227,7 +226,7 @@ class _Engine:
             self.next_index += len(items)
             block = None
             if self.spec.ordered:
-                block = self.blocks[index] = _Block(index, len(items))
+                block = self.blocks[index] = _Block(len(items))
             self._submit(block, 0, index, items, 0)
 
     def _read(self, n: int) -> list:

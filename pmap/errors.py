@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pickle
 import reprlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 _short = reprlib.Repr()
@@ -50,10 +50,6 @@ class ItemNotPicklable(PmapError, TypeError):
     """An item (or a task holding it) cannot be pickled to reach a worker process."""
 
 
-class Cancelled(PmapError):
-    """The item was not run because the run stopped first."""
-
-
 class RemoteTraceback(Exception):
     """Carries the worker's formatted traceback as the `__cause__` of a re-raised error."""
 
@@ -78,9 +74,6 @@ def portable_exception(exc: BaseException) -> BaseException:
         return UnpicklableError(f"{type(exc).__module__}.{type(exc).__qualname__}: {exc}")
 
 
-FAILURE_KINDS = ("error", "timeout", "crash", "cancelled")
-
-
 @dataclass
 class Failure:
     """What `on_error="return"` puts in the slot of an item that failed."""
@@ -92,7 +85,6 @@ class Failure:
     kind: str = "error"
     worker: Any = None
     attempts: int = 1
-    notes: list = field(default_factory=list, repr=False)
 
     def __repr__(self) -> str:
         return (f"Failure(index={self.index}, item={short_repr(self.item)}, kind={self.kind!r}, "

@@ -35,12 +35,11 @@ class ProgressBar:
 
 
 def make_progress(progress, stats, description: str = "pmap") -> tuple[Callable | None, Callable[[], None]]:
-    """Turn the `progress=` argument into (callback, closer)."""
-    if progress is False or progress is None:
+    """Turn the `progress=` argument (checked already: True, False or a callable) into
+    (callback, closer)."""
+    if progress is False:
         return None, lambda: None
     if progress is True:
         bar = ProgressBar(description, stats)
         return bar, bar.close
-    if callable(progress):
-        return progress, lambda: None
-    raise TypeError(f"progress must be True, False or a callable taking (done, total), not {type(progress).__name__}")
+    return progress, lambda: None

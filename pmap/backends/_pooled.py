@@ -39,7 +39,6 @@ def pickle_function(fn, backend_name: str) -> bytes:
 
 class PooledBackend(Backend):
     kind = "process"
-    hard_timeout = True
     reports_start = False  # a task starts when submitted: the pool holds at most `workers` under a timeout
 
     @classmethod

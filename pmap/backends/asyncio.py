@@ -33,7 +33,6 @@ _runner_names = itertools.count(1)
 class AsyncioBackend(Backend):
     name = "asyncio"
     kind = "coroutine"
-    hard_timeout = False
     guarantees = ("timeout cancels the item's coroutine at its next await; code that never awaits "
                   "cannot be interrupted; crashes take the whole process")
 

@@ -75,7 +75,6 @@ class Backend:
 
     name: ClassVar[str] = "?"
     kind: ClassVar[str] = "?"            # serial | thread | process | coroutine | remote
-    hard_timeout: ClassVar[bool] = False  # cancel() really stops a running item
     reports_start: ClassVar[bool] = True  # emits Started; else the engine uses submit time
     guarantees: ClassVar[str] = ""        # one line for `pmap backends` and the README table
     # Running totals of pickled bytes to and from workers; None where the backend cannot tell.

@@ -108,7 +108,6 @@ class DaskBackend(Backend):
 
     name = "dask"
     kind = "remote"
-    hard_timeout = False
     reports_start = True
     guarantees = ("runs on a dask.distributed cluster or a LocalCluster; a crash is retried by dask, "
                   "then reported; a timeout cannot stop a running task")

@@ -97,7 +97,6 @@ class _Worker:
 class ForkBackend(Backend):
     name = "fork"
     kind = "process"
-    hard_timeout = True
     guarantees = "hard timeout (worker killed and replaced); a crash costs only the items its worker held"
 
     @classmethod

@@ -46,7 +46,6 @@ class NotCooperativeWarning(RuntimeWarning):
 class GreenletBackend(Backend):
     name = "greenlet"
     kind = "coroutine"
-    hard_timeout = False
     guarantees = ("timeout raises TaskTimeout where the item yields to gevent (gevent.Timeout); "
                   "code that never yields cannot be interrupted; crashes take the whole process")
 

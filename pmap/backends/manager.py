@@ -589,7 +589,6 @@ class ManagerBackend(Backend):
 
     name = "manager"
     kind = "remote"
-    hard_timeout = True
     reports_start = True
     guarantees = ("workers on any host join with `pmap worker`; leases and heartbeats re-queue the work "
                   "of a lost host (at-least-once); hard timeout; authkey required")

@@ -14,7 +14,6 @@ from .base import Backend, Done, Started
 class SerialBackend(Backend):
     name = "serial"
     kind = "serial"
-    hard_timeout = False
     guarantees = "timeout interrupts Python code and sleeps via SIGALRM (main thread only); no isolation from crashes"
 
     @classmethod

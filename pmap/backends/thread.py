@@ -16,7 +16,6 @@ _STOP = None
 class ThreadBackend(Backend):
     name = "thread"
     kind = "thread"
-    hard_timeout = False
     guarantees = ("timeout raises TaskTimeout inside Python code of the stuck thread and abandons it "
                   "if it is blocked in C; crashes take the whole process")
 
