@@ -64,7 +64,7 @@ def check_options(func, *, workers=None, chunksize=None, ordered=True, timeout=N
 
 def make_backend(backend: str | type | Backend, workers=None, initializer=None, initargs=(),
                  **options) -> Backend:
-    """An opened backend instance from a name, a Backend class, or an instance."""
+    """A backend instance (the caller opens it) from a name, a Backend class, or an instance."""
     if isinstance(backend, Backend):
         return backend
     if isinstance(backend, str):
@@ -73,10 +73,6 @@ def make_backend(backend: str | type | Backend, workers=None, initializer=None, 
         cls = backend
     else:
         raise TypeError(f"backend must be a name such as 'process' or 'thread', not {type(backend).__name__}")
-    reason = cls.unavailable_reason()
-    if reason is not None:
-        from .errors import BackendUnavailable
-        raise BackendUnavailable(f"backend {cls.name!r} is unavailable: {reason}")
     instance = cls(workers=workers, initializer=initializer, initargs=tuple(initargs), **options)
     if instance.workers < 1:
         raise ValueError(f"workers must be at least 1, got {instance.workers}")

@@ -21,6 +21,20 @@ def test_fork_unavailable_without_fork(monkeypatch):
     assert not info.available and "os.fork" in info.reason
 
 
+def test_any_unavailable_backend_refuses_to_be_built():
+    class NeedsTheMoon(base.Backend):
+        name = "moon"
+
+        @classmethod
+        def unavailable_reason(cls):
+            return "needs the moon"
+
+    with pytest.raises(pmap.BackendUnavailable, match="backend 'moon' is unavailable: needs the moon"):
+        NeedsTheMoon()
+    with pytest.raises(pmap.BackendUnavailable, match="needs the moon"):
+        pmap.pmap(square, [1], backend=NeedsTheMoon)
+
+
 def test_fork_warns_once_when_threads_run(monkeypatch):
     from pmap.backends import fork
     monkeypatch.setattr(fork, "_warned_threads", False)

@@ -18,7 +18,7 @@ import time
 import cloudpickle
 
 from .._worker import dumps, loads
-from ..errors import BackendUnavailable, FunctionNotPicklable
+from ..errors import FunctionNotPicklable
 from ._procutil import process_exists, end_process_group
 from .base import Backend, Done, Lost, threads_are_greenlets
 
@@ -50,9 +50,6 @@ class PooledBackend(Backend):
 
     def __init__(self, workers=None, initializer=None, initargs=(), **options):
         super().__init__(workers, initializer, initargs, **options)
-        reason = self.unavailable_reason()
-        if reason:
-            raise BackendUnavailable(f"backend {self.name!r} is unavailable: {reason}")
         self.events: queue.SimpleQueue = queue.SimpleQueue()
         self.wake_r, self.wake_w = multiprocessing.Pipe(duplex=False)
         self.inflight: set[int] = set()

@@ -12,6 +12,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, NamedTuple
 
+from ..errors import BackendUnavailable
+
 
 @dataclass(eq=False)
 class Task:
@@ -83,6 +85,9 @@ class Backend:
 
     def __init__(self, workers: int | None = None, initializer: Callable | None = None,
                  initargs: tuple = (), **options: Any):
+        reason = self.unavailable_reason()
+        if reason:
+            raise BackendUnavailable(f"backend {self.name!r} is unavailable: {reason}")
         if options:
             raise TypeError(f"backend {self.name!r} got unknown option(s): {', '.join(sorted(options))}")
         self.workers = workers if workers is not None else self.default_workers()

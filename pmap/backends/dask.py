@@ -115,9 +115,6 @@ class DaskBackend(Backend):
     def __init__(self, workers=None, initializer=None, initargs=(), client=None, address=None,
                  cluster_options=None, **options):
         super().__init__(workers, initializer, initargs, **options)
-        reason = self.unavailable_reason()
-        if reason:
-            raise BackendUnavailable(f"backend 'dask' is unavailable: {reason}")
         if client is not None and address is not None:
             raise ValueError("give the dask backend a client or an address, not both")
         self.given_client = client

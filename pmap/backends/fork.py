@@ -17,7 +17,7 @@ from collections import deque
 import cloudpickle
 
 from .._worker import WORKER_CATCH, become_worker_process, dumps, encode_result, load_prctl, loads, run_items
-from ..errors import BackendUnavailable, RemoteTraceback, warn_user
+from ..errors import RemoteTraceback, warn_user
 from ._procutil import describe_exit, end_process_group
 from .base import Backend, Done, Fatal, Lost, Started, fork_supported, threads_are_greenlets
 
@@ -107,9 +107,6 @@ class ForkBackend(Backend):
 
     def __init__(self, workers=None, initializer=None, initargs=(), max_tasks_per_worker=None, **options):
         super().__init__(workers, initializer, initargs, **options)
-        reason = self.unavailable_reason()
-        if reason:
-            raise BackendUnavailable(f"backend 'fork' is unavailable: {reason}")
         self.max_tasks = max_tasks_per_worker
         self.ctx = multiprocessing.get_context("fork")
         self.functions: dict[int, object] = {}   # inherited by every worker forked later

@@ -59,9 +59,6 @@ class GreenletBackend(Backend):
 
     def __init__(self, workers=None, initializer=None, initargs=(), **options):
         super().__init__(workers, initializer, initargs, **options)
-        if _IMPORT_ERROR is not None:
-            from ..errors import BackendUnavailable
-            raise BackendUnavailable(f"backend 'greenlet' is unavailable: {_IMPORT_ERROR}")
         self._initialized = False
         self._thread_ident = None     # gevent objects belong to the hub of one thread
         self._pool = None

@@ -40,7 +40,7 @@ import cloudpickle
 
 from .._worker import (WORKER_CATCH, become_worker_process, dumps, encode_result, loads,
                        run_items)
-from ..errors import BackendUnavailable, PmapError, RemoteTraceback, portable_exception
+from ..errors import PmapError, RemoteTraceback, portable_exception
 from ._pooled import pickle_function
 from ._procutil import describe_exit, end_process_group
 from .base import Backend, Done, Fatal, Lost, Started
@@ -597,9 +597,6 @@ class ManagerBackend(Backend):
                  authkey_file=None, local_workers=None, prefetch=DEFAULT_PREFETCH,
                  lease_seconds=DEFAULT_LEASE_SECONDS, **options):
         super().__init__(workers, initializer, initargs, **options)
-        reason = self.unavailable_reason()
-        if reason:
-            raise BackendUnavailable(f"backend 'manager' is unavailable: {reason}")
         self.address = parse_address(address)
         self.local_workers = _as_int("local_workers", self.workers if local_workers is None else local_workers, 0)
         self.prefetch = _as_int("prefetch", prefetch, 0)
