@@ -217,14 +217,9 @@ def _picklable(fn) -> str | None:
         return f"{type(exc).__name__}: {exc}"
 
 
-def _loky_warm(workers: int) -> bool:
-    try:
-        from loky import reusable_executor
-        executor = getattr(reusable_executor._executor_storage, "executor", None)
-        return (executor is not None and not executor._flags.broken and not executor._flags.shutdown
-                and executor._max_workers == workers)
-    except Exception:
-        return False
+def _coroutine_plan(workers: int | None) -> Plan:
+    workers = workers or resolve_backend_class("asyncio").default_workers()
+    return Plan("asyncio", workers, None, "the function is a coroutine function (async def)")
 
 
 def decide(meter: _Meter, remaining: int | None, fn, workers: int | None,
@@ -232,7 +227,7 @@ def decide(meter: _Meter, remaining: int | None, fn, workers: int | None,
     """The cost model: estimate the rest of the run on serial, threads and processes; pick the least."""
     n = meter.calls
     wall = meter.wall / n if n else 0.0
-    cpu = min(meter.cpu / n, wall) if n else 0.0
+    cpu = meter.cpu / n if n else 0.0  # never above wall: _Meter.stop sees to it
     item_bytes = meter.bytes
     common = dict(probed_items=n, item_wall=wall if n else None, item_cpu=cpu if n else None,
                   gil_released=gil_released, item_bytes=item_bytes or None)
@@ -273,11 +268,15 @@ def decide(meter: _Meter, remaining: int | None, fn, workers: int | None,
     # picklability check, which costs more than tiny work.
     could_win = FORK_START + rest * PROCESS_PER_ITEM < PARALLEL_MARGIN * serial_time
     unpicklable = _picklable(fn) if could_win else None
-    if (could_win and (unpicklable is None or fork_safe)
-            and resolve_backend_class(process_name).unavailable_reason() is None):
-        start = FORK_START if fork_safe else (0.0 if _loky_warm(proc_workers) else PROCESS_START_COLD)
-        estimates[process_name] = start + rest * (PROCESS_PER_ITEM + transfer) + max(
-            rest * cpu / min(cores, proc_workers), rest * wall / proc_workers)
+    if could_win and (unpicklable is None or fork_safe):
+        process_class = resolve_backend_class(process_name)
+        if process_class.unavailable_reason() is None:
+            if fork_safe:
+                start = FORK_START
+            else:
+                start = 0.0 if process_class.is_warm(proc_workers) else PROCESS_START_COLD
+            estimates[process_name] = start + rest * (PROCESS_PER_ITEM + transfer) + max(
+                rest * cpu / min(cores, proc_workers), rest * wall / proc_workers)
 
     best = min(estimates, key=estimates.get)
     if best != "serial" and estimates[best] > PARALLEL_MARGIN * serial_time:
@@ -387,7 +386,7 @@ def start_auto_run(spec: RunSpec, stats: RunStats, *, workers=None, initializer=
     """The generator of an auto run and the backend it ends on (None until it is chosen)."""
     from .api import make_backend
     if is_async(spec.fn):
-        stats.plan = Plan("asyncio", workers or 100, None, "the function is a coroutine function (async def)")
+        stats.plan = _coroutine_plan(workers)
         backend = make_backend("asyncio", workers=stats.plan.workers, initializer=initializer,
                                initargs=initargs)
         backend.open()
@@ -433,14 +432,11 @@ def explain(func, items, *, workers=None, timeout=None, retries=0, on_error="ret
 
     This runs the function on the first few items (the probe) in the calling thread.
     """
-    from .api import check_options
+    from .api import _total, check_options
     check_options(func, workers=workers, timeout=timeout, retries=retries, on_error=on_error)
     if is_async(func):
-        return Plan("asyncio", workers or 100, None, "the function is a coroutine function (async def)")
-    try:
-        total = len(items)
-    except Exception:
-        total = None
+        return _coroutine_plan(workers)
+    total = _total(items)
     spec = RunSpec(fn=func, items=items, timeout=timeout, retries=retries, on_error=on_error, total=total,
                    chunksize=1 if timeout else None)
     _, _, _, plan, _ = _probe(spec, RunStats(), workers)

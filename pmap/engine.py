@@ -264,7 +264,7 @@ class _Engine:
         self.stats.tasks += 1
         if len(self.stats.chunk_sizes) < MAX_RECORDED_CHUNKS:
             self.stats.chunk_sizes.append(len(items))
-        if not self.backend.reports_start:
+        if self.spec.timeout is not None and not self.backend.reports_start:  # only deadlines read it
             flight.started = time.monotonic()
 
     # ---- events ---------------------------------------------------------------------

@@ -90,6 +90,12 @@ def test_process_backend_reuses_loky_workers():
     second = set(pmap.pmap(pid_of, range(20), backend="process", workers=2, chunksize=1))
     assert first & second, "the second run started new workers instead of reusing loky's"
     assert os.getpid() not in first
+    # what auto reads to price a process run's start-up
+    from pmap.backends.process import ProcessBackend
+    assert ProcessBackend.is_warm(2) and not ProcessBackend.is_warm(3)
+    from loky import get_reusable_executor
+    get_reusable_executor().shutdown(wait=True)
+    assert not ProcessBackend.is_warm(2)
 
 
 def test_thread_timeout_replaces_the_stuck_thread():

@@ -28,11 +28,22 @@ class ProcessBackend(PooledBackend):
         self.executor = None
         self.first_death: dict[int, float] = {}
 
+    @classmethod
+    def is_warm(cls, workers: int) -> bool:
+        """Whether loky's reusable executor already runs `workers` workers: a run then starts
+        no process."""
+        try:
+            from loky import reusable_executor
+            executor = getattr(reusable_executor._executor_storage, "executor", None)
+            return _running(executor) and executor._max_workers == workers
+        except (ImportError, AttributeError):  # loky's internals moved: assume a cold start
+            return False
+
     def open(self) -> None:
         self._executor()
 
     def _executor(self):
-        if self.executor is None or self.executor._flags.broken or self.executor._flags.shutdown:
+        if not _running(self.executor):
             from loky import get_reusable_executor
             init_bytes = self.initializer_bytes()
             self.executor = get_reusable_executor(
@@ -100,3 +111,7 @@ class ProcessBackend(PooledBackend):
         if executor is not None and (kill or self.inflight):
             executor.shutdown(wait=True, kill_workers=True)
         super().close(kill)
+
+
+def _running(executor) -> bool:
+    return executor is not None and not executor._flags.broken and not executor._flags.shutdown
