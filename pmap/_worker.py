@@ -161,6 +161,12 @@ def _exit_when_gone(pid: int) -> None:
     threading.Thread(target=watch, name="pmap-driver-watch", daemon=True).start()
 
 
+def callable_name(fn) -> str:
+    """A function's name for messages; starmap's wrapper and functools.partial unwrapped."""
+    target = getattr(fn, "func", fn)
+    return getattr(target, "__qualname__", None) or type(target).__name__
+
+
 _ASYNC_SEEN = weakref.WeakKeyDictionary()  # fn -> is_async(fn): asked once per task, so remember
 
 

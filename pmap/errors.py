@@ -26,6 +26,11 @@ class PmapError(Exception):
 class TaskTimeout(PmapError, TimeoutError):
     """An item ran longer than its `timeout`."""
 
+    @classmethod
+    def after(cls, seconds: float) -> "TaskTimeout":
+        """The error a backend raises inside an item it stopped at its deadline."""
+        return cls(f"item ran longer than its timeout of {seconds:g}s")
+
 
 class WorkerCrashed(PmapError):
     """The worker running an item died (segfault, os._exit, kill, out of memory)."""

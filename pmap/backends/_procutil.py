@@ -1,4 +1,4 @@
-"""Helpers for process backends: ending a worker and its children, and naming a wait."""
+"""Helpers for process backends: ending a worker and its children, and describing its exit."""
 from __future__ import annotations
 
 import os

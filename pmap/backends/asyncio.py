@@ -21,7 +21,7 @@ import time
 import traceback
 from collections import deque
 
-from .._worker import is_async
+from .._worker import callable_name, is_async
 from ..errors import TaskTimeout
 from .base import Backend, Done, Fatal, Started
 
@@ -79,7 +79,7 @@ class AsyncioBackend(Backend):
 
     def prepare(self, fn, timeout=None):
         if not is_async(fn):
-            raise TypeError(f"backend='asyncio' runs async def functions, and {_name_of(fn)} is a plain "
+            raise TypeError(f"backend='asyncio' runs async def functions, and {callable_name(fn)} is a plain "
                             "function. Use backend='thread' for a blocking function, or define it with "
                             "async def (a function that returns a coroutine needs an async def wrapper).")
         if self._given_loop is not None and _running_loop() is self._given_loop:
@@ -308,10 +308,6 @@ async def _run_items(call: _Call, items: list):
     return values, failures, time.perf_counter() - start
 
 
-def _timeout_error(seconds: float) -> TaskTimeout:
-    return TaskTimeout(f"item ran longer than its timeout of {seconds:g}s")
-
-
 if sys.version_info >= (3, 11):
     async def _with_timeout(fn, item, seconds):
         scope = asyncio.timeout(seconds)
@@ -320,7 +316,7 @@ if sys.version_info >= (3, 11):
                 return await fn(item)
         except TimeoutError:
             if scope.expired():  # ours, not a TimeoutError the function raised itself
-                raise _timeout_error(seconds) from None
+                raise TaskTimeout.after(seconds) from None
             raise
 else:
     async def _with_timeout(fn, item, seconds):
@@ -338,7 +334,7 @@ else:
             await inner
         except BaseException:
             pass
-        raise _timeout_error(seconds)
+        raise TaskTimeout.after(seconds)
 
 
 async def _call_maybe_async(fn, args):
@@ -367,8 +363,3 @@ def _running_loop():
         return asyncio.get_running_loop()
     except RuntimeError:
         return None
-
-
-def _name_of(fn) -> str:
-    target = getattr(fn, "func", fn)
-    return getattr(target, "__qualname__", None) or type(target).__name__

@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 import time
 
-from .._worker import is_async, run_items
+from .._worker import callable_name, is_async, run_items
 from ..errors import TaskTimeout, warn_user
 from .base import Backend, Done, Started
 
@@ -83,7 +83,7 @@ class GreenletBackend(Backend):
 
     def prepare(self, fn, timeout=None):
         if is_async(fn):
-            raise TypeError(f"backend='greenlet' runs plain functions, and {_name_of(fn)} is an async def "
+            raise TypeError(f"backend='greenlet' runs plain functions, and {callable_name(fn)} is an async def "
                             "function: its event loop would stop every greenlet while it runs. "
                             "Use backend='asyncio' for async def functions.")
         self.timeout = timeout
@@ -217,7 +217,7 @@ class _WithDeadline:
         self.seconds = seconds
 
     def __call__(self, item):
-        with gevent.Timeout(self.seconds, TaskTimeout(f"item ran longer than its timeout of {self.seconds:g}s")):
+        with gevent.Timeout(self.seconds, TaskTimeout.after(self.seconds)):
             return self.fn(item)
 
 
@@ -236,11 +236,6 @@ def _warn_if_not_patched() -> None:
                   "(`pmap run --gevent-patch` does so), or use backend='thread'. Code that only uses "
                   "gevent's own APIs can ignore this warning.",
                   NotCooperativeWarning)
-
-
-def _name_of(fn) -> str:
-    target = getattr(fn, "func", fn)
-    return getattr(target, "__qualname__", None) or type(target).__name__
 
 
 __all__ = ["GreenletBackend", "NotCooperativeWarning"]

@@ -72,7 +72,7 @@ class _alarm:
         return self
 
     def _ring(self, signum, frame):
-        raise TaskTimeout(f"item ran longer than its timeout of {self.seconds:g}s")
+        raise TaskTimeout.after(self.seconds)
 
     def __exit__(self, *exc):
         if self.seconds:

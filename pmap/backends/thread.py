@@ -8,7 +8,7 @@ import time
 
 from .._worker import run_items
 from ..errors import TaskTimeout
-from .base import Backend, Done, Fatal, Started
+from .base import Backend, Done, Fatal, Started, usable_cpus
 
 _STOP = None
 
@@ -21,7 +21,6 @@ class ThreadBackend(Backend):
 
     @classmethod
     def default_workers(cls) -> int:
-        from .base import usable_cpus
         return min(32, usable_cpus() + 4)  # as concurrent.futures does
 
     def __init__(self, workers=None, initializer=None, initargs=(), **options):
