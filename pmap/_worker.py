@@ -185,9 +185,27 @@ def is_async(fn) -> bool:
     return answer
 
 
-# ---- pool-like backends (process, pool): tasks travel as bytes, the worker caches functions --
+# ---- workers that receive the function as bytes (process, pool, manager, dask) -----------
 _FUNCTIONS: dict = {}
 _FUNCTION_CACHE_SIZE = 8
+
+
+def cached_function(key, fetch_bytes, cache: dict = _FUNCTIONS):
+    """The function stored under `key`, unpickled once: `fetch_bytes()` gives its bytes on a
+    miss. A long-lived worker serves many runs, so only a few functions are kept."""
+    fn = cache.get(key)
+    if fn is None:
+        if len(cache) >= _FUNCTION_CACHE_SIZE:
+            cache.clear()
+        fn = cache[key] = loads(fetch_bytes())
+    return fn
+
+
+def every_item_failed(n_items: int, exc: BaseException) -> tuple[list, list]:
+    """(values, failures) of a task that could not run at all, for the exception being handled."""
+    tb = traceback.format_exc()
+    n = max(1, n_items)
+    return [None] * n, [(i, exc, tb) for i in range(n)]
 
 
 def pooled_worker_init(initializer_bytes, driver_pid=None):
@@ -204,11 +222,7 @@ def run_pooled_task(payload: bytes) -> bytes:
     marker = os.path.join(start_dir, str(task_id))
     with open(marker, "w") as handle:
         handle.write(str(os.getpid()))
-    fn = _FUNCTIONS.get(key)
-    if fn is None:
-        if len(_FUNCTIONS) >= _FUNCTION_CACHE_SIZE:
-            _FUNCTIONS.clear()
-        fn = _FUNCTIONS[key] = loads(fn_bytes)
+    fn = cached_function(key, lambda: fn_bytes)
     result = encode_result(task_id, *run_items(fn, items, catch=WORKER_CATCH))
     try:
         os.unlink(marker)

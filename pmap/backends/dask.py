@@ -24,10 +24,9 @@ import queue
 import socket
 import threading
 import time
-import traceback
 import uuid
 
-from .._worker import WORKER_CATCH, dumps, encode_result, loads, run_items
+from .._worker import WORKER_CATCH, cached_function, dumps, encode_result, every_item_failed, loads, run_items
 from ..errors import BackendUnavailable
 from ._pooled import pickle_function
 from .base import Backend, Done, Lost, Started
@@ -42,7 +41,6 @@ THREAD_COUNT_REFRESH = 1.0  # seconds between asking the scheduler how many thre
 
 # ---- what runs on a dask worker ----------------------------------------------------------------
 
-_FUNCTIONS: dict = {}
 _INITIALIZED: set = set()
 _INIT_LOCK = threading.Lock()
 
@@ -62,15 +60,9 @@ def run_chunk(fn_key: str, fn_bytes: bytes, init_key, init_bytes, payload: bytes
                     initializer(*initargs)
                     _INITIALIZED.add(init_key)
         items = loads(payload)
-        fn = _FUNCTIONS.get(fn_key)
-        if fn is None:
-            if len(_FUNCTIONS) >= 8:
-                _FUNCTIONS.clear()
-            fn = _FUNCTIONS[fn_key] = loads(fn_bytes)
+        fn = cached_function(fn_key, lambda: fn_bytes)
     except Exception as exc:  # e.g. a module the function needs is missing on this worker
-        tb = traceback.format_exc()
-        n = max(1, len(items))
-        return label, encode_result(None, [None] * n, [(i, exc, tb) for i in range(n)], 0.0)
+        return label, encode_result(None, *every_item_failed(len(items), exc), 0.0)
     return label, encode_result(None, *run_items(fn, items, catch=WORKER_CATCH))
 
 

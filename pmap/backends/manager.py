@@ -38,8 +38,8 @@ from multiprocessing.managers import BaseManager, RemoteError, dispatch
 
 import cloudpickle
 
-from .._worker import (WORKER_CATCH, become_worker_process, dumps, encode_result, loads,
-                       run_items)
+from .._worker import (WORKER_CATCH, become_worker_process, cached_function, dumps, encode_result,
+                       every_item_failed, loads, run_items)
 from ..errors import PmapError, RemoteTraceback, portable_exception
 from ._pooled import pickle_function
 from ._procutil import describe_exit, end_process_group
@@ -753,16 +753,12 @@ class ManagerBackend(Backend):
         try:
             _, values, failures, elapsed = loads(data)
         except Exception as exc:  # a result type this process cannot import
-            tb = traceback.format_exc()
-            return Done(task_id, label, [None] * n_items, [(i, exc, tb) for i in range(n_items)], 0.0)
+            return Done(task_id, label, *every_item_failed(n_items, exc), 0.0)
         return Done(task_id, label, values, failures, elapsed)
 
     def cancel(self, task_id) -> None:
         if self.inflight.pop(task_id, None) is not None:
             self.broker.cancel(task_id)
-
-    def describe_worker(self, worker) -> str:
-        return str(worker)
 
     def close(self, kill=False) -> None:
         if self.broker is None or self.closing:
@@ -1134,23 +1130,16 @@ class _WorkerProcess:
         items = []
         try:
             items = loads(payload)
-            fn = self._function(fn_key)
+            fn = cached_function(fn_key, lambda: self._function_bytes(fn_key), self.functions)
         except Exception as exc:  # e.g. a module the user's code needs is missing on this host
-            tb = traceback.format_exc()
-            n = max(1, len(items))
-            return encode_result(task_id, [None] * n, [(i, exc, tb) for i in range(n)], 0.0)
+            return encode_result(task_id, *every_item_failed(len(items), exc), 0.0)
         return encode_result(task_id, *run_items(fn, items, catch=WORKER_CATCH))
 
-    def _function(self, key):
-        fn = self.functions.get(key)
-        if fn is None:
-            fn_bytes = self.broker.function(key)
-            if fn_bytes is None:
-                raise PmapError("the driver no longer holds this task's function")
-            if len(self.functions) >= 8:
-                self.functions.clear()
-            fn = self.functions[key] = loads(fn_bytes)
-        return fn
+    def _function_bytes(self, key) -> bytes:
+        fn_bytes = self.broker.function(key)
+        if fn_bytes is None:
+            raise PmapError("the driver no longer holds this task's function")
+        return fn_bytes
 
     def _fetch_guarded(self) -> None:
         try:
