@@ -304,6 +304,28 @@ def test_timeout_kills_the_stuck_worker_and_the_rest_go_on():
     assert out[1].kind == "timeout" and isinstance(out[1].exception, pmap.TaskTimeout)
 
 
+def _load_only_in(pid):
+    if os.getpid() != pid:
+        raise RuntimeError("this function cannot be loaded on a worker")
+    return LoadsOnlyInTheDriver()
+
+
+class LoadsOnlyInTheDriver:
+    def __call__(self, x):
+        return x
+
+    def __reduce__(self):
+        return (_load_only_in, (os.getpid(),))
+
+
+def test_a_function_a_worker_cannot_load_fails_every_item_of_its_task():
+    out = pmap.pmap(LoadsOnlyInTheDriver(), range(4), backend="manager", workers=1, chunksize=2,
+                    on_error="return")
+    assert all(isinstance(r, pmap.Failure) for r in out), out
+    assert all("cannot be loaded on a worker" in str(r.exception) for r in out)
+    assert [r.index for r in out] == [0, 1, 2, 3]
+
+
 def test_initializer_failure_reaches_the_caller():
     with pytest.raises(RuntimeError, match="initializer refuses"):
         pmap.pmap(square, range(4), backend="manager", workers=1, initializer=fail_initializer)
