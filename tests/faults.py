@@ -5,6 +5,12 @@ import signal
 import time
 
 
+def exit_on_three(x):
+    if x == 3:
+        os._exit(7)
+    return x
+
+
 def segfault_on_three(x):
     if x == 3:
         ctypes.string_at(0)  # a real segmentation fault

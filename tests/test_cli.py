@@ -40,6 +40,7 @@ TARGETS = textwrap.dedent('''
         return x
 
     def hang(x):
+        _log(x)
         time.sleep(1)
         return x
 
@@ -261,12 +262,14 @@ def test_on_error_raise_stops_after_the_results_before_it(targets):
     assert "pmap: item 3 (3) failed: ValueError: three is not allowed" in result.stderr
 
 
-def test_retries_and_timeout_reach_the_run(targets):
+def test_retries_and_timeout_reach_the_run(targets, tmp_path):
+    calls = tmp_path / "calls.log"
     result = invoke("run", f"{targets}:hang", "--range", "2", "-b", "thread", "--timeout", "0.05",
-                    "--retries", "1", "--on-error", "record")
+                    "--retries", "1", "--on-error", "record", env={"PMAP_TEST_CALLS": str(calls)})
     assert result.exit_code == 1
     records = [json.loads(line) for line in lines(result.stdout)]
     assert [r["error"]["kind"] for r in records] == ["timeout", "timeout"]
+    assert sorted(lines(calls.read_text())) == ["0", "0", "1", "1"], "each item should run twice: once, then its retry"
 
 
 # ---- bad input: one line, exit 2, no traceback ---------------------------------------------

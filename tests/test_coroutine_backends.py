@@ -1,8 +1,8 @@
 """What only the coroutine backends do: greenlet (gevent) and asyncio fan-out, their warnings,
 timeouts and cancellation, and pmap.apmap / pmap.aimap on the caller's own loop.
 
-Speed is judged as a ratio against the serial sum of the waits, with generous slack: the
-machine is shared, so no test asserts a tight wall time.
+Overlap is judged by counting the calls in progress at once, never by wall time: speed is
+measured in bench/io_fanout.py.
 """
 import asyncio
 import json
@@ -70,22 +70,25 @@ def test_greenlet_patched_sleeps_overlap_in_a_subprocess():
         import json, time, warnings
         import pmap
 
+        running = peak = 0
+
         def nap(x):
-            time.sleep({wait})
+            global running, peak
+            running += 1
+            peak = max(peak, running)
+            time.sleep({wait})  # patched: yields to the other greenlets
+            running -= 1
             return x * 2
 
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            start = time.perf_counter()
             out = pmap.pmap(nap, range({items}), backend="greenlet")
-            elapsed = time.perf_counter() - start
-        print(json.dumps({{"elapsed": elapsed, "correct": out == [x * 2 for x in range({items})],
+        print(json.dumps({{"peak": peak, "correct": out == [x * 2 for x in range({items})],
                           "warnings": [str(w.message) for w in caught]}}))
     """)
     result = last_json_line(proc)
     assert result["correct"]
-    serial_sum = items * wait  # 100 s
-    assert result["elapsed"] < serial_sum / 20, result
+    assert result["peak"] >= 100, result  # the sleeps overlapped (default workers: 256)
     assert result["warnings"] == []  # patched: neither the up-front nor the run-time warning
 
 
@@ -136,7 +139,7 @@ def cooperative_nap(x):
 
 
 def test_greenlet_cooperative_calls_overlap_and_do_not_warn_at_run_time():
-    items, wait = 200, 0.05
+    items = 200
     meter = ConcurrencyMeter()
 
     def nap(x):
@@ -148,11 +151,8 @@ def test_greenlet_cooperative_calls_overlap_and_do_not_warn_at_run_time():
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        start = time.perf_counter()
         out = pmap.pmap(nap, range(items), backend="greenlet", workers=50)
-        elapsed = time.perf_counter() - start
     assert out == list(range(items))
-    assert elapsed < items * wait / 5
     assert 25 <= meter.peak <= 50  # real overlap, bounded by workers
     assert not [w for w in caught if "one at a time" in str(w.message)]
 
@@ -322,11 +322,8 @@ def test_asyncio_fan_out_is_concurrent_and_bounded_by_workers():
     async def nap(x):
         return await async_nap(x, wait, meter)
 
-    start = time.perf_counter()
     out = pmap.pmap(nap, range(items), backend="asyncio", workers=workers)
-    elapsed = time.perf_counter() - start
     assert out == list(range(items))
-    assert elapsed < items * wait / 10  # at least 10x faster than the 10 s serial sum; ideal is 100x
     assert workers // 2 <= meter.peak <= workers
 
 
@@ -338,14 +335,11 @@ def test_asyncio_works_inside_a_running_loop():
         return await async_nap(x, wait, meter)
 
     async def caller():
-        start = time.perf_counter()
-        out = pmap.pmap(nap, range(items), backend="asyncio", workers=100)
-        return out, time.perf_counter() - start
+        return pmap.pmap(nap, range(items), backend="asyncio", workers=100)
 
-    out, elapsed = asyncio.run(caller())
+    out = asyncio.run(caller())
     assert out == list(range(items))
-    assert elapsed < items * wait / 10
-    assert meter.peak <= 100
+    assert 50 <= meter.peak <= 100
 
 
 def test_asyncio_pool_created_outside_a_loop_works_inside_one():
@@ -480,16 +474,14 @@ def test_apmap_runs_on_the_callers_loop_concurrently():
         return await async_nap(x, wait, meter)
 
     async def caller():
-        start = time.perf_counter()
         out = await pmap.apmap(nap, range(items), workers=100)
-        return out, time.perf_counter() - start, id(asyncio.get_running_loop())
+        return out, id(asyncio.get_running_loop())
 
-    out, elapsed, caller_loop = asyncio.run(caller())
+    out, caller_loop = asyncio.run(caller())
     assert out == list(range(items))
     assert out.stats.items_done == items
-    assert elapsed < items * wait / 10
     assert seen_loops == {caller_loop}
-    assert meter.peak <= 100
+    assert 50 <= meter.peak <= 100
 
 
 def test_aimap_takes_an_async_iterable_and_yields_in_completion_order():

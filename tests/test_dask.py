@@ -1,7 +1,6 @@
 """The dask backend: the behaviour suite on one shared LocalCluster, a worker killed by its
 item (KilledWorker becomes a crash), a Client or scheduler address given by the user, a
 LocalCluster started lazily and closed with the run, and the error when dask is missing."""
-import os
 import subprocess
 import sys
 import textwrap
@@ -11,6 +10,7 @@ import pytest
 import pmap
 from pmap.backends.dask import DaskBackend
 from test_behaviour import *  # noqa: F401,F403  (the behaviour suite, run here on dask)
+from faults import exit_on_three
 from workloads import sleep_then, square
 
 pytestmark = pytest.mark.pmap_backends("dask")
@@ -19,12 +19,6 @@ HAVE_DISTRIBUTED = DaskBackend.unavailable_reason() is None
 needs_distributed = pytest.mark.skipif(
     not HAVE_DISTRIBUTED, reason="the distributed package is not installed (pmap-parallel[dask])")
 HANG_GUARD = 120  # seconds; only catches a hang
-
-
-def exit_on_three(x):
-    if x == 3:
-        os._exit(7)
-    return x
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -17,6 +17,7 @@ import pmap
 from pmap.backends.base import Done, Lost, Started
 from pmap.backends.manager import Broker, ManagerBackend
 from test_behaviour import *  # noqa: F401,F403  (the behaviour suite, run here on manager)
+from faults import exit_on_three
 from workloads import sleep_then, square
 
 pytestmark = pytest.mark.pmap_backends("manager")
@@ -36,12 +37,6 @@ def note_start_then_sleep(args):
         pass
     time.sleep(seconds)
     return item, os.getpid()
-
-
-def exit_on_three(x):
-    if x == 3:
-        os._exit(7)
-    return x
 
 
 def fail_initializer():
@@ -168,7 +163,7 @@ def test_sigkilled_worker_host_loses_nothing(key_file, worker_commands, marker_d
     killed_mid_task = {item for item, pid in markers(marker_dir) if pid in victim_pids}
     finished_by = dict(out)
     assert any(finished_by[item] not in victim_pids for item in killed_mid_task), \
-        "an item the victim had started was finished by the survivor"
+        "no item the victim had started was finished by the survivor"
     assert out.stats.crashed_workers == 0 and out.stats.retried == 0  # re-queued by the broker
     _, alive = psutil.wait_procs(victim_procs, timeout=10)
     assert not alive, "the killed worker's processes outlived it"
