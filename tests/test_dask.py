@@ -89,7 +89,7 @@ def test_lazy_input_keeps_a_bounded_window_of_futures():
     finally:
         backend.close()
     assert first == [0, 1, 4, 9, 16]
-    assert in_flight <= backend.threads * 2
+    assert in_flight <= backend.workers * 2
     assert len(seen) < 1000  # the infinite input was read only as far as needed
 
 

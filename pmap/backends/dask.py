@@ -121,7 +121,6 @@ class DaskBackend(Backend):
         self.fn_args = None
         self.init_args = (None, None)
         self.run_prefix = uuid.uuid4().hex[:12]
-        self.threads = None
         self.threads_checked = 0.0
         self.start_topic = f"pmap-start-{self.run_prefix}"
         self.starts: queue.SimpleQueue = queue.SimpleQueue()
@@ -172,11 +171,10 @@ class DaskBackend(Backend):
         if force or now - self.threads_checked > THREAD_COUNT_REFRESH:
             self.threads_checked = now
             try:
-                self.threads = max(1, sum(self.client.nthreads().values()))
+                self.workers = max(1, sum(self.client.nthreads().values()))
             except Exception:  # the scheduler is busy or gone; keep the last count
-                self.threads = self.threads or self.workers
-            self.workers = self.threads
-        return self.threads
+                pass
+        return self.workers
 
     # ---- the protocol ---------------------------------------------------------------------
     def prepare(self, fn, timeout=None):

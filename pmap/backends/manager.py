@@ -125,7 +125,6 @@ class Broker:
         self.events: list = []
         self.idle_waiting = 0   # lease calls waiting from workers that hold nothing
         self.next_id = 0
-        self.stopping = False
         self.stopped = threading.Event()
 
     def start_janitor(self) -> None:
@@ -198,7 +197,6 @@ class Broker:
     def stop(self) -> None:
         self.stopped.set()
         with self.lock:
-            self.stopping = True
             self.work_ready.notify_all()
             self.orders_ready.notify_all()
             self.events_ready.notify_all()
@@ -206,7 +204,7 @@ class Broker:
     # ---- supervisor side (over the network) ----------------------------------------------
     def hello_host(self, info: dict):
         with self.lock:
-            if self.stopping:
+            if self.stopped.is_set():
                 return None
             self.next_id += 1
             host = _HostRecord(self.next_id, str(info.get("name", "?")), info.get("pid"),
@@ -221,7 +219,7 @@ class Broker:
             host = self.hosts.get(host_id)
             if host is None:
                 return {"stop": True, "kill": []}
-            while not self.stopping and not host.kills:
+            while not self.stopped.is_set() and not host.kills:
                 self._touch(host)
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -229,7 +227,7 @@ class Broker:
                 self.orders_ready.wait(remaining)
             self._touch(host)
             kills, host.kills = host.kills, []
-            return {"stop": self.stopping, "kill": kills}
+            return {"stop": self.stopped.is_set(), "kill": kills}
 
     def worker_exited(self, host_id: int, pid: int, exitcode) -> None:
         with self.lock:
@@ -254,7 +252,7 @@ class Broker:
     def hello_worker(self, host_id: int, pid: int):
         with self.lock:
             host = self.hosts.get(host_id)
-            if host is None or self.stopping:
+            if host is None or self.stopped.is_set():
                 return None
             self._touch(host)
             self.next_id += 1
@@ -278,14 +276,14 @@ class Broker:
         deadline = time.monotonic() + min(wait, 5.0)
         with self.lock:
             worker = self.workers.get(worker_id)
-            if worker is None or self.stopping or worker.doomed:
+            if worker is None or self.stopped.is_set() or worker.doomed:
                 return None
             idle = not worker.held
             if idle:
                 self.idle_waiting += 1
             try:
                 while True:
-                    if self.stopping or worker_id not in self.workers or worker.doomed:
+                    if self.stopped.is_set() or worker_id not in self.workers or worker.doomed:
                         return None
                     now_idle = not worker.held
                     if now_idle != idle:
@@ -621,7 +619,6 @@ class ManagerBackend(Backend):
         self.local_token = secrets.token_hex(8)
         self.local_restarts = 0
         self.inflight: dict[int, int] = {}   # task id -> number of items
-        self.fn_key = None
 
     @classmethod
     def unavailable_reason(cls):
@@ -713,9 +710,9 @@ class ManagerBackend(Backend):
     def prepare(self, fn, timeout=None):
         self.timeout = timeout
         fn_bytes = pickle_function(fn, self.name)
-        self.fn_key = hashlib.blake2b(fn_bytes, digest_size=12).hexdigest()
-        self.broker.set_function(self.fn_key, fn_bytes)
-        return self.fn_key
+        fn_key = hashlib.blake2b(fn_bytes, digest_size=12).hexdigest()
+        self.broker.set_function(fn_key, fn_bytes)
+        return fn_key
 
     def capacity(self) -> int:
         slots = max(1, self.local_workers, self.broker.live_workers())
