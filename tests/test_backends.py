@@ -35,6 +35,24 @@ def test_any_unavailable_backend_refuses_to_be_built():
         pmap.pmap(square, [1], backend=NeedsTheMoon)
 
 
+def test_fork_task_sent_to_a_worker_that_just_died_is_lost_without_blame():
+    # the race behind a rare BrokenPipeError: a worker dies between wait() and submit()
+    import signal
+    from pmap.backends.fork import ForkBackend
+    backend = ForkBackend(workers=1)
+    backend.open()
+    try:
+        fn = backend.prepare(square)
+        victim = backend.workers_list[0]
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.proc.join(10)
+        backend.submit(base.Task(1, fn, [3]))  # must not raise
+        lost = [e for e in backend.wait(1.0) if isinstance(e, base.Lost)]
+        assert [(e.task_id, e.blame) for e in lost] == [(1, False)]
+    finally:
+        backend.close(kill=True)
+
+
 def test_fork_warns_once_when_threads_run(monkeypatch):
     from pmap.backends import fork
     monkeypatch.setattr(fork, "_warned_threads", False)

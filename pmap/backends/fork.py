@@ -200,7 +200,12 @@ class ForkBackend(Backend):
         worker = max(self.workers_list, key=self._room)  # the least loaded
         if not self._room(worker):
             raise RuntimeError("fork backend: submit() beyond capacity()")
-        worker.conn.send_bytes(message)
+        try:
+            worker.conn.send_bytes(message)
+        except OSError:  # it died since wait() last looked; wait() buries it, and this task never ran
+            self.events.append(Lost(task.id, worker.pid, None, "its worker died before the task reached it",
+                                    blame=False))
+            return
         self.bytes_sent += len(message)
         worker.tasks.append(task.id)
         self.by_task[task.id] = worker
