@@ -53,6 +53,25 @@ def test_fork_task_sent_to_a_worker_that_just_died_is_lost_without_blame():
         backend.close(kill=True)
 
 
+def test_process_task_refused_by_a_just_broken_executor_is_lost_without_blame(monkeypatch):
+    # the same race on loky: its executor breaks between our liveness check and submit()
+    from loky.process_executor import TerminatedWorkerError
+    from pmap.backends.process import ProcessBackend
+    backend = ProcessBackend(workers=1)
+    backend.open()
+    try:
+        fn = backend.prepare(square)
+
+        def refuse(*args, **kwargs):
+            raise TerminatedWorkerError("a worker process was unexpectedly terminated")
+        monkeypatch.setattr(backend.executor, "submit", refuse)
+        backend.submit(base.Task(1, fn, [3]))  # must not raise
+        lost = [e for e in backend.wait(5.0) if isinstance(e, base.Lost)]
+        assert [(e.task_id, e.blame) for e in lost] == [(1, False)]
+    finally:
+        backend.close(kill=True)
+
+
 def test_fork_warns_once_when_threads_run(monkeypatch):
     from pmap.backends import fork
     monkeypatch.setattr(fork, "_warned_threads", False)

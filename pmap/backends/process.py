@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import BrokenExecutor
 
 from .._worker import pooled_worker_init, run_pooled_task
 from ._procutil import describe_exit
@@ -67,9 +68,13 @@ class ProcessBackend(PooledBackend):
 
     def _send(self, task_id, payload) -> None:
         self.tasks_on_executor += 1
-        future = self._executor().submit(run_pooled_task, payload)
-        self._processes()  # remember the workers now, so their exit codes outlive loky's cleanup
         on_result = self._result_callback(task_id)
+        try:
+            future = self._executor().submit(run_pooled_task, payload)
+        except BrokenExecutor as exc:  # a worker died since wait() last looked: this task never ran
+            on_result(exc)
+            return
+        self._processes()  # remember the workers now, so their exit codes outlive loky's cleanup
         future.add_done_callback(lambda f: on_result(f.exception() or f.result()))
 
     def _current_processes(self) -> list:
