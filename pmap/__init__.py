@@ -4,15 +4,36 @@ The public names load on first use (PEP 562), so a worker process that imports o
 `pmap._worker` does not pay for asyncio, the CLI's helpers or the comparison tools.
 """
 import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # what a type checker sees (`X as X` re-exports); at run time names load on first use
+    from . import backends as backends
+    from .aio import AsyncResults as AsyncResults, aimap as aimap, apmap as apmap
+    from .api import (Pool as Pool, ResultList as ResultList, Results as Results, imap as imap,
+                      pmap as pmap, starmap as starmap)
+    from .auto import Plan as Plan, explain as explain
+    from .backends.base import (Backend as Backend, BackendInfo as BackendInfo,
+                                register_backend as register_backend)
+    from .comparison import ResultsDiffer as ResultsDiffer, compare as compare
+    from .engine import RunStats as RunStats
+    from .errors import (BackendUnavailable as BackendUnavailable, Failure as Failure,
+                         InitializerError as InitializerError, PmapError as PmapError,
+                         RemoteTraceback as RemoteTraceback, TaskTimeout as TaskTimeout,
+                         UnpicklableError as UnpicklableError, WorkerCrashed as WorkerCrashed)
+    from .concurrency import Adaptive as Adaptive
+    from .options import Options as Options
+    from .shared import shared_array as shared_array, to_shared as to_shared
 
 _EXPORTS = {
-    "pmap": "api", "imap": "api", "starmap": "api", "Pool": "api", "Results": "api",
+    "pmap": "api", "imap": "api", "starmap": "api", "Pool": "api", "Results": "api", "ResultList": "api",
     "apmap": "aio", "aimap": "aio", "AsyncResults": "aio",
     "explain": "auto", "Plan": "auto",
     "Backend": "backends.base", "BackendInfo": "backends.base", "register_backend": "backends.base",
     "compare": "comparison", "ResultsDiffer": "comparison",
-    "RunStats": "engine",
-    "BackendUnavailable": "errors", "Failure": "errors", "PmapError": "errors", "RemoteTraceback": "errors",
+    "RunStats": "engine", "Options": "options", "Adaptive": "concurrency",
+    "shared_array": "shared", "to_shared": "shared",
+    "BackendUnavailable": "errors", "Failure": "errors", "InitializerError": "errors", "PmapError": "errors",
+    "RemoteTraceback": "errors",
     "TaskTimeout": "errors", "UnpicklableError": "errors", "WorkerCrashed": "errors",
 }
 __all__ = [*_EXPORTS, "backends"]

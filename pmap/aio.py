@@ -12,10 +12,12 @@ import asyncio
 import concurrent.futures
 import inspect
 import threading
+from dataclasses import replace
 from typing import AsyncIterable, AsyncIterator, Callable, Iterable
 
 from ._worker import is_async
-from .api import ResultList, check_options, imap
+from .api import ResultList, _run
+from .options import Options, check_callable
 from .backends.asyncio import AsyncioBackend
 
 _VALUE, _END, _ERROR = "value", "end", "error"
@@ -32,30 +34,27 @@ class AsyncResults(AsyncIterator):
     """What `aimap` returns: iterate with `async for`; `.stats` fills as it goes; `aclose()`
     (or leaving `async with`) cancels the coroutines still running."""
 
-    def __init__(self, func, items, *, workers, chunksize, ordered, timeout, retries, retry_on,
-                 backoff, on_error, progress, initializer, initargs):
+    def __init__(self, func, items, options: Options):
         try:
             self._loop = asyncio.get_running_loop()
         except RuntimeError:
             raise RuntimeError("aimap/apmap must be called from a coroutine running in an event loop; "
                                "in synchronous code use pmap.imap/pmap.pmap with backend='asyncio'") from None
-        check_options(func, workers=workers, chunksize=chunksize, ordered=ordered, timeout=timeout,
-                      retries=retries, retry_on=retry_on, backoff=backoff, on_error=on_error,
-                      progress=progress, initializer=initializer, initargs=initargs)
+        check_callable(func)
         if not is_async(func):
             raise TypeError(f"aimap/apmap run async def functions, and {getattr(func, '__qualname__', func)!r} "
                             "is a plain function; for blocking code use "
                             "`await asyncio.to_thread(pmap.pmap, func, items, backend='thread')`")
-        self._initializer = initializer
-        self._initargs = tuple(initargs)
+        self._initializer = options.initializer
+        self._initargs = options.initargs
         self._stopping = threading.Event()
         self._source = items
         if isinstance(items, AsyncIterable):
             items = _pull_from_loop(items, self._loop, self._stopping)
-        self._backend = AsyncioBackend(workers=workers, loop=self._loop)
-        self._results = imap(func, items, backend=self._backend, chunksize=chunksize, ordered=ordered,
-                             timeout=timeout, retries=retries, retry_on=retry_on, backoff=backoff,
-                             on_error=on_error, progress=self._progress_on_loop(progress))
+        self._backend = AsyncioBackend(workers=options.workers, loop=self._loop)
+        run_options = replace(options, backend=self._backend, workers=None, initializer=None, initargs=(),
+                              progress=self._progress_on_loop(options.progress))
+        self._results = _run(func, items, False, run_options)
         self.stats = self._results.stats
         self._buffer: asyncio.Queue = asyncio.Queue()
         self._room = threading.Semaphore(max(BUFFER_MIN, self._backend.workers))
@@ -197,23 +196,23 @@ def _pull_from_loop(source: AsyncIterable, loop, stopping: threading.Event):
 def aimap(func: Callable, items: Iterable | AsyncIterable, *, workers: int | None = None,
           chunksize: int | None = None, ordered: bool = True, timeout: float | None = None,
           retries: int = 0, retry_on=(Exception,), backoff: float = 0.0, on_error: str = "raise",
-          progress=False, initializer: Callable | None = None, initargs: tuple = ()) -> AsyncResults:
+          progress=False, initializer: Callable | None = None, initargs: tuple = (),
+          inner_threads: int | None = None) -> AsyncResults:
     """Lazy `apmap`: `async for result in pmap.aimap(fetch, urls): ...`. Items may be an
-    async iterable. Call it from a coroutine; the coroutines run on that coroutine's loop."""
-    return AsyncResults(func, items, workers=workers, chunksize=chunksize, ordered=ordered, timeout=timeout,
-                        retries=retries, retry_on=retry_on, backoff=backoff, on_error=on_error,
-                        progress=progress, initializer=initializer, initargs=initargs)
+    async iterable. Call it from a coroutine; the coroutines run on that coroutine's loop.
+    (`inner_threads` is accepted for the same signature as `pmap.imap`: coroutines on one loop
+    run no worker pools to limit.)"""
+    return AsyncResults(func, items, Options.from_arguments(locals()))
 
 
 async def apmap(func: Callable, items: Iterable | AsyncIterable, *, workers: int | None = None,
                 chunksize: int | None = None, ordered: bool = True, timeout: float | None = None,
                 retries: int = 0, retry_on=(Exception,), backoff: float = 0.0, on_error: str = "raise",
-                progress=False, initializer: Callable | None = None, initargs: tuple = ()) -> list:
+                progress=False, initializer: Callable | None = None, initargs: tuple = (),
+                inner_threads: int | None = None) -> list:
     """`await pmap.apmap(fetch, urls, workers=50)`: the list `pmap.pmap` would return, computed on
     the running loop with at most `workers` coroutines at a time. Same options as `pmap.pmap`."""
-    async with aimap(func, items, workers=workers, chunksize=chunksize, ordered=ordered, timeout=timeout,
-                     retries=retries, retry_on=retry_on, backoff=backoff, on_error=on_error, progress=progress,
-                     initializer=initializer, initargs=initargs) as results:
+    async with AsyncResults(func, items, Options.from_arguments(locals())) as results:
         out = ResultList([value async for value in results])
     out.stats = results.stats
     return out

@@ -2,91 +2,31 @@
 from __future__ import annotations
 
 import itertools
-import numbers
 import sys
 import threading
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, List, TypeVar
 
 from ._worker import StarCall
-from .backends.base import Backend, resolve_backend_class
-from .engine import RunSpec, RunStats, execute
+from .auto import start_auto_run
+from .backends.base import Backend, backend_class, open_backend
+from .concurrency import Adaptive
+from .engine import RunStats, execute
+from .errors import drop_pmap_frames
+from .options import Options, check_callable, check_iterable, known_length
 from .progress import make_progress
 
-ON_ERROR_CHOICES = ("raise", "return", "skip")
+ProgressCallback = Callable[[int, "int | None"], Any]
+
+R = TypeVar("R")
 
 
-class ResultList(list):
+class ResultList(List[R]):
     """The list `pmap` returns; `.stats` tells how the run went."""
 
     stats: RunStats
 
 
-def _check_positive_int(name: str, value: Any, allow_none: bool = True, minimum: int = 1) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, not {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be at least {minimum}, got {value}")
-
-
-def check_options(func, *, workers=None, chunksize=None, ordered=True, timeout=None, retries=0,
-                  retry_on=(Exception,), backoff=0.0, on_error="raise", progress=False,
-                  initializer=None, initargs=()) -> None:
-    """Raise a clear error for any bad argument, before any work starts."""
-    if not callable(func):
-        raise TypeError(f"func must be callable, not {type(func).__name__}")
-    _check_positive_int("workers", workers)
-    _check_positive_int("chunksize", chunksize)
-    _check_positive_int("retries", retries, allow_none=False, minimum=0)
-    if on_error not in ON_ERROR_CHOICES:
-        raise ValueError(f"on_error must be one of {', '.join(map(repr, ON_ERROR_CHOICES))}, got {on_error!r}")
-    if timeout is not None:
-        if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or not timeout > 0:
-            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
-        if chunksize is not None and chunksize > 1:
-            raise ValueError("timeout is per item, so it needs chunksize=1 (or None); "
-                             f"got chunksize={chunksize}")
-    if isinstance(backoff, bool) or not isinstance(backoff, numbers.Real) or backoff < 0:
-        raise ValueError(f"backoff must be a non-negative number of seconds, got {backoff!r}")
-    retry_types = retry_on if isinstance(retry_on, tuple) else (retry_on,)
-    if not all(isinstance(t, type) and issubclass(t, BaseException) for t in retry_types):
-        raise TypeError("retry_on must be an exception type or a tuple of them")
-    if not (isinstance(progress, bool) or callable(progress)):
-        raise TypeError("progress must be True, False or a callable taking (done, total)")
-    if initializer is not None and not callable(initializer):
-        raise TypeError("initializer must be callable")
-    if not isinstance(initargs, (tuple, list)):
-        raise TypeError("initargs must be a tuple")
-    if not isinstance(ordered, bool):
-        raise TypeError("ordered must be True or False")
-
-
-def make_backend(backend: str | type | Backend, workers=None, initializer=None, initargs=(),
-                 **options) -> Backend:
-    """A backend instance (the caller opens it) from a name, a Backend class, or an instance."""
-    if isinstance(backend, Backend):
-        return backend
-    if isinstance(backend, str):
-        cls = resolve_backend_class(backend)
-    elif isinstance(backend, type) and issubclass(backend, Backend):
-        cls = backend
-    else:
-        raise TypeError(f"backend must be a name such as 'process' or 'thread', not {type(backend).__name__}")
-    instance = cls(workers=workers, initializer=initializer, initargs=tuple(initargs), **options)
-    if instance.workers < 1:
-        raise ValueError(f"workers must be at least 1, got {instance.workers}")
-    return instance
-
-
-def _total(items) -> int | None:
-    try:
-        return len(items)
-    except Exception:
-        return None
-
-
-class Results(Iterator):
+class Results(Iterator[R]):
     """A lazy run: iterate for results; `.stats` is filled as it goes; `close()` stops it."""
 
     def __init__(self, batches: Iterator[list], stats: RunStats, finish: Callable[[bool], None]):
@@ -96,7 +36,7 @@ class Results(Iterator):
         self._finish = finish
         self._closed = False
 
-    def __next__(self):
+    def __next__(self) -> R:
         if self._closed:
             raise StopIteration
         try:
@@ -104,8 +44,10 @@ class Results(Iterator):
         except StopIteration:
             self._end(ok=True)
             raise
-        except BaseException:
+        except BaseException as exc:
             self._end(ok=False)
+            if drop_pmap_frames(exc):
+                raise exc  # from here on, not from the engine
             raise
 
     def _end(self, ok: bool) -> None:
@@ -132,33 +74,29 @@ class Results(Iterator):
             pass
 
 
-def _run(func, items, *, star, backend, workers, chunksize, ordered, timeout, retries, retry_on,
-         backoff, on_error, progress, initializer, initargs, backend_options, pool=None) -> Results:
-    check_options(func, workers=workers, chunksize=chunksize, ordered=ordered, timeout=timeout,
-                  retries=retries, retry_on=retry_on, backoff=backoff, on_error=on_error,
-                  progress=progress, initializer=initializer, initargs=initargs)
-    try:
-        iter(items)
-    except TypeError:
-        raise TypeError(f"items must be iterable, not {type(items).__name__}") from None
+def _run(func: Callable, items: Iterable, star: bool, options: Options,
+         pool: Backend | None = None, pool_bounds: Adaptive | None = None) -> Results:
+    check_callable(func)
+    check_iterable(items)
     fn = StarCall(func) if star else func
     stats = RunStats()
-    callback, close_progress = make_progress(progress, stats)
-    spec = RunSpec(fn=fn, items=items, ordered=ordered, timeout=timeout, retries=retries,
-                   retry_on=retry_on if isinstance(retry_on, tuple) else (retry_on,), backoff=backoff,
-                   on_error=on_error, chunksize=1 if timeout is not None else chunksize,
-                   progress=callback, total=_total(items))
-    if backend == "auto" and pool is None:
-        if backend_options:
-            raise TypeError(f"backend option(s) {', '.join(sorted(backend_options))} need an explicit "
-                            "backend=..., since auto mode may pick any backend")
-        from .auto import start_auto_run
-        gen, instance = start_auto_run(spec, stats, workers=workers, initializer=initializer,
-                                       initargs=initargs)
+    auto = options.backend == "auto" and pool is None
+    if auto and options.backend_options:
+        raise TypeError(f"backend option(s) {', '.join(sorted(options.backend_options))} need an "
+                        "explicit backend=..., since auto mode may pick any backend")
+    instance, bounds = pool, pool_bounds
+    if not auto and pool is None:  # opened before the bar is drawn: a backend that fails leaves no bar
+        instance, bounds = _open(options)
+    callback, close_progress = make_progress(options.progress, stats, total=known_length(items))
+    spec = options.run_spec(fn, items, callback, concurrency=bounds)
+    if auto:
+        try:
+            gen, instance = start_auto_run(spec, stats, workers=options.workers, initializer=options.initializer,
+                                           initargs=options.initargs, inner_threads=options.inner_threads)
+        except BaseException:
+            close_progress()  # a bar drawn for a run that never started is not left on the screen
+            raise
     else:
-        instance = pool if pool is not None else make_backend(
-            backend, workers=workers, initializer=initializer, initargs=initargs, **backend_options)
-        instance.open()
         gen = execute(instance, spec, stats)
     owned = pool is None
 
@@ -172,70 +110,92 @@ def _run(func, items, *, star, backend, workers, chunksize, ordered, timeout, re
     return Results(gen, stats, finish)
 
 
-def _collect(results: Results) -> ResultList:
-    out = ResultList()
+def _collect(results: Results[R]) -> ResultList[R]:
+    out: ResultList[R] = ResultList()
     try:
         for batch in results._batches:  # whole lists: no per-item Python call or iterator step
             out.extend(batch)
-    except BaseException:
+    except BaseException as exc:
         results._end(ok=False)
+        if drop_pmap_frames(exc):
+            raise exc  # from here on, not from the engine
         raise
     results._end(ok=True)
     out.stats = results.stats
     return out
 
 
-def pmap(func: Callable, items: Iterable, *, backend: str = "auto", workers: int | None = None,
-         chunksize: int | None = None, ordered: bool = True, timeout: float | None = None,
-         retries: int = 0, retry_on=(Exception,), backoff: float = 0.0, on_error: str = "raise",
-         progress=False, initializer: Callable | None = None, initargs: tuple = (),
-         **backend_options) -> list:
+def _open(options: Options) -> tuple[Backend, Adaptive | None]:
+    """The opened backend `options` name, and the bounds of its concurrency when it is adaptive."""
+    bounds = None
+    workers = options.workers
+    if options.adaptive:
+        cls = backend_class(options.backend)
+        bounds = options.adaptive_bounds(cls.adaptive_maximum, cls.name)
+        workers = bounds.maximum
+    instance = open_backend(options.backend, workers, options.initializer, options.initargs,
+                            concurrency=bounds.start if bounds else None, inner_threads=options.inner_threads,
+                            **options.backend_options)
+    return instance, bounds
+
+
+# The public signatures spell every option out (for help and type checkers) and hand them,
+# by name, to the one declaration in `Options`; tests/test_options.py keeps them in step.
+
+def pmap(func: Callable[[Any], R], items: Iterable[Any], *, backend: str | type | Backend = "auto",
+         workers: int | None = None, chunksize: int | None = None, ordered: bool = True,
+         timeout: float | None = None, retries: int = 0,
+         retry_on: type[BaseException] | tuple[type[BaseException], ...] = (Exception,),
+         backoff: float = 0.0, on_error: str = "raise", progress: bool | ProgressCallback = False,
+         initializer: Callable[..., Any] | None = None, initargs: tuple = (),
+         inner_threads: int | None = None, **backend_options: Any) -> ResultList[R]:
     """`list(map(func, items))`, in parallel. See the README for every option."""
-    return _collect(_run(func, items, star=False, backend=backend, workers=workers, chunksize=chunksize,
-                         ordered=ordered, timeout=timeout, retries=retries, retry_on=retry_on,
-                         backoff=backoff, on_error=on_error, progress=progress, initializer=initializer,
-                         initargs=initargs, backend_options=backend_options))
+    return _collect(_run(func, items, False, Options.from_arguments(locals())))
 
 
-def imap(func: Callable, items: Iterable, *, backend: str = "auto", workers: int | None = None,
-         chunksize: int | None = None, ordered: bool = True, timeout: float | None = None,
-         retries: int = 0, retry_on=(Exception,), backoff: float = 0.0, on_error: str = "raise",
-         progress=False, initializer: Callable | None = None, initargs: tuple = (),
-         **backend_options) -> Results:
+def imap(func: Callable[[Any], R], items: Iterable[Any], *, backend: str | type | Backend = "auto",
+         workers: int | None = None, chunksize: int | None = None, ordered: bool = True,
+         timeout: float | None = None, retries: int = 0,
+         retry_on: type[BaseException] | tuple[type[BaseException], ...] = (Exception,),
+         backoff: float = 0.0, on_error: str = "raise", progress: bool | ProgressCallback = False,
+         initializer: Callable[..., Any] | None = None, initargs: tuple = (),
+         inner_threads: int | None = None, **backend_options: Any) -> Results[R]:
     """Lazy `pmap`: reads input as needed, keeps memory bounded, yields as results are ready."""
-    return _run(func, items, star=False, backend=backend, workers=workers, chunksize=chunksize,
-                ordered=ordered, timeout=timeout, retries=retries, retry_on=retry_on, backoff=backoff,
-                on_error=on_error, progress=progress, initializer=initializer, initargs=initargs,
-                backend_options=backend_options)
+    return _run(func, items, False, Options.from_arguments(locals()))
 
 
-def starmap(func: Callable, arg_tuples: Iterable, *, backend: str = "auto", workers: int | None = None,
+def starmap(func: Callable[..., R], arg_tuples: Iterable[Iterable[Any]], *,
+            backend: str | type | Backend = "auto", workers: int | None = None,
             chunksize: int | None = None, ordered: bool = True, timeout: float | None = None,
-            retries: int = 0, retry_on=(Exception,), backoff: float = 0.0, on_error: str = "raise",
-            progress=False, initializer: Callable | None = None, initargs: tuple = (),
-            **backend_options) -> list:
+            retries: int = 0, retry_on: type[BaseException] | tuple[type[BaseException], ...] = (Exception,),
+            backoff: float = 0.0, on_error: str = "raise", progress: bool | ProgressCallback = False,
+            initializer: Callable[..., Any] | None = None, initargs: tuple = (),
+            inner_threads: int | None = None, **backend_options: Any) -> ResultList[R]:
     """`[func(*args) for args in arg_tuples]`, in parallel."""
-    return _collect(_run(func, arg_tuples, star=True, backend=backend, workers=workers, chunksize=chunksize,
-                         ordered=ordered, timeout=timeout, retries=retries, retry_on=retry_on,
-                         backoff=backoff, on_error=on_error, progress=progress, initializer=initializer,
-                         initargs=initargs, backend_options=backend_options))
+    return _collect(_run(func, arg_tuples, True, Options.from_arguments(locals())))
+
+
+def imap_with_options(func: Callable[[Any], R], items: Iterable[Any], options: Options) -> Results[R]:
+    """`imap` for a caller that already holds its `Options` (the command line)."""
+    return _run(func, items, False, options)
 
 
 class Pool:
     """Workers kept across calls. Use as a context manager, or call `close()`.
 
     One call runs at a time: an `imap` must be exhausted or closed before the next call.
+    Each call takes the per-call options of `pmap` (chunksize, timeout, retries, retry_on,
+    backoff, on_error, progress); the Pool's workers are fixed when it is made.
     """
 
-    def __init__(self, backend: str = "process", workers: int | None = None,
-                 initializer: Callable | None = None, initargs: tuple = (), **options):
+    def __init__(self, backend: str | type | Backend = "process", workers: int | None = None,
+                 initializer: Callable[..., Any] | None = None, initargs: tuple = (),
+                 inner_threads: int | None = None, **backend_options: Any):
         if backend == "auto":
             raise ValueError("Pool needs a concrete backend ('process', 'thread', 'fork', ...); "
                              "use pmap.explain(func, items) to see which one auto would pick")
-        _check_positive_int("workers", workers)
-        self._backend = make_backend(backend, workers=workers, initializer=initializer,
-                                     initargs=initargs, **options)
-        self._backend.open()
+        self._options = Options.from_arguments(locals())
+        self._backend, self._bounds = _open(self._options)
         self._closed = False
         self._active: Results | None = None
         self._lock = threading.Lock()
@@ -248,33 +208,27 @@ class Pool:
     def workers(self) -> int:
         return self._backend.workers
 
-    def _start(self, func, items, star: bool, ordered: bool, options: dict) -> Results:
+    def _start(self, func: Callable, items: Iterable, star: bool, ordered: bool, call_options: dict) -> Results:
         with self._lock:
             if self._closed:
                 raise ValueError("Pool is closed")
             if self._active is not None and not self._active._closed:
                 raise RuntimeError("a previous imap on this Pool is still open; exhaust or close it first")
-            defaults = dict(chunksize=None, timeout=None, retries=0, retry_on=(Exception,), backoff=0.0,
-                            on_error="raise", progress=False)
-            unknown = set(options) - set(defaults)
-            if unknown:
-                raise TypeError(f"unexpected option(s) for a Pool call: {', '.join(sorted(unknown))}")
-            defaults.update(options)
-            self._active = _run(func, items, star=star, backend=self._backend.name, workers=None,
-                                ordered=ordered, initializer=None, initargs=(), backend_options={},
-                                pool=self._backend, **defaults)
+            options = self._options.for_pool_call(call_options, ordered)
+            self._active = _run(func, items, star, options, pool=self._backend, pool_bounds=self._bounds)
             return self._active
 
-    def map(self, func: Callable, items: Iterable, **options) -> list:
+    def map(self, func: Callable[[Any], R], items: Iterable[Any], **options: Any) -> ResultList[R]:
         return _collect(self._start(func, items, False, True, options))
 
-    def imap(self, func: Callable, items: Iterable, **options) -> Results:
+    def imap(self, func: Callable[[Any], R], items: Iterable[Any], **options: Any) -> Results[R]:
         return self._start(func, items, False, True, options)
 
-    def imap_unordered(self, func: Callable, items: Iterable, **options) -> Results:
+    def imap_unordered(self, func: Callable[[Any], R], items: Iterable[Any], **options: Any) -> Results[R]:
         return self._start(func, items, False, False, options)
 
-    def starmap(self, func: Callable, arg_tuples: Iterable, **options) -> list:
+    def starmap(self, func: Callable[..., R], arg_tuples: Iterable[Iterable[Any]],
+                **options: Any) -> ResultList[R]:
         return _collect(self._start(func, arg_tuples, True, True, options))
 
     def close(self) -> None:
@@ -292,10 +246,10 @@ class Pool:
             self._closed = True
         self._backend.close(kill=True)
 
-    def __enter__(self):
+    def __enter__(self) -> "Pool":
         return self
 
-    def __exit__(self, exc_type, exc, tb):
+    def __exit__(self, exc_type, exc, tb) -> bool:
         if exc_type is not None:
             self.terminate()
         else:

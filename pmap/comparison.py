@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
 from .errors import Failure, PmapError, short_repr
+from .options import Options
 
 REFERENCE = "serial"
 # Backends that need more than this machine (a cluster) are left out unless named.
@@ -306,6 +307,7 @@ def compare(func: Callable, items: Iterable, backends: Iterable[str] | None = No
         raise ValueError(f"repeat must be a positive integer, got {repeat!r}")
     if "backend" in options:
         raise TypeError("compare takes backends=[...], not backend=")
+    Options.from_arguments(options)  # a bad value fails before serial runs; other names are backend options
     items = list(items)
     equal = same if equal is None else equal
     names = [REFERENCE]

@@ -6,10 +6,12 @@ import heapq
 import itertools
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
+from ._outcome import split_undecoded
 from .backends.base import Backend, Done, Fatal, Lost, Started, Task
 from .chunking import TARGET_CHUNK_SECONDS, ChunkSizer
+from .concurrency import Adaptive, ConcurrencyController
 from .errors import Failure, ItemNotPicklable, TaskTimeout, WorkerCrashed, raise_failure
 
 _SKIP = object()              # a slot whose item failed under on_error="skip"
@@ -20,6 +22,9 @@ AHEAD_CHUNKS_PER_SLOT = 4     # how far dispatch may run ahead of the reader, in
 MAX_AHEAD_ITEMS = 100_000     # and in items: many workers times big chunks must not read far ahead
 MAX_RECORDED_CHUNKS = 1000    # stats keep this many chunk sizes, so memory stays flat
 SLICED_TYPES = (list, tuple)  # input read by slicing; anything else is iterated
+# An item lost this many times (beyond its retries) with no worker to blame fails as a crash:
+# a task that vanishes for a reason no backend can see must not be re-run forever.
+MAX_LOSSES_WITHOUT_BLAME = 8
 
 
 @dataclass
@@ -39,6 +44,7 @@ class RunSpec:
     items_offset: int = 0                # a list or tuple whose first entries were already run
     measured: tuple | None = None        # (items, seconds) already measured, seeds chunk sizes
     chunk_seconds: float = TARGET_CHUNK_SECONDS  # what adaptive chunks aim at
+    concurrency: Adaptive | None = None  # items in flight follow measured throughput (resizable backends)
 
 
 @dataclass
@@ -63,7 +69,10 @@ class RunStats:
     bytes_sent: int | None = None       # pickled tasks and results, where the backend can tell
     bytes_received: int | None = None
     chunk_sizes: list = field(default_factory=list)
+    # (seconds into the run, tasks allowed in flight, items/s) at each change of an adaptive run
+    concurrency: list = field(default_factory=list)
     plan: Any = None
+    native_threads: Any = None          # the workers' BLAS/OpenMP limits (pmap.native.NativeLimits)
 
     @property
     def utilisation(self) -> float:
@@ -82,8 +91,16 @@ class RunStats:
             text += f", probe {self.probe_seconds * 1e3:.1f} ms"
         if self.bytes_sent is not None:
             text += f", {_size(self.bytes_sent)} sent, {_size(self.bytes_received or 0)} received"
+        if self.native_threads is not None:
+            text += f", {self.native_threads}"
         return (text + f"); failed {self.failed}, skipped {self.skipped}, retried {self.retried}, "
                 f"timed out {self.timed_out}, worker crashes {self.crashed_workers}")
+
+
+def _is_congestion(exc: BaseException) -> bool:
+    """A failure that says the other side is overloaded: a refused, reset or timed-out
+    connection, or a timeout."""
+    return isinstance(exc, (ConnectionError, TimeoutError))
 
 
 def _size(n: int) -> str:
@@ -119,17 +136,29 @@ class _Block:
         return True
 
 
+class _Rerun(NamedTuple):
+    """One item to run again on its own: where its value goes, and how it fared so far."""
+
+    block: _Block | None
+    offset: int
+    index: int
+    item: Any
+    attempts: int   # failed runs so far
+    losses: int     # times lost with no worker blamed
+
+
 class _Flight:
     """A task in flight: where its results go, its items, and how often each was tried."""
 
-    __slots__ = ("task", "block", "offset", "first_index", "attempts", "started", "worker")
+    __slots__ = ("task", "block", "offset", "first_index", "attempts", "losses", "started", "worker")
 
-    def __init__(self, task, block, offset, first_index, attempts):
+    def __init__(self, task, block, offset, first_index, attempts, losses=0):
         self.task = task
         self.block = block
         self.offset = offset
         self.first_index = first_index
         self.attempts = attempts        # earlier failed runs of a single-item task
+        self.losses = losses            # times its items were lost with no worker blamed
         self.started = None
         self.worker = None
 
@@ -156,16 +185,21 @@ class _Engine:
         self.emit_index = spec.start_index  # ordered mode: first index not yet yielded
         self.blocks: dict[int, _Block] = {}
         self.flights: dict[int, _Flight] = {}
-        self.requeued: list = []           # heap of (ready_at, seq, block, offset, index, item, attempts)
+        self.requeued: list = []  # heap of (ready_at, seq, _Rerun)
         self.requeue_seq = itertools.count()
         self.ready: list = []              # unordered mode: values to yield
         remaining = spec.total - spec.start_index if spec.total is not None else None
         self.sizer = ChunkSizer(spec.chunksize, backend.workers, remaining, spec.chunk_seconds)
         if spec.measured:
             self.sizer.observe(*spec.measured)
-        slots = max(1, backend.workers)
-        self.max_ahead_chunks = slots * AHEAD_CHUNKS_PER_SLOT
         self.fn = None
+        self.controller = None
+        self.stragglers = 0
+        if spec.concurrency is not None:
+            self.controller = ConcurrencyController(spec.concurrency, time.monotonic())
+            stats.concurrency = self.controller.trajectory
+            stats.workers = self.controller.limit
+            backend.set_concurrency(self.controller.limit)
 
     # ---- the loop -------------------------------------------------------------------
     def run(self) -> Iterator:
@@ -174,6 +208,7 @@ class _Engine:
         sent0, received0 = self.backend.bytes_sent, self.backend.bytes_received
         self.fn = self.backend.prepare(self.spec.fn, self.spec.timeout)
         self.stats.startup_seconds += time.perf_counter() - started
+        self.stats.native_threads = getattr(self.backend, "native_limits", None)
         ordered = self.spec.ordered
         try:
             while True:
@@ -186,6 +221,8 @@ class _Engine:
                     break
                 self._handle(self.backend.wait(self._wait_time()))
                 self._expire_deadlines()
+                if self.controller is not None:
+                    self._follow_controller()
             if ordered:
                 yield from self._emit_ordered()
             elif self.ready:
@@ -196,6 +233,8 @@ class _Engine:
             # Tasks still in flight (an error, or the reader stopped early) are left to the
             # caller: a one-shot run closes the backend, a Pool lets them finish unread.
             self.stats.wall_seconds += time.perf_counter() - started
+            if self.controller is None:  # an adaptive run counts the highest limit instead
+                self.stats.workers = max(self.stats.workers, self.backend.workers)  # the most that joined
             if sent0 is not None:
                 stats = self.stats
                 stats.bytes_sent = (stats.bytes_sent or 0) + self.backend.bytes_sent - sent0
@@ -204,17 +243,25 @@ class _Engine:
 
     # ---- dispatch -------------------------------------------------------------------
     def _room_ahead(self) -> bool:
-        limit = max(self.max_ahead_chunks, min(self.max_ahead_chunks * self.sizer.size(), MAX_AHEAD_ITEMS))
+        # Read each time: a remote backend's workers come and go, an adaptive run's limit moves.
+        slots = self.controller.limit if self.controller is not None else self.backend.workers
+        ahead_chunks = max(1, slots) * AHEAD_CHUNKS_PER_SLOT
+        limit = max(ahead_chunks, min(ahead_chunks * self.sizer.size(), MAX_AHEAD_ITEMS))
         if self.spec.ordered:
             return self.next_index - self.emit_index < limit
         return len(self.ready) < limit
 
     def _dispatch(self) -> None:
         backend = self.backend
-        while backend.capacity() > 0:
+        limit = None
+        if self.controller is not None:
+            # A straggler (a connection waiting for a SYN retry, say) holds no server resource
+            # meanwhile: as TCP does not count lost packets, it does not hold a place either.
+            limit = self.controller.limit + min(self.stragglers, self.controller.limit)
+        while backend.capacity() > 0 and (limit is None or len(self.flights) < limit):
             if self.requeued and self.requeued[0][0] <= time.monotonic():
-                _, _, block, offset, index, item, attempts = heapq.heappop(self.requeued)
-                self._submit(block, offset, index, [item], attempts)
+                rerun = heapq.heappop(self.requeued)[2]
+                self._submit(rerun.block, rerun.offset, rerun.index, [rerun.item], rerun.attempts, rerun.losses)
                 continue
             if self.exhausted or self.source_error is not None or not self._room_ahead():
                 return
@@ -249,9 +296,9 @@ class _Engine:
             self.exhausted = True
         return items
 
-    def _submit(self, block, offset, index, items, attempts) -> None:
+    def _submit(self, block, offset, index, items, attempts, losses=0) -> None:
         task = Task(next(_TASK_IDS), self.fn, items)
-        flight = _Flight(task, block, offset, index, attempts)
+        flight = _Flight(task, block, offset, index, attempts, losses)
         try:
             self.backend.submit(task)
         except ItemNotPicklable as exc:  # find the item that cannot be sent; it alone fails
@@ -288,6 +335,9 @@ class _Engine:
         if flight is None:  # a task of an abandoned run, or one already timed out
             return
         values = event.values
+        failures = event.failures
+        if type(values) is not list:  # some results could not be rebuilt here: they fail alone
+            values, failures = split_undecoded(values, failures, len(flight.task.items))
         n = len(values)
         stats = self.stats
         stats.busy_seconds += event.elapsed
@@ -295,13 +345,16 @@ class _Engine:
         if stats.first_result_seconds is None:
             stats.first_result_seconds = time.perf_counter() - self.started
         self.sizer.observe(n, event.elapsed)
-        if event.failures:
-            for pos, exc, tb in event.failures:
+        if self.controller is not None:
+            self.controller.record(n, event.elapsed, sum(_is_congestion(exc) for _, exc, _ in failures),
+                                   flight.started)
+        if failures:
+            for pos, exc, tb in failures:
                 values[pos] = _PENDING
                 timed_out = isinstance(exc, TaskTimeout)  # a backend that times items out itself
                 self._record_failure(flight, pos, exc, tb, "timeout" if timed_out else "error", event.worker,
                                      retryable=timed_out or isinstance(exc, self.spec.retry_on))
-            self._deliver(flight, values, n - len(event.failures), skip_pending=True)
+            self._deliver(flight, values, n - len(failures), skip_pending=True)
         else:
             self._deliver(flight, values, n)
 
@@ -342,21 +395,30 @@ class _Engine:
             return
         if event.blame:
             self.stats.crashed_workers += 1
+        elif flight.losses >= MAX_LOSSES_WITHOUT_BLAME + self.spec.retries:
+            error = WorkerCrashed(f"item {flight.first_index} was lost {flight.losses + 1} times without its "
+                                  f"worker being seen to fail; last: {event.reason}", event.exitcode)
+            for pos in range(len(flight.task.items)):
+                self._record_failure(flight, pos, error, "", "crash", event.worker, retryable=False)
+            return
         if len(flight.task.items) > 1 or not event.blame:
             # Not known which item (if any) killed the worker: run each alone, without penalty.
-            self._run_each_alone(flight)
+            self._run_each_alone(flight, flight.losses + (not event.blame))
             return
-        sig = f"signal {-event.exitcode}" if event.exitcode is not None and event.exitcode < 0 else f"exit code {event.exitcode}"
-        error = WorkerCrashed(f"worker {self.backend.describe_worker(event.worker)} died ({sig}) "
+        code = event.exitcode
+        sig = "" if code is None else f" (signal {-code})" if code < 0 else f" (exit code {code})"
+        error = WorkerCrashed(f"worker {self.backend.describe_worker(event.worker)} died{sig} "
                               f"while running item {flight.first_index}: {event.reason}", event.exitcode)
         self._record_failure(flight, 0, error, "", "crash", event.worker, retryable=True)
 
-    def _requeue(self, ready_at, block, offset, index, item, attempts) -> None:
-        heapq.heappush(self.requeued, (ready_at, next(self.requeue_seq), block, offset, index, item, attempts))
+    def _requeue(self, ready_at: float, rerun: _Rerun) -> None:
+        heapq.heappush(self.requeued, (ready_at, next(self.requeue_seq), rerun))
 
-    def _run_each_alone(self, flight: _Flight) -> None:
+    def _run_each_alone(self, flight: _Flight, losses: int | None = None) -> None:
+        losses = flight.losses if losses is None else losses
         for k, item in enumerate(flight.task.items):
-            self._requeue(0.0, flight.block, flight.offset + k, flight.first_index + k, item, flight.attempts)
+            self._requeue(0.0, _Rerun(flight.block, flight.offset + k, flight.first_index + k, item,
+                                      flight.attempts, losses))
 
     def _record_failure(self, flight: _Flight, pos: int, exc: BaseException, tb: str, kind: str,
                         worker: Any, retryable: bool) -> None:
@@ -367,7 +429,7 @@ class _Engine:
         if retryable and attempts <= spec.retries:
             self.stats.retried += 1
             ready_at = time.monotonic() + spec.backoff * (2 ** (attempts - 1)) if spec.backoff else 0.0
-            self._requeue(ready_at, flight.block, flight.offset + pos, index, item, attempts)
+            self._requeue(ready_at, _Rerun(flight.block, flight.offset + pos, index, item, attempts, flight.losses))
             return
         if kind == "timeout":
             self.stats.timed_out += 1
@@ -402,10 +464,27 @@ class _Engine:
         now = time.monotonic()
         expired = [f for f in self.flights.values() if f.started is not None and now - f.started >= timeout]
         for flight in expired:
+            if self.controller is not None:
+                self.controller.record(1, timeout, errors=1, started=flight.started)
             del self.flights[flight.task.id]
             self.backend.cancel(flight.task.id)
             error = TaskTimeout(f"item {flight.first_index} ran longer than its timeout of {timeout:g}s")
             self._record_failure(flight, 0, error, "", "timeout", flight.worker, retryable=True)
+
+    # ---- concurrency ----------------------------------------------------------------
+    def _follow_controller(self) -> None:
+        controller = self.controller
+        before = controller.limit
+        now = time.monotonic()
+        stragglers = 0
+        if controller.floors:
+            stragglers = sum(1 for flight in self.flights.values() if flight.started is not None
+                             and controller.is_straggler(flight.started, len(flight.task.items), now))
+        self.stragglers = stragglers
+        limit = controller.update(now, stragglers)
+        if limit != before:
+            self.backend.set_concurrency(limit)
+            self.stats.workers = max(self.stats.workers, limit)
 
     # ---- output ---------------------------------------------------------------------
     def _emit_ordered(self) -> Iterator:

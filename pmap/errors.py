@@ -1,8 +1,11 @@
 """Exception types, the per-item Failure record, and how a worker's error is rebuilt."""
 from __future__ import annotations
 
+import collections
+import os
 import pickle
 import reprlib
+import types
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +50,11 @@ class BackendUnavailable(PmapError):
     """The backend cannot run here: a missing package or platform feature."""
 
 
+class InitializerError(PmapError):
+    """A worker's `initializer` failed (raised, exited or was killed): the run stops, since
+    every worker would fail the same way. Its `__cause__` is the initializer's exception."""
+
+
 class FunctionNotPicklable(PmapError, TypeError):
     """A process backend cannot send the function to its workers."""
 
@@ -67,7 +75,8 @@ class RemoteTraceback(Exception):
 
 
 class UnpicklableError(PmapError):
-    """Stands in for a worker exception that could not be sent back."""
+    """Stands in for a worker's exception or result that could not be sent back or rebuilt
+    in the caller; its message names the worker-side type and text."""
 
 
 def portable_exception(exc: BaseException) -> BaseException:
@@ -133,4 +142,29 @@ def raise_failure(failure: Failure, backend_name: str):
     tries = f", after {failure.attempts} attempts" if failure.attempts > 1 else ""
     add_note(exc, f"pmap: item {failure.index} ({short_repr(failure.item)}) failed "
                   f"on backend {backend_name!r}{where}{tries}")
+    _RAISED_FAILURES.append(exc)
     raise exc
+
+
+# Item exceptions raise_failure raised lately: at the API they leave pmap's frames behind.
+_RAISED_FAILURES: collections.deque = collections.deque(maxlen=16)
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def drop_pmap_frames(exc: BaseException) -> bool:
+    """For an item's exception, drop pmap's own frames (engine, workers) from its traceback, so
+    it reads from the caller's line straight into the function, and say True. Other exceptions
+    (pmap's own errors, with frames worth reading) are left as they are."""
+    if not any(exc is raised for raised in _RAISED_FAILURES):
+        return False
+    frames = []
+    tb = exc.__traceback__
+    while tb is not None:
+        if not tb.tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+            frames.append(tb)
+        tb = tb.tb_next
+    trimmed = None
+    for tb in reversed(frames):
+        trimmed = types.TracebackType(trimmed, tb.tb_frame, tb.tb_lasti, tb.tb_lineno)
+    exc.with_traceback(trimmed)
+    return True

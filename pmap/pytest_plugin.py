@@ -1,6 +1,6 @@
 """pytest plugin (entry point `pytest11`): run your tests on every pmap backend.
 
-    def test_square(pmap_backend):
+    def test_square(pmap_backend):        # every local backend but asyncio (async def only)
         assert pmap.pmap(square, range(10), backend=pmap_backend) == [x * x for x in range(10)]
 
     @pytest.mark.pmap_backends("thread", "process")
@@ -25,9 +25,11 @@ import pytest
 
 
 def default_backend_names() -> list[str]:
-    """The fixture's default list: every registered backend that runs on this machine alone."""
-    from .comparison import default_backend_names
-    return default_backend_names()
+    """The fixture's default list: every registered backend that runs on this machine alone and
+    runs any function. Backends that run only `async def` functions (asyncio) are left out:
+    name them with the marker, as `@pytest.mark.pmap_backends("asyncio", "thread")`."""
+    from .comparison import ASYNC_ONLY, default_backend_names
+    return [name for name in default_backend_names() if name not in ASYNC_ONLY]
 
 
 def pytest_configure(config):

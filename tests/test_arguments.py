@@ -18,9 +18,16 @@ from workloads import square
     (dict(timeout=-1), ValueError, "timeout must be a positive number"),
     (dict(timeout=1, chunksize=5), ValueError, "timeout is per item"),
     (dict(retries=-1), ValueError, "retries must be at least 0"),
-    (dict(progress="yes"), TypeError, "progress must be"),
+    (dict(progress=5), TypeError, "progress must be True, False, a label"),
     (dict(backend="thread", frobnicate=1), TypeError, "unknown option.*frobnicate"),
     (dict(start_method="spawn"), TypeError, "start_method need an explicit backend"),
+    (dict(timeout=float("nan")), ValueError, "timeout must be a positive number"),
+    (dict(backoff=float("nan")), ValueError, "backoff must be a finite"),
+    (dict(backoff=float("inf")), ValueError, "backoff must be a finite"),
+    (dict(backoff=-0.5), ValueError, "backoff must be a finite"),
+    (dict(retry_on=()), TypeError, "retry_on must be an exception type"),
+    (dict(retry_on=ValueError("x")), TypeError, "retry_on must be an exception type"),
+    (dict(initargs=5), TypeError, "initargs must be a tuple"),
 ])
 def test_bad_arguments(kwargs, error, text):
     with pytest.raises(error, match=text):

@@ -18,7 +18,7 @@ import pmap
 from pmap.cli import Bits, app, parse_backend_options, parse_range, UsageError
 
 TARGETS = textwrap.dedent('''
-    import json, os, threading, time
+    import json, os, sys, threading, time
 
     def _log(x):
         """Append each call's item to $PMAP_TEST_CALLS, so a test sees what ran."""
@@ -64,6 +64,40 @@ TARGETS = textwrap.dedent('''
 
     def in_worker(x):
         return os.getpid() != PARENT
+
+    def exit_on_three(x):
+        if int(x) == 3:
+            sys.exit(3)
+        return x
+
+    def not_a_number(x):
+        return float("nan")
+
+    def an_object(x):
+        return object()
+
+    def two_lines(x):
+        return f"{x}\\nmore"
+
+    STATE = None
+
+    def set_state(value="ready"):
+        global STATE
+        STATE = value
+
+    def state(x):
+        return f"{x} {STATE}"
+
+    class Flaky(Exception):
+        pass
+
+    def flaky_once(x):
+        """Raises Flaky on an item's first call (calls are counted in $PMAP_TEST_CALLS)."""
+        _log(x)
+        with open(os.environ["PMAP_TEST_CALLS"]) as log:
+            if log.read().split().count(json.dumps(x)) == 1:
+                raise Flaky(f"first call of {x}")
+        return x
 
     PARENT = os.getpid()
     NOT_A_FUNCTION = 42
@@ -221,6 +255,16 @@ def test_no_progress_bar_when_stderr_is_not_a_terminal(targets):
     assert result.stderr == ""
 
 
+def test_progress_off_a_terminal_is_plain_lines_from_the_start_to_the_end(targets):
+    result = invoke("run", f"{targets}:square", "--range", "12", "-b", "thread", "--progress", "--desc", "squaring")
+    assert result.exit_code == 0
+    progress = lines(result.stderr)
+    assert progress[0].startswith("squaring:   0% ") and " 0/12 [elapsed 0:00, remaining ?" in progress[0]
+    assert progress[-1].startswith("squaring: 100% ") and " 12/12 [elapsed " in progress[-1]
+    assert "\r" not in result.stderr and "\x1b" not in result.stderr
+    assert lines(result.stdout) == [str(i * i) for i in range(12)]
+
+
 def test_explain_prints_the_plan_and_does_not_run_everything(targets, tmp_path):
     calls = tmp_path / "calls.log"
     result = invoke("run", f"{targets}:square", "--range", "100000", "--explain", env={"PMAP_TEST_CALLS": str(calls)})
@@ -287,7 +331,20 @@ def test_retries_and_timeout_reach_the_run(targets, tmp_path):
     (["run", "targets:square", "1", "--workers", "0"], "pmap: error: --workers must be at least 1, got 0"),
     (["run", "targets:square", "1", "--chunksize", "0"], "pmap: error: --chunksize must be at least 1"),
     (["run", "targets:square", "1", "--timeout", "0"], "pmap: error: --timeout must be a positive number"),
-    (["run", "targets:square", "1", "--on-error", "ignore"], "pmap: error: --on-error must be raise, skip or record"),
+    (["run", "targets:square", "1", "--timeout", "nan"], "pmap: error: --timeout must be a positive number"),
+    (["run", "targets:square", "1", "--backoff", "nan"], "pmap: error: --backoff must be a finite"),
+    (["run", "targets:square", "1", "--backoff", "inf"], "pmap: error: --backoff must be a finite"),
+    (["run", "targets:square", "1", "--on-error", "ignore"], "pmap: error: --on-error must be raise, skip or return"),
+    (["run", "targets:square", "1", "--retry-on", "NoSuchError"], "pmap: error: --retry-on 'NoSuchError' is not an exception type"),
+    (["run", "targets:square", "1", "--retry-on", "targets:square"], "pmap: error: --retry-on 'targets:square' is not an exception type"),
+    (["run", "targets:square", "1", "--initializer", "targets:nosuch"], "pmap: error: module 'targets' has no initializer 'nosuch'"),
+    (["run", "targets:square", "1", "--initializer", "targets:set_state", "--initargs", "{}"], "pmap: error: --initargs takes a JSON array"),
+    (["run", "targets:square", "--range", str(10 ** 30)], "has more items than can be counted here"),
+    (["run", "targets:square", "--json", "--input", "deep.json"], "pmap: error: deep.json line 1 is JSON nested too deeply to read"),
+    (["run", "targets:square", "--json", "[" * 100000], "is JSON nested too deeply to read"),
+    (["run", "targets:square", "1", "-b", "asyncio"], "pmap: error: backend='asyncio' runs async def functions, and square is a plain function"),
+    (["run", "targets:square", "--input", "items.txt", "--output", "items.txt"], "pmap: error: --output 'items.txt' is the input file"),
+    (["run", "targets:square", "--input", "items.txt", "--output", "./link.txt"], "pmap: error: --output './link.txt' is the input file"),
     (["run", "targets:square", "1", "-b", "nosuch"], "pmap: error: unknown backend 'nosuch'"),
     (["run", "targets:square", "1", "-b", "thread", "-o", "frob=1"], "pmap: error: backend 'thread' got unknown option(s): frob"),
     (["run", "targets:square"], "pmap: error: no input: give ITEMS, --input FILE (- for stdin) or --range N"),
@@ -298,11 +355,145 @@ def test_retries_and_timeout_reach_the_run(targets, tmp_path):
 def test_bad_input_gets_one_line_and_exit_2(targets, tmp_path, args, message):
     (tmp_path / "bad.jsonl").write_text("1\n2\noops\n4\n")
     (tmp_path / "broken.py").write_text("import os\n1 / 0\n")
+    (tmp_path / "deep.json").write_text("[" * 100000 + "]" * 100000 + "\n")
+    (tmp_path / "items.txt").write_text("1\n2\n")
+    (tmp_path / "link.txt").symlink_to(tmp_path / "items.txt")
     result = invoke(*args)
     assert result.exit_code == 2
     assert result.stdout == ""
     assert len(lines(result.stderr)) == 1
     assert message in result.stderr
+    assert (tmp_path / "items.txt").read_text() == "1\n2\n"  # an input named as --output is left alone
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux) to fail a write")
+def test_an_output_that_cannot_be_written_is_one_line_and_exit_2(targets):
+    result = invoke("run", f"{targets}:square", "--range", "3", "-b", "serial", "--output", "/dev/full")
+    assert result.exit_code == 2
+    assert lines(result.stderr) == ["pmap: error: cannot write results to '/dev/full': No space left on device"]
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux) to fail a write")
+def test_stdout_to_a_full_device_in_a_real_process(targets, tmp_path):
+    with open("/dev/full", "w") as full:
+        child = subprocess.run([sys.executable, "-m", "pmap", "run", "targets:square", "--range", "3", "-b", "serial"],
+                               cwd=tmp_path, stdout=full, stderr=subprocess.PIPE, text=True, timeout=60)
+    assert child.returncode == 2
+    assert lines(child.stderr) == ["pmap: error: cannot write results to stdout: No space left on device"]
+
+
+# ---- what a result may be ------------------------------------------------------------------
+@pytest.mark.parametrize("target, message", [
+    ("not_a_number", "ValueError: the result nan is not JSON: Out of range float values are not JSON compliant"),
+    ("an_object", "ValueError: the result <object object at"),
+])
+def test_json_output_is_strict_and_a_result_without_a_json_form_fails_its_item(targets, target, message):
+    result = invoke("run", f"{targets}:{target}", "--json", "--range", "2", "-b", "thread", "--on-error", "return")
+    assert result.exit_code == 1
+    records = [json.loads(line) for line in lines(result.stdout)]  # every line is strict JSON
+    assert [r["index"] for r in records] == [0, 1]
+    assert all(r["error"]["type"] == "ValueError" for r in records)
+    assert message in result.stderr
+    assert "NaN" not in result.stdout
+
+
+def test_json_output_writes_sets_and_dataclass_results(targets, tmp_path):
+    (tmp_path / "shapes.py").write_text(textwrap.dedent('''
+        from dataclasses import dataclass
+
+        @dataclass
+        class Point:
+            x: int
+            y: int
+
+        def point(n):
+            return Point(n, {n})
+    '''))
+    result = invoke("run", "shapes.py:point", "--json", "1", "-b", "serial")
+    assert result.exit_code == 0
+    assert lines(result.stdout) == ['{"x": 1, "y": [1]}']
+
+
+def test_text_output_refuses_a_result_with_a_line_break(targets):
+    result = invoke("run", f"{targets}:two_lines", "a", "b", "-b", "thread", "--on-error", "skip")
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    assert "pmap: item 0 ('a') failed: ValueError: the result 'a\\nmore' holds a line break" in result.stderr
+    assert "use --json" in result.stderr
+    as_json = invoke("run", f"{targets}:two_lines", "a", "-b", "thread", "--json")
+    assert as_json.exit_code == 2  # 'a' is not JSON: the items must be JSON too
+    quoted = invoke("run", f"{targets}:two_lines", '"a"', "-b", "thread", "--json")
+    assert lines(quoted.stdout) == [json.dumps("a\nmore")]
+
+
+def test_results_before_a_system_exit_in_the_same_chunk_are_written(targets):
+    result = invoke("run", f"{targets}:exit_on_three", "--range", "6", "-b", "serial", "--chunksize", "6",
+                    "--on-error", "return")
+    out = lines(result.stdout)
+    assert out[:3] == ["0", "1", "2"] and out[4:] == ["4", "5"]
+    assert json.loads(out[3])["error"]["type"] == "SystemExit"
+    assert result.exit_code == 1
+
+
+def test_a_system_exit_that_stops_the_run_says_so(targets):
+    result = invoke("run", f"{targets}:exit_on_three", "--range", "6", "-b", "serial", "--chunksize", "1")
+    assert result.exit_code == 1
+    assert "SystemExit" in result.stderr
+
+
+# ---- every option of the API ---------------------------------------------------------------
+def test_on_error_return_is_the_name_and_record_its_alias(targets):
+    outputs = [invoke("run", f"{targets}:fail_on_three", "--range", "5", "--on-error", name, "-b", "thread").stdout
+               for name in ("return", "record")]
+    assert outputs[0] == outputs[1]
+    assert json.loads(lines(outputs[0])[3])["error"]["message"] == "three is not allowed"
+
+
+def test_retry_on_retries_only_the_named_exceptions(targets, tmp_path):
+    calls = tmp_path / "calls.log"
+    for names, code in (([f"{targets}:Flaky"], 0), (["ValueError,KeyError"], 1), (["ValueError", f"{targets}:Flaky"], 0)):
+        calls.write_text("")
+        args = [a for name in names for a in ("--retry-on", name)]
+        result = invoke("run", f"{targets}:flaky_once", "--json", "--range", "3", "-b", "thread", "--retries", "1",
+                        "--on-error", "skip", *args, env={"PMAP_TEST_CALLS": str(calls)})
+        assert result.exit_code == code, (names, result.stderr)
+        assert len(lines(calls.read_text())) == (6 if code == 0 else 3)
+
+
+def test_initializer_and_initargs_reach_each_worker(targets):
+    for backend in ("thread", "process"):
+        result = invoke("run", f"{targets}:state", "a", "b", "-b", backend, "-j", "2",
+                        "--initializer", f"{targets}:set_state", "--initargs", '["warm"]')
+        assert result.exit_code == 0, result.stderr
+        assert lines(result.stdout) == ["a warm", "b warm"]
+
+
+def test_backoff_and_retry_on_reach_the_api(targets, monkeypatch):
+    import pmap.api
+    seen = []
+    real_imap = pmap.api.imap_with_options
+
+    def spy(func, items, options):
+        seen.append(options)
+        return real_imap(func, items, options)
+
+    monkeypatch.setattr(pmap.api, "imap_with_options", spy)
+    result = invoke("run", f"{targets}:square", "--json", "1", "-b", "thread", "--retries", "2", "--backoff", "0.5",
+                    "--retry-on", "OSError")
+    assert result.exit_code == 0
+    [options] = seen
+    assert options.backoff == 0.5 and options.retry_on == (OSError,) and options.retries == 2
+
+
+def test_version():
+    result = invoke("--version")
+    assert result.exit_code == 0
+    assert result.stdout == f"pmap {pmap.__version__} (Python {sys.version.split()[0]})\n"
+
+
+def test_shell_completion_is_offered():
+    result = invoke("--help")
+    assert "--install-completion" in result.stdout and "--show-completion" in result.stdout
 
 
 def test_a_bad_line_on_stdin_stops_after_the_lines_before_it(targets):
@@ -421,6 +612,61 @@ def test_journal_refuses_another_command(targets, tmp_path):
     assert result.exit_code == 2 and "is not a pmap journal" in result.stderr
     assert not_a_journal.read_text() == "hello\n"
 
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="the journal lock is POSIX flock")
+def test_journal_is_locked_while_a_run_uses_it(targets, tmp_path):
+    import fcntl
+    journal = tmp_path / "run.journal"
+    assert invoke("run", f"{targets}:square", "--range", "3", "-b", "serial", "--journal", journal).exit_code == 0
+    before = journal.read_text()
+    with open(journal, "rb") as other_run:  # stands for a run in progress: it holds the lock
+        fcntl.flock(other_run, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        result = invoke("run", f"{targets}:square", "--range", "3", "-b", "serial", "--journal", journal)
+    assert result.exit_code == 2
+    assert lines(result.stderr) == [f"pmap: error: journal '{journal}' is in use by another pmap run; wait for "
+                                    "it to end, or give this run another journal"]
+    assert journal.read_text() == before
+    again = invoke("run", f"{targets}:square", "--range", "3", "-b", "serial", "--journal", journal)
+    assert again.exit_code == 0 and lines(again.stdout) == ["0", "1", "4"]  # the lock ends with its run
+
+
+def test_two_real_runs_on_one_journal_do_not_interleave(targets, tmp_path):
+    journal = tmp_path / "run.journal"
+    command = ["run", "targets:slow", "--range", "200", "-b", "thread", "-j", "2", "--journal", journal]
+    first = pmap_process(*command, cwd=tmp_path)
+    assert first.stdout.readline() == "0\n"  # the first run holds the journal
+    second = pmap_process(*command, cwd=tmp_path)
+    _, err = second.communicate(timeout=60)
+    first.communicate(timeout=60)
+    assert second.returncode == 2 and "is in use by another pmap run" in err
+    assert first.returncode == 0
+    _, entries = journal_entries(journal)
+    assert [e["i"] for e in entries] == list(range(200))
+
+
+@pytest.mark.parametrize("unordered, entry", [
+    (True, {"i": 10_000_000_000, "out": "stale"}),   # far past the input's 5 items
+    (True, {"i": 5, "out": "stale"}),                # just past it
+    (True, {"i": -1, "out": "stale"}),
+    (True, {"i": True, "out": "stale"}),
+    (True, {"i": 2}),                                # no output line
+    (True, {"i": 2, "error": "x"}),                  # a failure without its record
+    (False, {"i": 1, "out": "stale"}),               # ordered runs journal in input order
+    (True, ["not", "an", "entry"]),
+])
+def test_journal_validates_every_entry(targets, tmp_path, unordered, entry):
+    journal = tmp_path / "run.journal"
+    command = ["run", f"{targets}:square", "--json", "--range", "5", "-b", "serial", "--journal", journal]
+    command += ["--unordered"] if unordered else []
+    first = invoke(*command, "--output", tmp_path / "first.txt")
+    assert first.exit_code == 0
+    header = journal.read_text().splitlines()[0]
+    journal.write_text(header + "\n" + json.dumps(entry) + "\n")
+    result = invoke(*command)
+    assert result.exit_code == 2
+    assert lines(result.stderr) == [f"pmap: error: journal '{journal}' is damaged at line 2; delete it to start over"]
+    assert "stale" not in result.stdout
 
 # ---- pmap backends and pmap bench ----------------------------------------------------------
 def test_backends_lists_each_with_availability_workers_and_guarantees():

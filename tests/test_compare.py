@@ -193,7 +193,8 @@ def test_unknown_backend_and_bad_repeat_are_errors_of_use():
 @pytest.mark.filterwarnings("ignore:pmap. backend='greenlet' runs on gevent")  # square never blocks
 def test_default_backends_are_the_fixtures_and_leave_asyncio_to_async_functions():
     from pmap.pytest_plugin import default_backend_names as fixture_default
-    assert default_backend_names() == fixture_default()
+    # the fixture leaves out asyncio (async def only), so a test of a plain function passes on all it gets
+    assert fixture_default() == [name for name in default_backend_names() if name != "asyncio"]
     assert "manager" not in default_backend_names() and "dask" not in default_backend_names()
     result = pmap.compare(square, range(8), check=False)
     assert [row.backend for row in result] == default_backend_names()

@@ -1,0 +1,367 @@
+"""The broker: lives in the driver, leases tasks to workers and tracks hosts; it handles bytes only."""
+from __future__ import annotations
+
+import collections
+import threading
+import time
+
+from .._procutil import describe_exit
+from ..base import Lost, Started
+from .wire import (FUNCTIONS_KEPT, MAX_LEASE_EXPIRIES)
+
+
+class _TaskRecord:
+    __slots__ = ("fn_key", "payload", "holder", "started", "expiries")
+
+    def __init__(self, fn_key, payload):
+        self.fn_key = fn_key
+        self.payload = payload
+        self.holder = None      # worker id holding the lease, None while queued
+        self.started = False
+        self.expiries = 0
+
+
+class _HostRecord:
+    __slots__ = ("id", "name", "pid", "token", "last_seen", "expired", "kills", "workers")
+
+    def __init__(self, host_id, name, pid, token, now):
+        self.id = host_id
+        self.name = name
+        self.pid = pid
+        self.token = token      # set for the driver's own local supervisor
+        self.last_seen = now
+        self.expired = False
+        self.kills: list[int] = []
+        self.workers: set[int] = set()
+
+
+class _WorkerRecord:
+    __slots__ = ("id", "host", "pid", "label", "held", "doomed")
+
+    def __init__(self, worker_id, host, pid, label):
+        self.id = worker_id
+        self.host = host
+        self.pid = pid
+        self.label = label
+        self.held: collections.deque = collections.deque()  # leased task ids, run in this order
+        self.doomed = False     # a kill was ordered: its head was cancelled, nothing more starts
+
+
+class Broker:
+    """Task queue, leases and results. Workers reach the methods in WORKER_METHODS over the
+    network (see BrokerClient); the driver's backend calls the others directly."""
+
+    def __init__(self, lease_seconds: float, prefetch: int, initializer_bytes: bytes | None):
+        self.lease_seconds = lease_seconds
+        self.heartbeat_seconds = max(0.05, min(1.0, lease_seconds / 5))
+        self.prefetch = prefetch
+        self.initializer_bytes = initializer_bytes
+        self.lock = threading.Lock()
+        self.work_ready = threading.Condition(self.lock)
+        self.events_ready = threading.Condition(self.lock)
+        self.orders_ready = threading.Condition(self.lock)
+        self.tasks: dict[int, _TaskRecord] = {}
+        self.queue: collections.deque = collections.deque()
+        self.functions: collections.OrderedDict = collections.OrderedDict()
+        self.hosts: dict[int, _HostRecord] = {}
+        self.workers: dict[int, _WorkerRecord] = {}
+        self.labels: dict[int, str] = {}   # every worker ever seen, to name a late result's sender
+        self.events: list = []
+        self.idle_waiting = 0   # lease calls waiting from workers that hold nothing
+        self.next_id = 0
+        self.stopped = threading.Event()
+
+    def start_janitor(self) -> None:
+        threading.Thread(target=self._janitor, name="pmap-manager-leases", daemon=True).start()
+
+    def _janitor(self) -> None:
+        """Expire leases every heartbeat period. Waking up much later than planned means this
+        whole process did not run (a long GIL hold, a suspended process): the hosts'
+        heartbeats may be waiting unread, so they get a fresh lease rather than a verdict."""
+        interval = self.heartbeat_seconds
+        planned = time.monotonic() + interval
+        while not self.stopped.wait(interval):
+            now = time.monotonic()
+            self.reap(now, stalled=now - planned > self.lease_seconds / 2)
+            planned = time.monotonic() + interval
+
+    # ---- driver side ------------------------------------------------------------------
+    def set_function(self, key: str, fn_bytes: bytes) -> None:
+        with self.lock:
+            self.functions[key] = fn_bytes
+            self.functions.move_to_end(key)
+            while len(self.functions) > FUNCTIONS_KEPT:
+                self.functions.popitem(last=False)
+
+    def put(self, task_id: int, fn_key: str, payload: bytes) -> None:
+        with self.lock:
+            self.tasks[task_id] = _TaskRecord(fn_key, payload)
+            self.queue.append(task_id)
+            self.work_ready.notify_all()
+
+    def cancel(self, task_id: int) -> None:
+        """Forget a task; if a worker is running it, order that worker killed."""
+        with self.lock:
+            record = self.tasks.pop(task_id, None)
+            if record is None:
+                return
+            if record.holder is None:
+                self.queue.remove(task_id)
+                return
+            worker = self.workers.get(record.holder)
+            if worker is not None and worker.held and worker.held[0] == task_id:
+                worker.doomed = True
+                host = self.hosts.get(worker.host)
+                if host is not None:
+                    host.kills.append(worker.pid)
+                    self.orders_ready.notify_all()
+
+    def take_events(self, timeout: float | None) -> list:
+        with self.lock:
+            if not self.events and (timeout is None or timeout > 0):
+                self.events_ready.wait(timeout)
+            events, self.events = self.events, []
+            return events
+
+    def live_workers(self) -> int:
+        return len(self.workers)
+
+    def worker_pids_on(self, token: str) -> list[int]:
+        with self.lock:
+            return [w.pid for w in self.workers.values()
+                    if (h := self.hosts.get(w.host)) is not None and h.token == token]
+
+    def host_gone(self, token: str) -> None:
+        """The driver saw its local supervisor die: take its tasks back now."""
+        with self.lock:
+            for host in list(self.hosts.values()):
+                if host.token == token:
+                    self._drop_host(host, count_expiry=True, reason="the local worker supervisor died")
+
+    def stop(self) -> None:
+        self.stopped.set()
+        with self.lock:
+            self.work_ready.notify_all()
+            self.orders_ready.notify_all()
+            self.events_ready.notify_all()
+
+    # ---- supervisor side (over the network) ----------------------------------------------
+    def hello_host(self, info: dict):
+        with self.lock:
+            if self.stopped.is_set():
+                return None
+            self.next_id += 1
+            host = _HostRecord(self.next_id, str(info.get("name", "?")), info.get("pid"),
+                               info.get("token"), time.monotonic())
+            self.hosts[host.id] = host
+            return host.id, {"heartbeat": self.heartbeat_seconds}
+
+    def supervise(self, host_id: int, wait: float) -> dict:
+        """Heartbeat and long poll for orders: {"stop": bool, "kill": [pid, ...]}."""
+        deadline = time.monotonic() + min(wait, 5.0)
+        with self.lock:
+            host = self.hosts.get(host_id)
+            if host is None:
+                return {"stop": True, "kill": []}
+            while not self.stopped.is_set() and not host.kills:
+                self._touch(host)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self.orders_ready.wait(remaining)
+            self._touch(host)
+            kills, host.kills = host.kills, []
+            return {"stop": self.stopped.is_set(), "kill": kills}
+
+    def worker_exited(self, host_id: int, pid: int, exitcode) -> None:
+        with self.lock:
+            host = self.hosts.get(host_id)
+            if host is None:
+                return
+            self._touch(host)
+            for worker_id in list(host.workers):
+                worker = self.workers.get(worker_id)
+                if worker is not None and worker.pid == pid:
+                    self._drop_worker(worker, exitcode)
+
+    def connection_lost(self, host_id: int) -> None:
+        """A host's heartbeat connection closed: it died or lost the network. Its tasks go back
+        now rather than when its lease runs out, so an ordered run does not stall on them."""
+        with self.lock:
+            host = self.hosts.get(host_id)
+            if host is not None and not host.expired and not self.stopped.is_set():
+                self._drop_host(host, count_expiry=True, reason=f"its host {host.name} closed its connection")
+
+    def leave(self, host_id: int) -> None:
+        """A supervisor stopping on its own (Ctrl-C): its tasks go back at once, unblamed."""
+        with self.lock:
+            host = self.hosts.get(host_id)
+            if host is not None:
+                self._drop_host(host, count_expiry=False, reason="its host left")
+                del self.hosts[host_id]
+
+    # ---- worker side (over the network) ----------------------------------------------
+    def hello_worker(self, host_id: int, pid: int):
+        with self.lock:
+            host = self.hosts.get(host_id)
+            if host is None or self.stopped.is_set():
+                return None
+            self._touch(host)
+            self.next_id += 1
+            worker = _WorkerRecord(self.next_id, host_id, pid, f"{host.name}:{pid}")
+            self.workers[worker.id] = worker
+            self.labels[worker.id] = worker.label
+            host.workers.add(worker.id)
+            return worker.id, self.prefetch
+
+    def initializer(self):
+        return self.initializer_bytes
+
+    def function(self, key: str):
+        with self.lock:
+            return self.functions.get(key)
+
+    def lease(self, worker_id: int, n: int, wait: float):
+        """Up to `n` tasks as (task_id, fn_key, payload); [] when none came in `wait` seconds;
+        None when the worker should exit. A worker that already holds work gets more (its
+        prefetch) only while the queue holds more than the idle workers waiting for it."""
+        deadline = time.monotonic() + min(wait, 5.0)
+        with self.lock:
+            worker = self.workers.get(worker_id)
+            if worker is None or self.stopped.is_set() or worker.doomed:
+                return None
+            idle = not worker.held
+            if idle:
+                self.idle_waiting += 1
+            try:
+                while True:
+                    if self.stopped.is_set() or worker_id not in self.workers or worker.doomed:
+                        return None
+                    now_idle = not worker.held
+                    if now_idle != idle:
+                        self.idle_waiting += 1 if now_idle else -1
+                        idle = now_idle
+                    others_idle = self.idle_waiting - (1 if idle else 0)
+                    if (idle and self.queue) or len(self.queue) > others_idle:
+                        break
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return []
+                    self.work_ready.wait(remaining)
+            finally:
+                if idle:
+                    self.idle_waiting -= 1
+            granted = []
+            while self.queue and len(granted) < n:
+                others_idle = self.idle_waiting
+                if (granted or worker.held) and len(self.queue) <= others_idle:
+                    break
+                task_id = self.queue.popleft()
+                record = self.tasks[task_id]
+                record.holder = worker_id
+                worker.held.append(task_id)
+                granted.append((task_id, record.fn_key, record.payload))
+            self._start_head(worker)
+            if self.queue:
+                self.work_ready.notify_all()
+            return granted
+
+    def complete(self, worker_id: int, results: list) -> None:
+        """Results as (task_id, result_bytes). The first result for a task id wins."""
+        with self.lock:
+            worker = self.workers.get(worker_id)
+            touched = set()
+            for task_id, data in results:
+                if worker is not None and task_id in worker.held:
+                    worker.held.remove(task_id)
+                    touched.add(worker)
+                record = self.tasks.pop(task_id, None)
+                if record is None:
+                    continue  # a duplicate, or a task the driver cancelled
+                if record.holder is None:
+                    self.queue.remove(task_id)
+                elif record.holder != worker_id:
+                    other = self.workers.get(record.holder)
+                    if other is not None and task_id in other.held:
+                        other.held.remove(task_id)
+                        touched.add(other)
+                self.events.append(("done", task_id, self.labels.get(worker_id, "?"), data))
+            for each in touched:
+                self._start_head(each)
+            self.events_ready.notify_all()
+
+    def fatal(self, worker_id: int, error_bytes: bytes) -> None:
+        with self.lock:
+            self.events.append(("fatal", error_bytes))
+            self.events_ready.notify_all()
+
+    # ---- bookkeeping (lock held) --------------------------------------------------------
+    def _touch(self, host: _HostRecord) -> None:
+        host.last_seen = time.monotonic()
+        host.expired = False
+
+    def _start_head(self, worker: _WorkerRecord) -> None:
+        """The head of a worker's held tasks is the one it runs: report it started."""
+        if worker.doomed or not worker.held:
+            return
+        record = self.tasks.get(worker.held[0])
+        if record is not None and not record.started:
+            record.started = True
+            self.events.append(Started(worker.held[0], worker.label, time.monotonic()))
+            self.events_ready.notify_all()
+
+    def _requeue(self, task_ids, count_expiry: bool, label, reason: str) -> None:
+        for task_id in reversed(task_ids):
+            record = self.tasks.get(task_id)
+            if record is None:
+                continue
+            if count_expiry and record.started:  # a task that never started cannot be the cause
+                record.expiries += 1
+                if record.expiries >= MAX_LEASE_EXPIRIES:
+                    del self.tasks[task_id]
+                    self.events.append(Lost(task_id, label, None,
+                                            f"{reason}, {record.expiries} times", blame=True))
+                    continue
+            record.holder = None
+            record.started = False
+            self.queue.appendleft(task_id)
+        self.work_ready.notify_all()
+        self.events_ready.notify_all()
+
+    def _drop_worker(self, worker: _WorkerRecord, exitcode) -> None:
+        """A worker process died: its running task is lost (blamed), the others go back."""
+        self.workers.pop(worker.id, None)
+        host = self.hosts.get(worker.host)
+        if host is not None:
+            host.workers.discard(worker.id)
+        held = list(worker.held)
+        worker.held.clear()
+        if held and not worker.doomed:
+            record = self.tasks.get(held[0])
+            if record is not None and record.started:
+                del self.tasks[held[0]]
+                self.events.append(Lost(held[0], worker.label, exitcode, describe_exit(exitcode), blame=True))
+                held = held[1:]
+        self._requeue(held, count_expiry=False, label=worker.label, reason="")
+
+    def _drop_host(self, host: _HostRecord, count_expiry: bool, reason: str) -> None:
+        host.expired = True
+        for worker_id in list(host.workers):
+            worker = self.workers.pop(worker_id, None)
+            if worker is None:
+                continue
+            held = list(worker.held)
+            worker.held.clear()
+            self._requeue(held, count_expiry, worker.label, reason)
+        host.workers.clear()
+
+    def reap(self, now: float | None = None, stalled: bool = False) -> None:
+        """Re-queue the tasks of hosts whose lease ran out (they stopped heart-beating)."""
+        now = time.monotonic() if now is None else now
+        with self.lock:
+            for host in self.hosts.values():
+                if stalled:
+                    host.last_seen = max(host.last_seen, now)
+                elif not host.expired and now - host.last_seen > self.lease_seconds:
+                    self._drop_host(host, count_expiry=True,
+                                    reason=f"its host {host.name} stopped heart-beating")

@@ -1,0 +1,52 @@
+"""The README's Python examples run as shown.
+
+Each ```python block runs as a script in a fresh interpreter, in an empty directory. A block
+may be marked on the line before it: `<!-- readme-test: pytest -->` runs it as a test file
+under pytest; `<!-- readme-test: not run (why) -->` skips it, saying why."""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+BLOCK = re.compile(r"(?:<!-- readme-test: (?P<mark>[^>]*?) -->\n)?```python\n(?P<code>.*?)^```", re.S | re.M)
+
+
+def readme_blocks():
+    text = README.read_text()
+    blocks = []
+    for match in BLOCK.finditer(text):
+        line = text.count("\n", 0, match.start("code")) + 1
+        mark = match.group("mark") or "run"
+        blocks.append(pytest.param(mark, match.group("code"), id=f"line{line}",
+                                   marks=[pytest.mark.skip(reason=f"README marks it {mark}")]
+                                   if mark.startswith("not run") else []))
+    return blocks
+
+
+def test_every_block_is_found_and_most_run():
+    blocks = readme_blocks()
+    assert len(blocks) >= 4
+    assert sum(1 for block in blocks if not block.marks) >= 3
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("mark, code", readme_blocks())
+def test_readme_example_runs(tmp_path, mark, code):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(README.parent), os.environ.get("PYTHONPATH")])))
+    if mark == "pytest":
+        (tmp_path / "test_example.py").write_text(code)
+        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_example.py"]
+    else:
+        assert mark == "run", f"unknown README mark {mark!r}"
+        (tmp_path / "example.py").write_text(code)
+        command = [sys.executable, "example.py"]
+    child = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=280)
+    assert child.returncode == 0, f"{child.stdout}\n{child.stderr}"
+    assert "Traceback" not in child.stderr
+    if mark == "pytest":
+        assert re.search(r"\b\d+ passed", child.stdout) and "skipped" not in child.stdout, child.stdout

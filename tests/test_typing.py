@@ -1,0 +1,76 @@
+"""A user's script type-checks against the installed package: py.typed is shipped and the
+public functions are typed (generic in the result, with `.stats` on the returned list)."""
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import pmap
+
+pytest.importorskip("mypy", reason="mypy is in the test extra; without it there is no checker to run")
+
+USER_SCRIPT = '''
+import pmap
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def main() -> None:
+    out = pmap.pmap(square, range(10), backend="thread")
+    total: int = sum(out)
+    print(total, out.stats.items_done)
+    for value in pmap.imap(square, [1, 2], backend="serial"):
+        doubled: int = value * 2
+        print(doubled)
+    print(pmap.starmap(pow, [(2, 3)], backend="serial"))
+    with pmap.Pool(backend="thread", workers=2) as pool:
+        again: list[int] = pool.map(square, [1, 2])
+        print(again)
+    failures = [r for r in pmap.pmap(square, [1], on_error="return") if isinstance(r, pmap.Failure)]
+    print(failures, pmap.explain(square, range(3)).backend)
+'''
+
+# The result type is known, so a wrong use of it is caught (it would pass were it Any).
+WRONG_USE = '''
+import pmap
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+name: str = pmap.pmap(square, [1])[0]
+'''
+
+
+def _mypy(tmp_path: Path, source: str) -> subprocess.CompletedProcess:
+    site = tmp_path / "site"  # an installed copy: a checker reads it as a third-party package
+    shutil.copytree(Path(pmap.__file__).parent, site / "pmap", ignore=shutil.ignore_patterns("__pycache__"))
+    script = tmp_path / "user.py"
+    script.write_text(textwrap.dedent(source))
+    return subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--no-incremental", "--python-executable", sys.executable,
+         str(script)], capture_output=True, text=True, cwd=tmp_path,
+        env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"}, timeout=300)
+
+
+def test_py_typed_is_shipped_in_the_package():
+    assert (Path(pmap.__file__).parent / "py.typed").exists()
+
+
+@pytest.mark.timeout(300)
+def test_a_user_script_passes_mypy_strict(tmp_path):
+    result = _mypy(tmp_path, USER_SCRIPT)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.timeout(300)
+def test_the_result_type_is_not_any(tmp_path):
+    result = _mypy(tmp_path, WRONG_USE)
+    assert result.returncode == 1
+    assert 'Incompatible types in assignment (expression has type "int", variable has type "str")' in result.stdout
