@@ -1,4 +1,5 @@
-"""What runs inside a worker: one task's items, and the wire format of tasks and results."""
+"""What runs inside a worker: one task's items, the worker process's settings, and the function
+and initializer it receives (`_outcome` holds the wire format of items and results)."""
 from __future__ import annotations
 
 import inspect
@@ -6,15 +7,21 @@ import os
 import pickle
 import signal
 import sys
+import threading
 import time
 import traceback
 import weakref
 
-import cloudpickle
-
-from .errors import ItemNotPicklable, portable_exception
+from . import _logs, _transfer
+from ._outcome import SplitTask, _SentException, encode_result, unpack_items
+from .errors import ItemNotPicklable
 
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
+
+
+class CallerInterrupt(KeyboardInterrupt):
+    """A real Ctrl-C in the calling thread, told apart from a KeyboardInterrupt the function
+    raises itself (which fails only its item): see `caller_interrupts`."""
 
 
 class StarCall:
@@ -32,12 +39,46 @@ class StarCall:
         return (StarCall, (self.func,))
 
 
-def run_items(fn, items, catch=Exception):
+class caller_interrupts:
+    """Within it (in the main thread), a real Ctrl-C raises CallerInterrupt, so the function
+    runs in the caller's own thread (serial, greenlet, asyncio) can tell it from a
+    KeyboardInterrupt the function raises itself. Leaving it, CallerInterrupt becomes the
+    plain KeyboardInterrupt the caller expects."""
+
+    __slots__ = ("previous",)
+
+    def __enter__(self):
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            handler = signal.getsignal(signal.SIGINT)
+            if callable(handler):
+                def interrupt(signum, frame):
+                    try:
+                        handler(signum, frame)
+                    except CallerInterrupt:
+                        raise
+                    except KeyboardInterrupt as exc:
+                        raise CallerInterrupt(*exc.args) from None
+                self.previous = handler
+                signal.signal(signal.SIGINT, interrupt)
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+        if exc_type is not None and issubclass(exc_type, CallerInterrupt):
+            raise KeyboardInterrupt(*exc.args).with_traceback(tb) from None
+        return False
+
+
+def run_items(fn, items, catch=BaseException, passthrough=CallerInterrupt):
     """Run `fn` over `items`; return (values, failures, elapsed). Failures hold
     (position, exception, traceback text); a failing item never stops the others.
+    Whatever the function raises, BaseExceptions included, fails only its item; only
+    `passthrough` (the caller's own Ctrl-C, a backend's own cancellation) ends the task.
     An `async def` function runs in an event loop of this worker's own."""
     if is_async(fn):
-        return _run_async_items(fn, items, catch)
+        return _run_async_items(fn, items, catch, passthrough)
     values = []
     failures = []
     pending = iter(items)
@@ -47,17 +88,19 @@ def run_items(fn, items, catch=Exception):
             values.extend(map(fn, pending))  # stops at a failing item; the values before it stay
             break
         except catch as exc:
+            if isinstance(exc, passthrough):
+                raise
             tb = exc.__traceback__.tb_next or exc.__traceback__  # start at the user's frame, not this one
             failures.append((len(values), exc, "".join(traceback.format_exception(type(exc), exc, tb))))
             values.append(None)
     return values, failures, time.perf_counter() - start
 
 
-def _run_async_items(fn, items, catch):
+def _run_async_items(fn, items, catch, passthrough):
     import asyncio
     loop = asyncio.new_event_loop()
     try:
-        return run_items(lambda item: loop.run_until_complete(fn(item)), items, catch)
+        return run_items(lambda item: loop.run_until_complete(fn(item)), items, catch, passthrough)
     finally:
         loop.close()
 
@@ -69,96 +112,129 @@ def dumps(obj) -> bytes:
     except Exception:
         pass
     try:
-        return cloudpickle.dumps(obj, _PROTOCOL)
+        return _transfer.cloudpickle_keeping_paths.dumps(obj, _PROTOCOL)
     except Exception as exc:
         raise ItemNotPicklable(f"cannot pickle the task to send it to a worker: {type(exc).__name__}: {exc}") from exc
 
 
-loads = pickle.loads
+loads = _transfer.loads  # a plain pickle, or one whose big buffers wait in shared memory
 
 
-def encode_result(task_id, values, failures, elapsed) -> bytes:
-    """Pickle a task's outcome; an unpicklable value or exception becomes that item's failure."""
-    try:
-        return pickle.dumps((task_id, values, failures, elapsed), _PROTOCOL)
-    except Exception:
-        pass
-    failures = [(pos, portable_exception(exc), tb) for pos, exc, tb in failures]
-    failed = {pos for pos, _, _ in failures}
-    for pos, value in enumerate(values):
-        if pos in failed:
-            continue
-        try:
-            pickle.dumps(value, _PROTOCOL)
-        except Exception as exc:
-            values[pos] = None
-            error = TypeError(f"result of type {type(value).__name__} cannot be pickled "
-                              f"to send it back from the worker: {exc}")
-            failures.append((pos, error, ""))
-    failures.sort(key=lambda f: f[0])
-    return pickle.dumps((task_id, values, failures, elapsed), _PROTOCOL)
+# A worker process ignores SIGINT: any exception in it, KeyboardInterrupt included, is the
+# function's own and fails only its item.
+WORKER_CATCH = BaseException
 
 
-# A worker process also isolates SystemExit from one item; KeyboardInterrupt is the caller's.
-WORKER_CATCH = (Exception, SystemExit)
-
-_PR_SET_PDEATHSIG = 1
-
-
-def become_worker_process(own_process_group: bool = True, driver_pid: int | None = None) -> None:
+def become_worker_process(own_process_group: bool = False, driver_pid: int | None = None,
+                          parent_pid: int | None = None) -> None:
     """Settings every worker process takes: Ctrl-C is the caller's to handle, the worker dies
-    with its parent (and with the driver, when a forkserver stands between them), and it leads
-    its own process group so a kill reaches its children."""
+    with its parent process (and with the driver, when a forkserver stands between them), and
+    what it starts ends with it (`end_descendants`; a kill ends them through
+    `_procutil.end_process_group`). It does not lead a process group of its own, so the
+    function may call os.setsid().
+
+    The death watch follows the parent *process*: PR_SET_PDEATHSIG would fire when the
+    parent's thread that started the worker ends, killing workers of a call made from a
+    thread that returns."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if driver_pid is not None and driver_pid != os.getppid():
+    parent = parent_pid if parent_pid is not None else os.getppid()
+    _exit_when_gone(parent, is_parent=True)
+    if driver_pid is not None and driver_pid != parent:
         _exit_when_gone(driver_pid)
     if own_process_group and hasattr(os, "setpgid"):
         try:
             os.setpgid(0, 0)
         except OSError:
             pass
-    prctl = load_prctl()
-    if prctl is not None:
-        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    _allow_children()
 
 
-_prctl = None
+def _allow_children() -> None:
+    """multiprocessing refuses to start processes from a daemonic one; a worker may run a
+    nested process map. Its children then are not daemonic either, and multiprocessing would
+    wait for them when the worker exits (a reusable loky executor idles for a minute): the
+    worker ends what it started first."""
+    try:
+        import multiprocessing
+        import multiprocessing.util
+        multiprocessing.current_process()._config["daemon"] = False
+        multiprocessing.util.Finalize(None, end_descendants, exitpriority=100)
+        if multiprocessing.get_start_method(allow_none=True) not in (None, *multiprocessing.get_all_start_methods()):
+            # loky's own method name, which a stdlib pool's forkserver children cannot look up
+            multiprocessing.set_start_method(None, force=True)
+    except Exception:
+        pass
 
 
-def load_prctl():
-    """libc's prctl (Linux), loaded once: a parent that loads it before forking spares every
-    forked worker the import of ctypes (a few ms of CPU each)."""
-    global _prctl
-    if _prctl is None and sys.platform.startswith("linux"):
+def end_descendants(grace: float = 0.5) -> None:
+    """End every process this one started, and theirs (a worker leaving: nothing it started
+    outlives it, also what called os.setsid)."""
+    reusable = sys.modules.get("loky.reusable_executor")
+    executor = getattr(getattr(reusable, "_executor_storage", None), "executor", None)
+    if executor is not None:  # a nested process map's workers: loky ends them cleanly
         try:
-            import ctypes
-            _prctl = ctypes.CDLL(None, use_errno=True).prctl
+            executor.shutdown(wait=True, kill_workers=True)
         except Exception:
-            _prctl = False
-    return _prctl or None
+            pass
+    try:
+        import psutil
+        children = [child for child in psutil.Process().children(recursive=True)
+                    if not _is_resource_tracker(child)]  # it exits with us, and cleans up after
+        for child in children:
+            try:
+                child.terminate()
+            except psutil.Error:
+                pass
+        _, alive = psutil.wait_procs(children, timeout=grace)
+        for child in alive:
+            try:
+                child.kill()
+            except psutil.Error:
+                pass
+    except Exception:
+        pass
 
 
-def _exit_when_gone(pid: int) -> None:
+def _is_resource_tracker(process) -> bool:
+    try:
+        return "resource_tracker" in " ".join(process.cmdline())
+    except Exception:
+        return False
+
+
+def _exit_when_gone(pid: int, is_parent: bool = False) -> None:
     """A daemon thread that ends this process as soon as process `pid` ends."""
     import threading
 
-    def watch():
+    def gone() -> bool:
+        if is_parent:
+            return os.getppid() != pid  # an orphan is adopted by another process at once
         try:
-            fd = os.pidfd_open(pid)
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            pass
+        return False
+
+    try:
+        fd = os.pidfd_open(pid)
+    except (AttributeError, OSError):  # no pidfd here (or it is gone already): poll
+        fd = None
+    if gone():
+        os._exit(1)
+
+    def watch():
+        if fd is not None:
             import select
-            select.select([fd], [], [])
-        except (AttributeError, OSError):  # no pidfd here: poll
-            while True:
-                try:
-                    os.kill(pid, 0)
-                except ProcessLookupError:
-                    break
-                except PermissionError:
-                    pass
+            while not select.select([fd], [], [], 5.0)[0] and not gone():
+                pass
+        else:
+            while not gone():
                 time.sleep(0.5)
         os._exit(1)
 
-    threading.Thread(target=watch, name="pmap-driver-watch", daemon=True).start()
+    threading.Thread(target=watch, name="pmap-parent-watch", daemon=True).start()
 
 
 def callable_name(fn) -> str:
@@ -197,7 +273,12 @@ def cached_function(key, fetch_bytes, cache: dict = _FUNCTIONS):
     if fn is None:
         if len(cache) >= _FUNCTION_CACHE_SIZE:
             cache.clear()
+        for released in [k for k in cache if _transfer.function_released(k)]:
+            del cache[released]  # its run is over: unmap its shared buffers
+        _transfer.forget_dropped_shared()
         fn = cache[key] = loads(fetch_bytes())
+        if _INITIALIZER_GLOBALS:
+            adopt_initializer_globals(fn)
     return fn
 
 
@@ -208,24 +289,116 @@ def every_item_failed(n_items: int, exc: BaseException) -> tuple[list, list]:
     return [None] * n, [(i, exc, tb) for i in range(n)]
 
 
+INIT_FAILED_EXIT = 86  # a pooled worker whose initializer failed exits with this code
+
+
+# Globals an initializer assigned in a module that exists in this worker only as cloudpickle's
+# copy (a function defined in __main__ or a file run by the CLI): module name -> (its globals,
+# the names it assigned). A function pickled apart from the initializer gets a copy of its own.
+_INITIALIZER_GLOBALS: dict = {}
+
+
+def _copied_globals(fn) -> dict | None:
+    """`fn`'s globals when they are cloudpickle's copy, not a module imported here."""
+    globs = getattr(fn, "__globals__", None)
+    if globs is None:
+        return None
+    module = sys.modules.get(globs.get("__name__", ""))
+    return None if module is not None and vars(module) is globs else globs
+
+
+def _user_function(fn):
+    """The plain function inside pmap's and functools' wrappers."""
+    for _ in range(10):
+        inner = getattr(fn, "initializer", None) or getattr(fn, "func", None) or getattr(fn, "__wrapped__", None)
+        if inner is None or inner is fn:
+            break
+        fn = inner
+    return fn
+
+
+def remember_initializer_globals(initializer) -> None:
+    """After the initializer ran: which of its module's globals it set (a connection, say)."""
+    fn = _user_function(initializer)
+    globs = _copied_globals(fn)
+    if globs is None or not hasattr(fn, "__code__"):
+        return
+    import dis
+    assigned = {ins.argval for ins in dis.get_instructions(fn) if ins.opname == "STORE_GLOBAL"}
+    if assigned:
+        _INITIALIZER_GLOBALS[globs.get("__name__")] = (globs, assigned)
+
+
+def adopt_initializer_globals(fn) -> None:
+    """Give `fn` the globals its module's initializer set in this worker, as an imported module
+    would have them (concurrent.futures behaves so under every start method)."""
+    globs = _copied_globals(_user_function(fn))
+    shared = _INITIALIZER_GLOBALS.get(globs.get("__name__")) if globs is not None else None
+    if shared is not None and shared[0] is not globs:
+        source, names = shared
+        globs.update({name: source[name] for name in names if name in source})
+
+
+def init_report_dir(driver_pid: int) -> str:
+    """Where pooled workers of the process `driver_pid` leave word of their initializer:
+    one file per worker pid, present while it runs and kept, holding the error, if it fails."""
+    import tempfile
+    base = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+    return os.path.join(base, f"pmap-{driver_pid}-init")  # removed by `_transfer.sweep` if the driver is killed
+
+
 def pooled_worker_init(initializer_bytes, driver_pid=None):
     become_worker_process(driver_pid=driver_pid)
-    if initializer_bytes is not None:
-        initializer, initargs = loads(initializer_bytes)
+    if initializer_bytes is None:
+        return
+    report = os.path.join(init_report_dir(driver_pid or os.getppid()), str(os.getpid()))
+    try:
+        with open(report, "wb"):
+            pass  # an empty report left behind means the initializer ended the process itself
+    except OSError:
+        report = None
+    try:
+        initializer, initargs, log_level = loads(initializer_bytes)
+        _logs.forward_from_here(log_level)
         initializer(*initargs)
+        remember_initializer_globals(initializer)
+    except BaseException as exc:
+        if report is not None:
+            try:
+                with open(report, "wb") as handle:
+                    handle.write(pickle.dumps((_SentException(exc), traceback.format_exc())))
+            except Exception:
+                pass
+        os._exit(INIT_FAILED_EXIT)  # not a respawn loop: the parent reads the report and stops
+    if report is not None:
+        try:
+            os.unlink(report)
+        except OSError:
+            pass
 
 
 def run_pooled_task(payload: bytes) -> bytes:
     """Run one task. Its start is recorded in a file naming this worker's pid, so the
     parent knows which process to end on a timeout and which task a dead worker held."""
-    task_id, key, fn_bytes, items, start_dir = pickle.loads(payload)
+    task_id, key, fn_bytes, packed, start_dir = loads(payload)
     marker = os.path.join(start_dir, str(task_id))
-    with open(marker, "w") as handle:
-        handle.write(str(os.getpid()))
-    fn = cached_function(key, lambda: fn_bytes)
-    result = encode_result(task_id, *run_items(fn, items, catch=WORKER_CATCH))
     try:
-        os.unlink(marker)
-    except OSError:
-        pass
-    return os.getpid(), result
+        with open(marker, "w") as handle:
+            handle.write(str(os.getpid()))
+    except OSError:  # the run that sent it was abandoned and its directory removed: run it anyway
+        marker = None
+    try:
+        items = unpack_items(packed)
+        fn = cached_function(key, lambda: fn_bytes or _transfer.read_function(start_dir, key))  # once per worker
+        outcome = run_items(fn, items, catch=WORKER_CATCH)
+    except SplitTask:
+        raise
+    except BaseException as exc:  # the item or the function could not be rebuilt here
+        outcome = (*every_item_failed(packed[0], exc), 0.0)
+    finally:
+        if marker is not None:
+            try:
+                os.unlink(marker)
+            except OSError:
+                pass
+    return os.getpid(), encode_result(task_id, *outcome)

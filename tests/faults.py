@@ -1,7 +1,9 @@
 """Functions that fail the hard way, for the fault tests. Importable by every start method."""
 import ctypes
+import faulthandler
 import os
 import signal
+import sys
 import time
 
 
@@ -13,6 +15,7 @@ def exit_on_three(x):
 
 def segfault_on_three(x):
     if x == 3:
+        faulthandler.disable()  # inherited from pytest: its dump in the test output would read as a failure
         ctypes.string_at(0)  # a real segmentation fault
     return x * 10
 
@@ -66,3 +69,167 @@ def pid_after_sleep(x):
 
 def sleep_forever(_):
     time.sleep(3600)
+
+
+def hold_pool_result_lock_on_zero(marker, x):
+    """Item 0 takes multiprocessing.Pool's result-queue write lock, as a worker does while it
+    writes a result, and keeps it until the worker is killed; other items return at once."""
+    if x != 0:
+        return x
+    time.sleep(0.3)  # let the other items report first
+    frame = sys._getframe()
+    while "outqueue" not in frame.f_locals:  # the Pool's worker loop, a few frames up
+        frame = frame.f_back
+    frame.f_locals["outqueue"]._wlock.acquire()
+    open(marker, "w").close()
+    time.sleep(3600)
+
+
+# ---- BaseExceptions, undecodable results and items, failing initializers -------------------
+
+class CustomBaseError(BaseException):
+    """A BaseException of the user's own, not an Exception."""
+
+
+def greenlet_exit():
+    import gevent
+    return gevent.GreenletExit("raised by the function")
+
+
+def cancelled_error():
+    import asyncio
+    return asyncio.CancelledError()
+
+
+BASE_EXCEPTIONS = {  # name -> (type, factory), the factory called inside the worker
+    "SystemExit": (SystemExit, lambda: SystemExit(1)),
+    "KeyboardInterrupt": (KeyboardInterrupt, lambda: KeyboardInterrupt("raised by the function")),
+    "GeneratorExit": (GeneratorExit, lambda: GeneratorExit("raised by the function")),
+    "CustomBaseError": (CustomBaseError, lambda: CustomBaseError("custom")),
+    "GreenletExit": (None, greenlet_exit),
+    "CancelledError": (None, cancelled_error),
+}
+
+
+def base_exception_type(name):
+    known, factory = BASE_EXCEPTIONS[name]
+    return known or type(factory())
+
+
+def raise_base_on_three(name, x):
+    if x == 3:
+        raise BASE_EXCEPTIONS[name][1]()
+    return x * 10
+
+
+async def raise_base_on_three_async(name, x):
+    import asyncio
+    await asyncio.sleep(0)
+    return raise_base_on_three(name, x)
+
+
+class NeedsTwoArgs(Exception):
+    """Pickles (its args hold one value) but cannot be rebuilt: __init__ wants two."""
+
+    def __init__(self, a, b):
+        super().__init__(a)
+
+
+def _refuse_to_rebuild(where):
+    raise RuntimeError(f"this object cannot be rebuilt {where}")
+
+
+class BrokenReduce:
+    """A result that pickles but never unpickles."""
+
+    def __reduce__(self):
+        return (_refuse_to_rebuild, ("anywhere",))
+
+
+def _rebuild_in(caller_pid, in_caller):
+    if (os.getpid() == caller_pid) != in_caller:
+        _refuse_to_rebuild("in the caller" if in_caller is False else "in a worker")
+    return RebuildsOnlyIn(caller_pid, in_caller)
+
+
+class RebuildsOnlyIn:
+    """Unpickles only in the caller (`in_caller`), or only outside it."""
+
+    def __init__(self, caller_pid, in_caller):
+        self.caller_pid = caller_pid
+        self.in_caller = in_caller
+
+    def __reduce__(self):
+        return (_rebuild_in, (self.caller_pid, self.in_caller))
+
+
+def undecodable_outcomes(arg):
+    """Item 2 raises an exception that cannot be rebuilt, item 4 returns a result that cannot
+    be rebuilt anywhere, item 6 one that cannot be rebuilt in the caller only."""
+    caller_pid, x = arg
+    if x == 2:
+        raise NeedsTwoArgs("needs two", "args")
+    if x == 4:
+        return BrokenReduce()
+    if x == 6:
+        return RebuildsOnlyIn(caller_pid, in_caller=False)
+    return x * 10
+
+
+def times_ten(x):
+    return x * 10
+
+
+def initializer_that(how):
+    if how == "raises":
+        raise LookupError("the initializer could not find its config")
+    if how == "sys.exit":
+        sys.exit(5)
+    if how == "os._exit":
+        os._exit(6)
+
+
+def new_session_with_a_child(path):
+    """Leaves the caller's session (os.setsid) and starts a long-lived child, whose pid it
+    appends to `path`."""
+    import subprocess
+    if os.getsid(0) != os.getpid():
+        os.setsid()
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    with open(path, "a") as handle:
+        handle.write(f"{child.pid}\n")
+    return os.getsid(0) == os.getpid()
+
+
+# ---- the fuzz test's function: one nasty behaviour per kind of item ---------------------------
+
+NASTY_KINDS = [*BASE_EXCEPTIONS, "os._exit", "broken-result", "bad-exception", "slow"]
+SLOW_SECONDS = 2.0
+
+
+def nasty(arg):
+    kind, x = arg
+    if kind == "ok":
+        return x * 10
+    if kind in BASE_EXCEPTIONS:
+        raise BASE_EXCEPTIONS[kind][1]()
+    if kind == "os._exit":
+        os._exit(9)
+    if kind == "broken-result":
+        return BrokenReduce()
+    if kind == "bad-exception":
+        raise NeedsTwoArgs("needs", "two")
+    if kind == "slow":
+        from workloads import pause
+        pause(SLOW_SECONDS)
+        return x * 10
+    raise AssertionError(f"unknown kind {kind}")
+
+
+async def nasty_async(arg):
+    import asyncio
+    if arg[0] == "slow":
+        await asyncio.sleep(SLOW_SECONDS)
+        return arg[1] * 10
+    await asyncio.sleep(0)
+    return nasty(arg)

@@ -1,6 +1,8 @@
 """What only one backend does: fork's platform check and thread warning, pool's start
 methods, loky's reuse, registration of third-party backends."""
 import os
+import subprocess
+import sys
 import threading
 import time
 import warnings
@@ -245,3 +247,34 @@ def test_gevent_patched_process_fork_works_and_pools_say_why_not():
     assert lines[0] == str([x * 2 for x in range(40)])
     assert lines[1:3] == ["unavailable process True", "unavailable pool True"]
     assert lines[3] in ("thread", "fork", "serial")
+
+
+INITIALIZER_SCRIPT = """
+import os, sys
+import pmap
+
+state = None
+
+def open_connection(value):
+    global state
+    state = {"value": value, "pid": os.getpid()}
+
+def query(x):
+    return state["value"] + x, state["pid"] == os.getpid()
+
+if __name__ == "__main__":
+    out = pmap.pmap(query, range(6), backend=sys.argv[1], workers=2, initializer=open_connection,
+                    initargs=(100,), on_error="return")
+    print(repr([r if isinstance(r, tuple) else type(r.exception).__name__ for r in out]))
+"""
+
+
+@pytest.mark.parametrize("backend", ["process", "pool", "fork"])
+def test_a_main_function_sees_the_globals_its_initializer_set_in_the_worker(tmp_path, backend):
+    # As under concurrent.futures: the initializer stores a per-worker object (a connection) in a
+    # global, the function of the same __main__ module reads it, though each was pickled apart.
+    script = tmp_path / "script.py"
+    script.write_text(INITIALIZER_SCRIPT)
+    done = subprocess.run([sys.executable, str(script), backend], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == repr([(100 + x, True) for x in range(6)])

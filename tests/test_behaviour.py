@@ -7,9 +7,13 @@ import threading
 import pytest
 
 import pmap
+from pmap.comparison import default_backend_names as every_local_backend
 from workloads import (add, async_twin, fail_on_three, for_backend, identity, length, make_big, pause,
                        raise_unpicklable, read_init_value, return_lock, set_init_value, slow_identity,
                        square)
+
+# every local backend, asyncio too (the fixture leaves it out by default): `work` gives it async twins
+pytestmark = pytest.mark.pmap_backends(*every_local_backend())
 
 
 @pytest.fixture

@@ -42,6 +42,22 @@ def test_dead_worker_costs_only_its_item(pmap_backend, fn, bad_item, code):
     assert out.stats.crashed_workers >= 1
 
 
+def test_a_deliberate_segfault_leaves_no_faulthandler_dump_in_the_output():
+    # pytest enables faulthandler and forked workers inherit it: the crash helpers turn it off,
+    # so a passing run does not print "Fatal Python error" with every thread's stack.
+    script = textwrap.dedent("""
+        import pmap
+        from faults import segfault_on_three
+        out = pmap.pmap(segfault_on_three, range(6), backend="fork", workers=2, on_error="return")
+        print(out[3].kind)
+    """)
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.abspath(__file__))}
+    done = subprocess.run([sys.executable, "-X", "faulthandler", "-c", script], capture_output=True, text=True,
+                          timeout=60, env=env)
+    assert done.stdout.split() == ["crash"], done.stderr
+    assert "Fatal Python error" not in done.stderr
+
+
 @pytest.mark.pmap_backends(*PROCESS_LIKE)
 def test_crash_raises_worker_crashed_by_default(pmap_backend):
     with pytest.raises(pmap.WorkerCrashed, match="SIGSEGV|signal 11") as info:

@@ -6,7 +6,6 @@ at once. Each running task leaves a marker file naming its worker's pid.
 """
 from __future__ import annotations
 
-import hashlib
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -15,20 +14,20 @@ import shutil
 import tempfile
 import time
 
-import cloudpickle
-
-from .._worker import dumps, loads
-from ..errors import FunctionNotPicklable
-from ._procutil import process_exists, end_process_group
-from .base import Backend, Done, Lost, threads_are_greenlets
+from .. import _logs, _transfer, native
+from .._outcome import SplitTask, pack_items
+from .._worker import init_report_dir, loads
+from ..errors import FunctionNotPicklable, InitializerError, RemoteTraceback
+from ._procutil import describe_exit, process_exists, end_process_group
+from .base import Backend, Done, Fatal, Lost, threads_are_greenlets
 
 _SHM = "/dev/shm"
 SWEEP_SECONDS = 0.5  # how often wait() double-checks that running tasks' workers exist
 
 
-def pickle_function(fn, backend_name: str) -> bytes:
+def pickle_function(fn, backend_name: str, pickler=_transfer.cloudpickle_keeping_paths.dumps):
     try:
-        return cloudpickle.dumps(fn)
+        return pickler(fn)
     except Exception as exc:
         name = getattr(fn, "__qualname__", None) or type(fn).__name__
         raise FunctionNotPicklable(
@@ -53,9 +52,14 @@ class PooledBackend(Backend):
         self.events: queue.SimpleQueue = queue.SimpleQueue()
         self.wake_r, self.wake_w = multiprocessing.Pipe(duplex=False)
         self.inflight: set[int] = set()
-        self.start_dir = tempfile.mkdtemp(prefix="pmap-", dir=_SHM if os.path.isdir(_SHM) else None)
+        self.channel = _transfer.Channel()  # big buffers through shared memory, released on close
+        self.start_dir = _make_start_dir()
+        self.init_dir = None
+        if initializer is not None:
+            self.init_dir = init_report_dir(os.getpid())
+            os.makedirs(self.init_dir, exist_ok=True)
+            _remove_at_exit(self.init_dir)
         self.fn_key = None
-        self.fn_bytes = None
         self.dead_pids: set[int] = set()  # deaths already reported; their sentinels stay ready
         self.known: dict[int, object] = {}  # pid -> Process, kept after the pool forgets them
         self.ended_pids: set[int] = set()   # workers we ended ourselves (timeouts)
@@ -63,10 +67,58 @@ class PooledBackend(Backend):
         self.bytes_sent = 0
         self.bytes_received = 0
 
-    def initializer_bytes(self):
-        if self.initializer is None:
+    def initializer_failure(self, exitcodes: dict) -> InitializerError | None:
+        """The error of an initializer that failed in a worker, from the report it left (see
+        `_worker.pooled_worker_init`); `exitcodes` maps pids of workers seen dead to exit codes."""
+        if self.init_dir is None:
             return None
-        return cloudpickle.dumps((self.initializer, self.initargs))
+        try:
+            names = os.listdir(self.init_dir)
+        except OSError:
+            return None
+        name = getattr(self.initializer, "__qualname__", None) or type(self.initializer).__name__
+        for entry in names:
+            pid = int(entry) if entry.isdigit() else None
+            if pid is None or (pid not in exitcodes and process_exists(pid)):
+                continue  # still running its initializer (or not one of ours)
+            path = os.path.join(self.init_dir, entry)
+            try:
+                with open(path, "rb") as handle:
+                    report = handle.read()
+                os.unlink(path)
+            except OSError:
+                continue
+            if report:
+                try:
+                    exc, tb = loads(report)
+                except Exception as error:
+                    exc, tb = error, ""
+                if tb:
+                    exc.__cause__ = RemoteTraceback(tb)
+                error = InitializerError(f"the initializer {name} failed in worker {pid} of backend {self.name!r}: "
+                                         f"{type(exc).__name__}: {exc}")
+                error.__cause__ = exc
+                return error
+            if pid in exitcodes or self.known.get(pid) is not None:
+                code = exitcodes.get(pid)
+                return InitializerError(f"the initializer {name} ended worker {pid} of backend {self.name!r} "
+                                        f"({describe_exit(code)}) before it could run anything")
+        return None
+
+    def _initializer_fatal(self, events: list, died: dict) -> list:
+        """Replace the events by one Fatal when a worker's initializer failed."""
+        if self.init_dir is None or not (died or any(type(e) is Lost for e in events)):
+            return events
+        for proc in self._processes() + [self.known[p] for p in died if p in self.known]:
+            if proc.exitcode is not None:
+                died.setdefault(proc.pid, proc.exitcode)
+        error = self.initializer_failure(died)
+        return [Fatal(error)] if error is not None else events
+
+    def initializer_bytes(self):
+        # the workers' native thread limits come first, then the user's initializer
+        setup = (native.with_limits(self, self.initializer), self.initargs, _logs.caller_level())
+        return _transfer.cloudpickle_keeping_paths.dumps(setup)
 
     # ---- what subclasses provide ------------------------------------------------------
     def _send(self, task_id: int, payload: bytes) -> None:
@@ -93,8 +145,15 @@ class PooledBackend(Backend):
     # ---- the protocol -----------------------------------------------------------------
     def prepare(self, fn, timeout=None):
         self.timeout = timeout
-        self.fn_bytes = pickle_function(fn, self.name)
-        self.fn_key = hashlib.blake2b(self.fn_bytes, digest_size=12).hexdigest()
+        if not os.path.isdir(self.start_dir):  # used again after close (a Pool after Ctrl-C)
+            self.start_dir = _make_start_dir()
+            self.channel = _transfer.Channel()
+            self.open()
+        self.fn_key, fn_bytes = pickle_function(fn, self.name, self.channel.share_function)
+        # written once; each worker reads it on its first task of the run, tasks carry only the key
+        with open(_transfer.function_file(self.start_dir, self.fn_key), "wb") as handle:
+            handle.write(fn_bytes)
+        self.bytes_sent += _transfer.wire_size(fn_bytes)
         return self.fn_key
 
     def capacity(self) -> int:
@@ -102,9 +161,9 @@ class PooledBackend(Backend):
         return per_worker * self.workers - len(self.inflight)
 
     def submit(self, task) -> None:
-        payload = dumps((task.id, self.fn_key, self.fn_bytes, task.items, self.start_dir))
+        payload = self.channel.dumps((task.id, self.fn_key, None, pack_items(task.items), self.start_dir))
         self._send(task.id, payload)
-        self.bytes_sent += len(payload)
+        self.bytes_sent += _transfer.wire_size(payload)
         self.inflight.add(task.id)
 
     def _result_callback(self, task_id):
@@ -120,14 +179,17 @@ class PooledBackend(Backend):
         procs = {p.sentinel: p for p in self._processes() if p.pid not in self.dead_pids}
         ready = multiprocessing.connection.wait([self.wake_r, *procs], timeout)
         now = time.monotonic()
+        died = {}
         for handle in ready:
             if handle is not self.wake_r:
-                self.dead_pids.add(procs[handle].pid)
-                events.extend(self._worker_died(procs[handle], now))
+                proc = procs[handle]
+                self.dead_pids.add(proc.pid)
+                events.extend(self._worker_died(proc, now))
+                died[proc.pid] = proc.exitcode  # read once the pool reaped it (see PoolBackend._worker_died)
         events.extend(self._drain())
         if not events and now >= self.next_sweep:
             events.extend(self._sweep())
-        return events
+        return self._initializer_fatal(events, died)
 
     def _sweep(self) -> list:
         """Safety net: a task whose marker names a process that no longer exists is lost."""
@@ -159,9 +221,11 @@ class PooledBackend(Backend):
             self.inflight.discard(task_id)
             if isinstance(outcome, tuple):  # (worker pid, encoded result)
                 pid, encoded = outcome
-                self.bytes_received += len(encoded)
-                _, values, failures, elapsed = loads(encoded)
+                self.bytes_received += _transfer.wire_size(encoded)
+                _, values, failures, elapsed = self.channel.loads(encoded)
                 events.append(Done(task_id, pid, values, failures, elapsed))
+            elif isinstance(outcome, SplitTask):  # one of its items does not unpickle in a worker
+                events.append(Lost(task_id, None, None, str(outcome), blame=False))
             else:
                 events.extend(self._task_error(task_id, outcome))
 
@@ -191,3 +255,19 @@ class PooledBackend(Backend):
     def close(self, kill=False) -> None:
         self.inflight.clear()
         shutil.rmtree(self.start_dir, ignore_errors=True)
+        self.channel.close()
+
+
+def _make_start_dir() -> str:
+    # named for this process, so a later run removes it if this one is killed (`_transfer.sweep`)
+    return tempfile.mkdtemp(prefix=f"pmap-{os.getpid()}-", dir=_SHM if os.path.isdir(_SHM) else None)
+
+
+_removed_at_exit: set = set()
+
+
+def _remove_at_exit(path: str) -> None:
+    if path not in _removed_at_exit:
+        _removed_at_exit.add(path)
+        import atexit
+        atexit.register(shutil.rmtree, path, True)

@@ -12,9 +12,11 @@ def end_process_group(pid: int, alive=None, grace: float = TERMINATE_GRACE) -> N
     """SIGTERM the worker's process group (the worker leads it), then SIGKILL what is left.
     `alive()` tells whether the worker still runs (default: ask the kernel)."""
     alive = alive or (lambda: process_exists(pid))
+    descendants = _descendants(pid)  # also those that left its group (os.setsid)
     try:
         pgid = os.getpgid(pid)
     except (ProcessLookupError, PermissionError):
+        _kill_all(descendants)
         return
     group = pgid == pid  # a worker that leads its own group: its children go too
     kill = os.killpg if group else os.kill
@@ -22,6 +24,7 @@ def end_process_group(pid: int, alive=None, grace: float = TERMINATE_GRACE) -> N
     try:
         kill(target, signal.SIGTERM)
     except (ProcessLookupError, PermissionError):
+        _kill_all(descendants)
         return
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
@@ -32,6 +35,23 @@ def end_process_group(pid: int, alive=None, grace: float = TERMINATE_GRACE) -> N
         kill(target, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+    _kill_all(descendants)
+
+
+def _descendants(pid: int) -> list:
+    try:
+        import psutil
+        return psutil.Process(pid).children(recursive=True)
+    except Exception:
+        return []
+
+
+def _kill_all(processes: list) -> None:
+    for process in processes:
+        try:
+            process.kill()  # psutil checks the pid still names the same process
+        except Exception:
+            pass
 
 
 def process_exists(pid: int) -> bool:

@@ -21,7 +21,7 @@ import time
 import traceback
 from collections import deque
 
-from .._worker import callable_name, is_async
+from .._worker import CallerInterrupt, callable_name, caller_interrupts, is_async
 from ..errors import TaskTimeout
 from .base import Backend, Done, Fatal, Started
 
@@ -35,6 +35,7 @@ class AsyncioBackend(Backend):
     kind = "coroutine"
     guarantees = ("timeout cancels the item's coroutine at its next await; code that never awaits "
                   "cannot be interrupted; crashes take the whole process")
+    adaptive_maximum = 1024  # greenlets and coroutines are cheap: the engine's window alone limits them
 
     @classmethod
     def default_workers(cls) -> int:
@@ -55,6 +56,7 @@ class AsyncioBackend(Backend):
         self._queue: deque = deque()
         self._runners: set = set()
         self._running: dict = {}      # task id -> runner task running it
+        self._stopped: set = set()    # runners this backend cancelled: their CancelledError is ours
         self._quiet: list = []        # Started events held back until an event that wakes the engine
         self._waiter = None           # in-thread mode: the future that ends the current wait
 
@@ -86,6 +88,15 @@ class AsyncioBackend(Backend):
             raise ValueError("backend='asyncio' was given the event loop this thread is running, and a "
                              "synchronous call would block it; from async code use `await pmap.apmap(...)` "
                              "or `async for ... in pmap.aimap(...)`")
+        if self._given_loop is None and self._loop is not None and self._loop.is_closed():
+            self._loop = None  # used again after a close (a Pool after Ctrl-C): a fresh loop
+            self._threaded = False
+            self._outstanding.clear()
+            self._queue.clear()
+            self._runners.clear()
+            self._running.clear()
+            self._quiet.clear()
+            self.open()
         self._move_off_a_running_loop()
         self.timeout = timeout
         return _Call(fn, timeout)
@@ -171,7 +182,8 @@ class AsyncioBackend(Backend):
         waiter = self._waiter = loop.create_future()
         timer = None if timeout is None else loop.call_later(max(0.0, timeout), _resolve, waiter)
         try:
-            loop.run_until_complete(waiter)
+            with caller_interrupts():
+                loop.run_until_complete(waiter)
         finally:
             self._waiter = None
             if timer is not None:
@@ -243,10 +255,10 @@ class AsyncioBackend(Backend):
                 has_deadline = task.fn.timeout is not None
                 self._emit(Started(task.id, name, time.monotonic()), wake=has_deadline)
                 try:
-                    values, failures, elapsed = await _run_items(task.fn, task.items)
-                except (KeyboardInterrupt, SystemExit) as exc:  # the caller's, whatever thread we are in
+                    values, failures, elapsed = await _run_items(task.fn, task.items, self._stopped)
+                except CallerInterrupt:  # a real Ctrl-C while the loop ran in the calling thread
                     self._running.pop(task.id, None)
-                    self._emit(Fatal(exc))
+                    self._emit(Fatal(KeyboardInterrupt()))
                     return
                 if self._running.pop(task.id, None) is me:
                     self._emit(Done(task.id, name, values, failures, elapsed))
@@ -255,6 +267,7 @@ class AsyncioBackend(Backend):
                 task = self._queue.popleft()
         finally:
             self._runners.discard(me)
+            self._stopped.discard(me)
 
     def _cancel_task(self, task_id) -> None:
         runner = self._running.pop(task_id, None)
@@ -262,6 +275,7 @@ class AsyncioBackend(Backend):
             self._queue = deque(t for t in self._queue if t.id != task_id)
             return
         self._runners.discard(runner)
+        self._stopped.add(runner)
         runner.cancel()
         if self._queue:  # a fresh runner takes the cancelled one's place
             self._start_runner(self._queue.popleft())
@@ -270,6 +284,7 @@ class AsyncioBackend(Backend):
         self._queue.clear()
         self._running.clear()
         for runner in list(self._runners):
+            self._stopped.add(runner)
             runner.cancel()
 
     async def cancel_and_wait(self, timeout: float = KILL_GRACE_SECONDS) -> None:
@@ -290,8 +305,10 @@ class _Call:
         self.timeout = timeout
 
 
-async def _run_items(call: _Call, items: list):
-    """The coroutine twin of `_worker.run_items`: a failing item never stops the others."""
+async def _run_items(call: _Call, items: list, stopped: set):
+    """The coroutine twin of `_worker.run_items`: a failing item never stops the others, and
+    whatever it raises (a CancelledError of its own included) fails only that item. Only a
+    cancellation of the runner by this backend (`stopped`) or a real Ctrl-C ends the task."""
     fn, seconds = call.fn, call.timeout
     values = []
     failures = []
@@ -302,7 +319,10 @@ async def _run_items(call: _Call, items: list):
                 values.append(await fn(item))
             else:
                 values.append(await _with_timeout(fn, item, seconds))
-        except Exception as exc:
+        except BaseException as exc:
+            if isinstance(exc, CallerInterrupt) or (isinstance(exc, asyncio.CancelledError)
+                                                    and asyncio.current_task() in stopped):
+                raise
             values.append(None)
             failures.append((pos, exc, "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))))
     return values, failures, time.perf_counter() - start

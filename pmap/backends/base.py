@@ -79,12 +79,17 @@ class Backend:
     kind: ClassVar[str] = "?"            # serial | thread | process | coroutine | remote
     reports_start: ClassVar[bool] = True  # emits Started; else the engine uses submit time
     guarantees: ClassVar[str] = ""        # one line for `pmap backends` and the README table
+    # The most workers `workers="adaptive"` may reach; None: the backend cannot change its
+    # concurrency during a run (processes are costly to start, and CPU-bound work wants one a core).
+    adaptive_maximum: ClassVar[int | None] = None
     # Running totals of pickled bytes to and from workers; None where the backend cannot tell.
     bytes_sent: int | None = None
     bytes_received: int | None = None
+    # What the workers' native thread pools (BLAS, OpenMP) were limited to (pmap.native), if anything.
+    native_limits: Any = None
 
     def __init__(self, workers: int | None = None, initializer: Callable | None = None,
-                 initargs: tuple = (), **options: Any):
+                 initargs: tuple = (), inner_threads: int | None = None, **options: Any):
         reason = self.unavailable_reason()
         if reason:
             raise BackendUnavailable(f"backend {self.name!r} is unavailable: {reason}")
@@ -93,6 +98,7 @@ class Backend:
         self.workers = workers if workers is not None else self.default_workers()
         self.initializer = initializer
         self.initargs = tuple(initargs)
+        self.inner_threads = inner_threads  # native threads per worker (pmap.native); None: CPUs // workers
         self.timeout: float | None = None
 
     @classmethod
@@ -113,6 +119,10 @@ class Backend:
         should then hold no more tasks than workers, so a task starts when it is submitted."""
         self.timeout = timeout
         return fn
+
+    def set_concurrency(self, tasks: int) -> None:
+        """An adaptive run will keep at most `tasks` tasks in flight from now on: have that many
+        workers ready (the engine owns the limit; a backend only follows it)."""
 
     def capacity(self) -> int:
         """How many more tasks the backend accepts right now."""
@@ -225,8 +235,8 @@ def _load_entry_points() -> None:
 
 def _builtin_present(name: str) -> bool:
     module = _BUILTIN[name].split(":")[0]
-    path = os.path.join(os.path.dirname(__file__), module.rsplit(".", 1)[1] + ".py")
-    return os.path.exists(path)
+    path = os.path.join(os.path.dirname(__file__), module.rsplit(".", 1)[1])
+    return os.path.exists(path + ".py") or os.path.exists(os.path.join(path, "__init__.py"))  # a module or a package
 
 
 for _name in _BUILTIN:
@@ -260,6 +270,43 @@ def resolve_backend_class(name: str) -> type[Backend]:
         factory = factory.load()
         _FACTORIES[key] = factory
     return factory
+
+
+def backend_class(backend: "str | type[Backend] | Backend") -> type[Backend]:
+    """The class of a backend given by name, class or instance."""
+    if isinstance(backend, Backend):
+        return type(backend)
+    if isinstance(backend, str):
+        return resolve_backend_class(backend)
+    if isinstance(backend, type) and issubclass(backend, Backend):
+        return backend
+    raise TypeError(f"backend must be a name such as 'process' or 'thread', not {type(backend).__name__}")
+
+
+def make_backend(backend: "str | type[Backend] | Backend", workers: int | None = None,
+                 initializer: Callable | None = None, initargs: tuple = (), inner_threads: int | None = None,
+                 **options: Any) -> Backend:
+    """A backend instance (the caller opens it) from a name, a Backend class, or an instance."""
+    if isinstance(backend, Backend):
+        return backend
+    if inner_threads is not None:  # passed only when set: a plugin's __init__ need not know it
+        options["inner_threads"] = inner_threads
+    instance = backend_class(backend)(workers=workers, initializer=initializer, initargs=tuple(initargs), **options)
+    if instance.workers < 1:
+        raise ValueError(f"workers must be at least 1, got {instance.workers}")
+    return instance
+
+
+def open_backend(backend: "str | type[Backend] | Backend", workers: int | None = None,
+                 initializer: Callable | None = None, initargs: tuple = (), concurrency: int | None = None,
+                 **options: Any) -> Backend:
+    """make_backend, then open it; `concurrency`: an adaptive run's first limit, set before
+    opening so that a thread pool starts that many threads, not its maximum."""
+    instance = make_backend(backend, workers, initializer, initargs, **options)
+    if concurrency is not None:
+        instance.set_concurrency(concurrency)
+    instance.open()
+    return instance
 
 
 def backends() -> list[BackendInfo]:

@@ -14,27 +14,31 @@ import traceback
 import warnings
 from collections import deque
 
-import cloudpickle
-
-from .._worker import WORKER_CATCH, become_worker_process, dumps, encode_result, load_prctl, loads, run_items
-from ..errors import RemoteTraceback, warn_user
+from .. import _logs, _transfer, native
+from .._outcome import SplitTask, _SentException, encode_result, pack_items, unpack_items
+from .._worker import WORKER_CATCH, become_worker_process, every_item_failed, loads, run_items
+from ..errors import InitializerError, RemoteTraceback, warn_user
 from ._procutil import describe_exit, end_process_group
 from .base import Backend, Done, Fatal, Lost, Started, fork_supported, threads_are_greenlets
 
-_FATAL = "fatal"
+_FATAL = "fatal"   # the initializer failed: (kind, exception, traceback text)
+_READY = "ready"   # the initializer returned
+_SPLIT = "split"   # a task's items did not unpickle here: (kind, task id, reason)
 _JOIN_SECONDS = 1.0
 QUEUE_DEPTH = 2  # tasks a worker holds: the next one waits in the worker while it runs the first
 _warned_threads = False
 
 
-def _worker_main(conn, functions, initializer, initargs, max_tasks):
-    become_worker_process()
+def _worker_main(conn, functions, initializer, initargs, max_tasks, parent_pid, log_level):
+    become_worker_process(parent_pid=parent_pid)
+    _logs.forward_from_here(log_level)
     if initializer is not None:
         try:
             initializer(*initargs)
         except BaseException as exc:
-            conn.send_bytes(cloudpickle.dumps((_FATAL, exc, traceback.format_exc())))
+            conn.send_bytes(pickle.dumps((_FATAL, _SentException(exc), traceback.format_exc())))
             return
+        conn.send_bytes(pickle.dumps((_READY,)))
     next_message = _start_reader(conn) if not threads_are_greenlets() else _read_directly(conn)
     done = 0
     while True:
@@ -47,8 +51,15 @@ def _worker_main(conn, functions, initializer, initargs, max_tasks):
             continue
         if kind == "stop":
             return
-        values, failures, elapsed = run_items(functions[key], payload[1], catch=WORKER_CATCH)
-        conn.send_bytes(encode_result(payload[0], values, failures, elapsed))
+        task_id, packed = payload
+        try:
+            outcome = run_items(functions[key], unpack_items(packed), catch=WORKER_CATCH)
+        except SplitTask as exc:
+            conn.send_bytes(pickle.dumps((_SPLIT, task_id, str(exc))))
+            continue
+        except BaseException as exc:  # the single item could not be rebuilt here
+            outcome = (*every_item_failed(packed[0], exc), 0.0)
+        conn.send_bytes(encode_result(task_id, *outcome))
         done += 1
         if max_tasks and done >= max_tasks:
             return  # recycled: the parent starts a fresh worker
@@ -81,13 +92,14 @@ def _read_directly(conn):
 
 
 class _Worker:
-    __slots__ = ("proc", "conn", "tasks", "tasks_done")
+    __slots__ = ("proc", "conn", "tasks", "tasks_done", "ready")
 
-    def __init__(self, proc, conn):
+    def __init__(self, proc, conn, ready):
         self.proc = proc
         self.conn = conn
         self.tasks: deque = deque()  # task ids sent, oldest (running) first
         self.tasks_done = 0
+        self.ready = ready           # its initializer (if any) has returned
 
     @property
     def pid(self):
@@ -116,6 +128,7 @@ class ForkBackend(Backend):
         self.events: list = []
         self.bytes_sent = 0
         self.bytes_received = 0
+        self.channel = _transfer.Channel()  # big buffers through shared memory, released on close
 
     # ---- workers ---------------------------------------------------------------------
     def _fork(self) -> _Worker:
@@ -124,8 +137,8 @@ class ForkBackend(Backend):
         for end in (parent_end, child_end):  # gevent's patched socketpair makes them non-blocking
             os.set_blocking(end.fileno(), True)
         proc = self.ctx.Process(target=_worker_main, daemon=True, name="pmap-fork-worker",
-                                args=(child_end, self.functions, self.initializer, self.initargs, self.max_tasks))
-        load_prctl()  # inherited, so the worker need not import ctypes
+                                args=(child_end, self.functions, native.with_limits(self, self.initializer, forking=True),
+                                      self.initargs, self.max_tasks, os.getpid(), _logs.caller_level()))
         gc.freeze()  # the child's collector then leaves the parent's objects (and their pages) alone
         try:
             with warnings.catch_warnings():
@@ -136,7 +149,7 @@ class ForkBackend(Backend):
         finally:
             gc.unfreeze()
         child_end.close()
-        worker = _Worker(proc, parent_end)
+        worker = _Worker(proc, parent_end, ready=self.initializer is None)
         self.workers_list.append(worker)
         return worker
 
@@ -181,7 +194,7 @@ class ForkBackend(Backend):
     def _teach(self, key, fn) -> None:
         """Running workers predate `fn`: send it, or fork them anew if it cannot be pickled."""
         try:
-            message = pickle.dumps(("fn", key, cloudpickle.dumps(fn)))
+            message = pickle.dumps(("fn", key, _transfer.cloudpickle_keeping_paths.dumps(fn)))
         except Exception:
             self.close(kill=True)
             return
@@ -196,7 +209,7 @@ class ForkBackend(Backend):
         return sum(self._room(w) for w in self.workers_list)
 
     def submit(self, task) -> None:
-        message = dumps(("task", task.fn, (task.id, task.items)))
+        message = self.channel.dumps(("task", task.fn, (task.id, pack_items(task.items))))
         worker = max(self.workers_list, key=self._room)  # the least loaded
         if not self._room(worker):
             raise RuntimeError("fork backend: submit() beyond capacity()")
@@ -206,7 +219,7 @@ class ForkBackend(Backend):
             self.events.append(Lost(task.id, worker.pid, None, "its worker died before the task reached it",
                                     blame=False))
             return
-        self.bytes_sent += len(message)
+        self.bytes_sent += _transfer.wire_size(message)
         worker.tasks.append(task.id)
         self.by_task[task.id] = worker
         if len(worker.tasks) == 1:
@@ -247,18 +260,33 @@ class ForkBackend(Backend):
         return events
 
     def _decode(self, worker, message) -> list:
-        self.bytes_received += len(message)
-        decoded = loads(message)
+        self.bytes_received += _transfer.wire_size(message)
+        decoded = self.channel.loads(message)
+        if decoded[0] == _READY:
+            worker.ready = True
+            return []
         if decoded[0] == _FATAL:
             _, exc, tb = decoded
             exc.__cause__ = RemoteTraceback(tb)
-            return [Fatal(exc)]
+            return [Fatal(self._initializer_error(worker, f"{type(exc).__name__}: {exc}", exc))]
+        if decoded[0] == _SPLIT:
+            _, task_id, reason = decoded
+            return self._forget(worker, task_id, [Lost(task_id, worker.pid, None, reason, blame=False)])
         task_id, values, failures, elapsed = decoded
+        return self._forget(worker, task_id, [Done(task_id, worker.pid, values, failures, elapsed)])
+
+    def _initializer_error(self, worker, what, cause=None) -> InitializerError:
+        name = getattr(self.initializer, "__qualname__", None) or type(self.initializer).__name__
+        error = InitializerError(f"the initializer {name} failed in worker {worker.pid} of backend 'fork': {what}")
+        error.__cause__ = cause
+        return error
+
+    def _forget(self, worker, task_id, events) -> list:
+        """`task_id` is over on `worker`: the next task it holds starts."""
         if worker.tasks and worker.tasks[0] == task_id:
             worker.tasks.popleft()
         worker.tasks_done += 1
         self.by_task.pop(task_id, None)
-        events = [Done(task_id, worker.pid, values, failures, elapsed)]
         if worker.tasks:  # the queued task starts now
             events.append(Started(worker.tasks[0], worker.pid, time.monotonic()))
         return events
@@ -269,6 +297,8 @@ class ForkBackend(Backend):
         worker.proc.join(_JOIN_SECONDS)
         exitcode = worker.proc.exitcode
         self._retire(worker)
+        if not worker.ready and reason is None:  # it died inside its initializer: no item is to blame
+            return [Fatal(self._initializer_error(worker, f"its process ended ({describe_exit(exitcode)})"))]
         events = []
         for position, task_id in enumerate(worker.tasks):
             self.by_task.pop(task_id, None)
@@ -306,3 +336,4 @@ class ForkBackend(Backend):
             worker.conn.close()
         self.by_task.clear()
         self.events = []
+        self.channel.close()

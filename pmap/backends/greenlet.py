@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 import time
 
-from .._worker import callable_name, is_async, run_items
+from .._worker import CallerInterrupt, callable_name, caller_interrupts, is_async, run_items
 from ..errors import TaskTimeout, warn_user
 from .base import Backend, Done, Started
 
@@ -27,6 +27,10 @@ except ImportError as _exc:  # gevent is a dependency, but a broken install shou
     _IMPORT_ERROR = f"gevent cannot be imported ({_exc}); install it with `pip install gevent`"
 else:
     _IMPORT_ERROR = None
+
+    class _Cancelled(gevent.GreenletExit):
+        """How this backend stops a greenlet; a GreenletExit the function raises itself is only
+        that item's error."""
 
 DEFAULT_WORKERS = 256          # sockets open at once by default; far below the fd limit
 KILL_GRACE_SECONDS = 1.0       # how long close(kill=True) lets cancelled greenlets unwind
@@ -48,6 +52,7 @@ class GreenletBackend(Backend):
     kind = "coroutine"
     guarantees = ("timeout raises TaskTimeout where the item yields to gevent (gevent.Timeout); "
                   "code that never yields cannot be interrupted; crashes take the whole process")
+    adaptive_maximum = 1024  # greenlets and coroutines are cheap: the engine's window alone limits them
 
     @classmethod
     def unavailable_reason(cls):
@@ -106,10 +111,10 @@ class GreenletBackend(Backend):
     def close(self, kill=False) -> None:
         if self._pool is None or threading.get_ident() != self._thread_ident:
             return  # never touched a hub, or called from another thread (garbage collection)
+        # Cancelled greenlets left the pool; wait for them too, so no item still unwinds after the run.
+        gevent.killall(list(self._cancelled), _Cancelled, block=True, timeout=KILL_GRACE_SECONDS)
         if kill:
-            for greenlet in self._cancelled:
-                greenlet.kill(block=False)
-            self._pool.kill(block=True, timeout=KILL_GRACE_SECONDS)
+            self._pool.kill(_Cancelled, block=True, timeout=KILL_GRACE_SECONDS)
         else:
             self._pool.join()
         self._outstanding.clear()
@@ -132,10 +137,10 @@ class GreenletBackend(Backend):
         if self.timeout is not None:
             self._wake.set()  # the engine clocks the item's timeout from this event
         try:
-            values, failures, elapsed = run_items(task.fn, task.items)
-        except gevent.GreenletExit:
+            values, failures, elapsed = run_items(task.fn, task.items, passthrough=(CallerInterrupt, _Cancelled))
+        except _Cancelled:
             raise  # cancelled: nothing more is reported for this task
-        except BaseException as exc:  # Ctrl-C or SystemExit inside an item belongs to the caller
+        except BaseException as exc:  # a real Ctrl-C belongs to the caller
             self._started_at.pop(task.id, None)
             gevent.get_hub().handle_system_error(type(exc), exc, exc.__traceback__)
             return
@@ -156,9 +161,11 @@ class GreenletBackend(Backend):
             cpu_start = time.thread_time()
             self._spans = []
             if timeout is not None and timeout <= 0:
-                gevent.sleep(0)
+                with caller_interrupts():
+                    gevent.sleep(0)
             else:
-                self._wake.wait(timeout)  # the hub runs the greenlets meanwhile
+                with caller_interrupts():
+                    self._wake.wait(timeout)  # the hub runs the greenlets meanwhile
             self._wake.clear()
             if in_flight >= 2 and not self._blocking_warned:
                 self._measure(window_start, cpu_start)
@@ -177,7 +184,7 @@ class GreenletBackend(Backend):
         self._leave_pool(greenlet)
         self._cancelled.add(greenlet)
         greenlet.link(self._cancelled.discard)
-        greenlet.kill(block=False)
+        greenlet.kill(_Cancelled, block=False)
 
     def describe_worker(self, worker) -> str:
         return f"greenlet {worker}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import sys
+import threading
 import time
 
 from .._worker import pooled_worker_init, run_pooled_task
@@ -13,6 +14,8 @@ from ..errors import BackendUnavailable
 from .base import Fatal, Lost
 
 REAP_WAIT_SECONDS = 1.0  # the Pool's maintenance thread looks every 0.1 s
+STUCK_LOCK_SECONDS = 0.5  # a live writer holds the result queue's lock for one message only
+STUCK_LOCK_TRIES = 3
 
 
 def default_start_method() -> str:
@@ -91,8 +94,45 @@ class PoolBackend(PooledBackend):
         pool, self.pool = self.pool, None
         if pool is not None:
             if kill or self.inflight or self.orphaned:
-                pool.terminate()
+                terminate_without_hanging(pool)
             else:
                 pool.close()
             pool.join()
         super().close(kill)
+
+
+def terminate_without_hanging(pool) -> None:
+    """Pool.terminate, minus its hang (CPython bpo-29759): a worker killed while it writes a result
+    keeps the result queue's write lock, and terminate then waits forever for the Pool's own thread,
+    which needs that lock to write its closing sentinel."""
+    done = threading.Event()
+    rescuer = threading.Thread(target=_release_stuck_result_lock, args=(pool, done),
+                               name="pmap-pool-terminate", daemon=True)
+    rescuer.start()
+    try:
+        pool.terminate()
+    finally:
+        done.set()
+        rescuer.join()
+
+
+def _release_stuck_result_lock(pool, done: threading.Event) -> None:
+    # While the pool terminates no result is wanted any more, and a live writer holds the lock
+    # for one message only: a lock held across several tries is a dead (or dying) worker's.
+    lock = pool._outqueue._wlock
+    if lock is None:  # Windows writes without a lock
+        return
+    failed_tries = 0
+    while not done.is_set():
+        if lock.acquire(timeout=STUCK_LOCK_SECONDS):
+            lock.release()
+            failed_tries = 0
+            done.wait(0.05)
+            continue
+        failed_tries += 1
+        if failed_tries >= STUCK_LOCK_TRIES and not done.is_set():
+            try:
+                lock.release()
+            except ValueError:  # freed meanwhile
+                pass
+            failed_tries = 0

@@ -6,7 +6,7 @@ import threading
 import time
 from collections import deque
 
-from .._worker import run_items
+from .._worker import caller_interrupts, run_items
 from ..errors import TaskTimeout
 from .base import Backend, Done, Started
 
@@ -43,12 +43,15 @@ class SerialBackend(Backend):
             return []
         task = self.queue.popleft()
         started = Started(task.id, "main", time.monotonic())
-        with _alarm(self.timeout):
+        with caller_interrupts(), _alarm(self.timeout):
             values, failures, elapsed = run_items(task.fn, task.items)
         return [started, Done(task.id, "main", values, failures, elapsed)]
 
     def close(self, kill=False) -> None:
         self.queue.clear()
+
+
+MAX_ALARM_SECONDS = 2.0 ** 31  # setitimer's range is a C time_t of seconds; longer is "no timeout"
 
 
 class _alarm:
@@ -64,6 +67,9 @@ class _alarm:
     def __enter__(self):
         if (not self.seconds or threading.current_thread() is not threading.main_thread()
                 or not hasattr(signal, "setitimer")):
+            self.seconds = None
+            return self
+        if not self.seconds < MAX_ALARM_SECONDS:  # beyond what setitimer takes (inf): it never rings
             self.seconds = None
             return self
         self.started = time.monotonic()

@@ -6,8 +6,9 @@ import queue
 import threading
 import time
 
-from .._worker import run_items
-from ..errors import TaskTimeout
+from .. import native
+from .._worker import every_item_failed, run_items
+from ..errors import InitializerError, TaskTimeout
 from .base import Backend, Done, Fatal, Started, usable_cpus
 
 _STOP = None
@@ -18,6 +19,7 @@ class ThreadBackend(Backend):
     kind = "thread"
     guarantees = ("timeout raises TaskTimeout inside Python code of the stuck thread and abandons it "
                   "if it is blocked in C; crashes take the whole process")
+    adaptive_maximum = 256
 
     @classmethod
     def default_workers(cls) -> int:
@@ -35,10 +37,38 @@ class ThreadBackend(Backend):
         self.queued = 0
         self.lock = threading.Lock()
         self.serial = 0
+        self.wanted = self.workers  # threads to keep; an adaptive run lowers it
+        self.spawner: threading.Thread | None = None
+        self.closed = False
+        self.native: native.ThreadRunLimit | None = None
 
     def open(self) -> None:
-        while len(self.threads) < self.workers:
+        self.closed = False
+        if self.native is None:  # threads x native threads within the CPUs while the run lasts
+            self.native = native.limit_threads(self)
+        while len(self.threads) < self.wanted:
             self._spawn()
+
+    def set_concurrency(self, tasks: int) -> None:
+        # Threads are added as the limit grows; when it falls, the spare ones wait idle on the
+        # queue (the engine sends no more tasks than the limit), ready for the next rise.
+        self.wanted = max(1, min(tasks, self.workers))
+        if not self.threads:
+            return  # not open yet: open() starts them
+        with self.lock:
+            if self.spawner is not None and self.spawner.is_alive():
+                return
+            # Starting a thread costs about 0.3 ms: a jump to 256 would hold the engine (and so
+            # the dispatch of the tasks the new limit allows) for tens of milliseconds.
+            self.spawner = threading.Thread(target=self._grow, name="pmap-thread-spawner", daemon=True)
+            self.spawner.start()
+
+    def _grow(self) -> None:
+        while True:
+            with self.lock:  # close() counts the threads under this lock, so none is missed
+                if self.closed or len(self.threads) >= self.wanted:
+                    return
+                self._spawn()
 
     def _spawn(self) -> None:
         self.serial += 1
@@ -52,7 +82,11 @@ class ThreadBackend(Backend):
             try:
                 self.initializer(*self.initargs)
             except BaseException as exc:
-                self.events.put(Fatal(exc))
+                name = getattr(self.initializer, "__qualname__", None) or type(self.initializer).__name__
+                error = InitializerError(f"the initializer {name} failed in thread {me.name} of backend 'thread': "
+                                         f"{type(exc).__name__}: {exc}")
+                error.__cause__ = exc
+                self.events.put(Fatal(error))
                 return
         while True:
             task = self.tasks.get()
@@ -66,6 +100,9 @@ class ThreadBackend(Backend):
                 values, failures, elapsed = run_items(task.fn, task.items)
             except TaskTimeout:  # our own timeout landed between items: the task is gone anyway
                 values = None
+            except BaseException as exc:  # never die without reporting the task
+                values, failures = every_item_failed(len(task.items), exc)
+                elapsed = 0.0
             with self.lock:
                 self.running.pop(task.id, None)
                 if me in self.abandoned:  # its task timed out and a replacement took its place
@@ -73,6 +110,10 @@ class ThreadBackend(Backend):
                     return
             if values is not None:
                 self.events.put(Done(task.id, me.name, values, failures, elapsed))
+
+    def prepare(self, fn, timeout=None):
+        self.open()  # threads ended by a close (a Pool after Ctrl-C) are started anew
+        return super().prepare(fn, timeout)
 
     def capacity(self) -> int:
         with self.lock:
@@ -113,13 +154,19 @@ class ThreadBackend(Backend):
                     self.tasks.get_nowait()
                 except queue.Empty:
                     break
-        for _ in self.threads:
+        with self.lock:
+            self.closed = True
+            threads = list(self.threads)
+        for _ in threads:
             self.tasks.put(_STOP)
         if not kill:
-            for thread in self.threads:
+            for thread in threads:
                 if thread is not threading.current_thread():
                     thread.join()
         self.threads = []
+        if self.native is not None:
+            self.native.release()
+            self.native = None
 
 
 def _raise_in_thread(thread: threading.Thread, exc_type: type) -> None:
