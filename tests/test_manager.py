@@ -1,12 +1,16 @@
 """The manager backend: the behaviour suite, plus real faults on loopback: a driver in this
 process, `pmap worker` processes started as commands, SIGKILL, late joins, a wrong authkey,
 and the driver ending. Orphans are checked with psutil."""
+import logging
 import os
 import signal
+import socket
 import stat
+import struct
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -255,7 +259,7 @@ def test_worker_exits_when_its_driver_is_killed(key_file, worker_commands, marke
         wait_until(lambda: len(markers(marker_dir)) == 2, "both worker processes to start an item")
         family = [psutil.Process(c) for c in worker_children(worker)]
         driver.kill()
-        assert worker.wait(HANG_GUARD) == 0
+        assert worker.wait(HANG_GUARD) == 1  # it did not end the run: the driver vanished
         assert "lost the driver" in log_of(worker)
         _, alive = psutil.wait_procs(family, timeout=10)
         assert not alive
@@ -432,3 +436,153 @@ def test_broker_does_not_let_a_busy_worker_prefetch_what_an_idle_one_waits_for()
     broker.idle_waiting = 0
     assert [t[0] for t in broker.lease(idle, 2, 0)] == [2]  # ... the idle one does
     assert not any(isinstance(e, Done) for e in broker.take_events(0))
+
+
+# ---- hostile and silent peers ---------------------------------------------------------------
+
+def test_worker_gives_up_on_an_address_that_never_answers(key_file):
+    """Something accepts the TCP connection and then says nothing: `pmap worker` says so and
+    exits non-zero instead of waiting forever."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        port = silent.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "pmap", "worker", f"127.0.0.1:{port}", "--authkey-file",
+                               key_file], capture_output=True, text=True, timeout=HANG_GUARD)
+    assert done.returncode == 1
+    assert "did not answer the handshake" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_refused_peer_gets_no_traceback_and_the_refusal_is_logged(key_file, caplog):
+    backend = remote_only_driver(key_file)
+    try:
+        with caplog.at_level(logging.WARNING, logger="pmap.manager"):
+            with socket.create_connection(backend.address, timeout=HANG_GUARD) as peer:
+                challenge = _read_frame(peer)
+                peer.sendall(struct.pack("!i", 16) + b"x" * 16)  # a wrong answer to the challenge
+                received = b"".join(iter(lambda: peer.recv(65536), b""))  # until the driver closes
+        assert challenge.startswith(b"#CHALLENGE#")
+        assert b"Traceback" not in received and b"#TRACEBACK" not in received
+        assert any("refused" in r.getMessage() and "wrong authkey" in r.getMessage() for r in caplog.records)
+    finally:
+        backend.close()
+
+
+def _read_frame(sock) -> bytes:
+    header = b""
+    while len(header) < 4:
+        header += sock.recv(4 - len(header))
+    size, = struct.unpack("!i", header)
+    data = b""
+    while len(data) < size:
+        data += sock.recv(size - len(data))
+    return data
+
+
+@pytest.mark.timeout(HANG_GUARD * 2)
+def test_many_idle_unauthenticated_connections_do_not_stop_a_real_worker(key_file, worker_commands):
+    backend = remote_only_driver(key_file)
+    idle = []
+    try:
+        for _ in range(500):
+            idle.append(socket.create_connection(backend.address, timeout=HANG_GUARD))
+        threads_before_worker = threading.active_count()
+        worker_commands(backend.address, key_file)
+        out = pmap.pmap(square, range(40), backend=backend)
+    finally:
+        for sock in idle:
+            sock.close()
+    assert out == [i * i for i in range(40)]
+    assert threads_before_worker < 150  # not one thread per idle connection
+
+
+# ---- ordered output when a host dies -------------------------------------------------------------
+
+def slow_square(x):
+    time.sleep(0.02)
+    return x * x
+
+
+@pytest.mark.timeout(HANG_GUARD * 2)
+def test_ordered_run_does_not_stall_on_a_killed_host(key_file, worker_commands):
+    """Two hosts of two processes; one is SIGKILLed mid-run. Its tasks go back at once (its
+    connection closed), not after its lease, and the look-ahead follows the workers that
+    joined, so ordered output never pauses for anything like the lease."""
+    lease = 20.0
+    backend = remote_only_driver(key_file, lease_seconds=lease)
+    victim = worker_commands(backend.address, key_file, processes=2)
+    worker_commands(backend.address, key_file, processes=2)
+    wait_until(lambda: backend.broker.live_workers() == 4, "four worker processes to join")
+    arrivals = []
+    killed = None
+    for value in pmap.imap(slow_square, range(600), backend=backend):
+        arrivals.append(time.monotonic())
+        if len(arrivals) == 100:
+            family = [victim.pid] + worker_children(victim)
+            for pid in family:
+                os.kill(pid, signal.SIGKILL)
+            killed = time.monotonic()
+    assert len(arrivals) == 600 and killed is not None
+    gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
+    assert max(gaps) < lease / 4, f"ordered output stalled {max(gaps):.1f}s after a host died"
+
+
+# ---- the command line's target travels -----------------------------------------------------------
+
+SCRIPT = textwrap.dedent("""
+    import os
+
+    OFFSET = 1000
+
+    def shifted(x):
+        return f"{int(x) + OFFSET} {os.getpid()}"
+""")
+
+
+def test_a_file_target_reaches_workers_started_in_another_directory(key_file, worker_commands, tmp_path):
+    """`pmap run path/to/file.py:f --backend manager`: a worker whose directory and path do not
+    hold the file still runs it (the module travels by value)."""
+    scripts = tmp_path / "scripts"
+    scripts.mkdir()
+    (scripts / "travelling_target.py").write_text(SCRIPT)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "pmap", "run", str(scripts / "travelling_target.py") + ":shifted",
+         "--range", "6", "--backend", "manager", "-o", "local_workers=0", "-o", f"address=127.0.0.1:{port}",
+         "-o", f"authkey_file={key_file}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: _listening(port) or driver.poll() is not None, "the driver to listen")
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        worker = subprocess.Popen([sys.executable, "-m", "pmap", "worker", f"127.0.0.1:{port}", "--authkey-file",
+                                   key_file], cwd=elsewhere, env=env, stderr=subprocess.DEVNULL)
+        out, err = driver.communicate(timeout=HANG_GUARD)
+        assert worker.wait(HANG_GUARD) == 0
+    finally:
+        driver.kill()
+        driver.wait()
+    assert driver.returncode == 0, err
+    lines = out.split()
+    assert lines[0::2] == [str(1000 + i) for i in range(6)]
+    assert str(driver.pid) not in lines[1::2]  # run by the remote worker, not the driver
+
+
+def _listening(port) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def test_without_workers_the_driver_says_how_to_join_and_a_timeout_still_holds(key_file, capfd):
+    """No worker ever joins: the driver says how to join, and with a timeout each task is
+    reported as timed out once it waited the timeout plus start_wait to start."""
+    backend = remote_only_driver(key_file, start_wait=6)
+    out = pmap.pmap(square, range(2), backend=backend, timeout=1, on_error="return")
+    assert [f.kind for f in out] == ["timeout", "timeout"]
+    assert "no manager worker started" in str(out[0].exception)
+    err = capfd.readouterr().err
+    assert "no workers; join with: pmap worker" in err and key_file in err

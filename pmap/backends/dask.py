@@ -1,19 +1,26 @@
 """dask: one dask task per chunk on a dask.distributed cluster (optional: `pmap-parallel[dask]`).
 
 The cluster is, in order of preference: a `Client` given as `client=`, a scheduler at
-`address=`, the current default Client of this process, or a LocalCluster started when the
-backend opens (worker processes, one thread each, bound to loopback) and closed with it.
-`cluster_options` go to that LocalCluster.
+`address=` or named in `scheduler_file=`, the current default Client of this process, or a
+LocalCluster started when the backend opens (worker processes, one thread each, bound to
+loopback, no dashboard) and closed with it. `cluster_options` go to that LocalCluster.
 
-Futures are kept in a bounded window and collected through `as_completed`, so lazy and
-infinite inputs work. Items and results travel as pickled bytes made by pmap, so an item or
-result that cannot be pickled fails alone, as on the other process backends. A task whose
-workers died (twice on pmap's own LocalCluster; as often as the cluster's
-`allowed-failures` allows elsewhere) is reported by dask as `KilledWorker`, and by pmap as a
-crash, retried under `retries`. A
-timeout cannot stop a running dask task: its future is cancelled and the item reported, but
-the worker's thread runs on until the item returns. Each task reports its start through
-dask's event log, so a timeout is clocked from then, not from when the task was queued.
+Futures are kept in a bounded window (one per worker thread; more on an adaptive cluster,
+which grows only from queued work). Each future's outcome is fetched by a coroutine of pmap's
+own in the client's event loop, errors included, and `wait` also reads the futures' own
+status, so no outcome goes unreported. Items and results travel as pickled bytes made by
+pmap, so an item or result that cannot be pickled fails alone, as on the other process
+backends. A task whose worker died is reported by dask as `KilledWorker` (at the first death
+on pmap's own LocalCluster; as often as the cluster's `allowed-failures` allows elsewhere),
+and by pmap as a crash naming it, retried under `retries`.
+
+Liveness: joining a scheduler waits `connect_timeout` seconds; a client that lost its
+scheduler and could not reconnect (dask tries for the same time) ends the run with an error,
+as does a cluster with no workers for `worker_wait` seconds while tasks wait. A timeout cannot
+stop a running dask task: its future is cancelled and the item reported, but the worker's
+thread runs on until the item returns. Each task reports its start through dask's event log,
+so a timeout is clocked from then; with a timeout, a task no worker starts within the timeout
+plus `start_wait` seconds is reported as timed out.
 """
 from __future__ import annotations
 
@@ -26,17 +33,34 @@ import threading
 import time
 import uuid
 
-from .._worker import WORKER_CATCH, cached_function, dumps, encode_result, every_item_failed, loads, run_items
-from ..errors import BackendUnavailable
+from .._outcome import encode_result
+from .._worker import WORKER_CATCH, cached_function, dumps, every_item_failed, loads, run_items
+from ..engine import AHEAD_CHUNKS_PER_SLOT
+from ..errors import BackendUnavailable, PmapError, TaskTimeout
+from ._options import positive_seconds
 from ._pooled import pickle_function
-from .base import Backend, Done, Lost, Started
+from .base import Backend, Done, Fatal, Lost, Started
 
 MISSING = "needs the distributed package: pip install 'pmap-parallel[dask]'"
 # One future per worker thread. Dask's scheduler queues only large task groups; a smaller
 # window is assigned to workers at once, so a larger one would stack tasks on a worker, and a
 # worker's death would then implicate every task stacked on it.
 TASKS_PER_THREAD = 1
-THREAD_COUNT_REFRESH = 1.0  # seconds between asking the scheduler how many threads it has
+# An adaptive cluster grows only from work queued at its scheduler (about one worker per
+# target-duration, 5 s by default, of queued work): keep that much there. A window over twice
+# the threads makes dask queue the tasks at the scheduler, so none stack on a worker.
+ADAPTIVE_TASKS_PER_THREAD = 4
+ADAPTIVE_MIN_WINDOW = 256      # ~25 s of work in chunks of ~0.1 s
+THREAD_COUNT_REFRESH = 1.0   # seconds between asking the scheduler how many threads it has
+THREAD_COUNT_PATIENCE = 5.0  # an answer slower than this is dropped (the scheduler is busy or gone)
+CONNECT_SECONDS = 10.0       # joining (and re-joining) a scheduler; dask's own default is 30 s
+RECONNECT_SLACK = 15.0       # beyond dask's reconnect attempts, before pmap gives up by itself
+NO_WORKER_SECONDS = 60.0     # a cluster with no workers this long while tasks wait is an error
+STATUS_CHECK_SECONDS = 0.5   # how often every future's own status is read
+SETTLED_GRACE = 2.0          # a failed future its fetch has not reported this long is reported
+FETCH_PATIENCE = 30.0        # a finished future whose result has not arrived is fetched again
+START_GRACE = 30.0           # with a timeout: how much longer a task may wait for a worker to start it
+CLOSE_SECONDS = 10.0
 
 
 # ---- what runs on a dask worker ----------------------------------------------------------------
@@ -79,20 +103,55 @@ def _report_start(topic, task_id, label) -> None:
 
 def local_cluster(workers: int, **options):
     """A small LocalCluster for pmap: worker processes with one thread each, on loopback,
-    no dashboard. `options` go to LocalCluster as they are.
+    no dashboard, quiet (pmap reports crashes itself). `options` go to LocalCluster as they are.
 
-    With one thread per worker and one task per thread in flight, a worker's death nearly
-    always implicates only the task it ran; the scheduler reports a task after its second
-    worker death (allowed_failures 1: a task that shared a death by bad timing gets one more
-    try), and retrying beyond that is left to pmap's `retries`, as on every backend."""
+    Each worker holds one task at a time (worker-saturation 1.0) and the scheduler gives up
+    on a task at its first worker death (allowed_failures 0): a death then implicates only
+    the task it ran, and pmap's `retries` count every death, as on every backend. Its nannies
+    restart their worker after any number of crashes."""
     import logging
 
-    from distributed import LocalCluster
+    import dask
     settings = dict(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
-                    dashboard_address=None, silence_logs=logging.ERROR,
-                    scheduler_kwargs={"allowed_failures": 1})
+                    dashboard_address=None, silence_logs=logging.CRITICAL,
+                    # dask always serves its HTTP health routes; on a free loopback port, not 8787
+                    scheduler_kwargs={"allowed_failures": 0, "dashboard": False,
+                                      "dashboard_address": "127.0.0.1:0"})
     settings.update(options)
-    return LocalCluster(**settings)
+    with dask.config.set({"distributed.scheduler.worker-saturation": 1.0}):  # read when the scheduler starts
+        return _steady_cluster_class()(**settings)
+
+
+def _steady_cluster_class():
+    from distributed import LocalCluster
+    from distributed.deploy.cluster import Cluster
+
+    class SteadyLocalCluster(LocalCluster):
+        """A LocalCluster that keeps its workers: dask's SpecCluster closes a worker's nanny
+        for good when, lost-worker-timeout after a crash, no worker of its name is registered
+        (one that is restarting again, say), until a cluster that crashes often has none."""
+
+        def _update_worker_status(self, op, msg):
+            if op == "remove":
+                Cluster._update_worker_status(self, op, msg)  # forget the worker, keep its nanny
+                return
+            super()._update_worker_status(op, msg)
+
+    return SteadyLocalCluster
+
+
+class _Watch:
+    """What a future's fetch found, and since when a future looked settled with nothing heard."""
+
+    __slots__ = ("future", "n_items", "submitted", "started", "settled_since", "fetches")
+
+    def __init__(self, future, n_items, now):
+        self.future = future
+        self.n_items = n_items
+        self.submitted = now
+        self.started = False
+        self.settled_since = None
+        self.fetches = 1
 
 
 class DaskBackend(Backend):
@@ -101,29 +160,52 @@ class DaskBackend(Backend):
     name = "dask"
     kind = "remote"
     reports_start = True
-    guarantees = ("runs on a dask.distributed cluster or a LocalCluster; a crash is retried by dask, "
-                  "then reported; a timeout cannot stop a running task")
+    guarantees = ("runs on a dask.distributed cluster or a LocalCluster; a crash is reported as "
+                  "KilledWorker and retried under retries; a lost scheduler is an error; a timeout "
+                  "cannot stop a running task")
 
     def __init__(self, workers=None, initializer=None, initargs=(), client=None, address=None,
-                 cluster_options=None, **options):
+                 scheduler_file=None, cluster_options=None, connect_timeout=CONNECT_SECONDS,
+                 worker_wait=NO_WORKER_SECONDS, start_wait=START_GRACE, tasks_per_thread=None, **options):
         super().__init__(workers, initializer, initargs, **options)
-        if client is not None and address is not None:
-            raise ValueError("give the dask backend a client or an address, not both")
+        if sum(x is not None for x in (client, address, scheduler_file)) > 1:
+            raise ValueError("give the dask backend one of client, address or scheduler_file")
+        if scheduler_file is not None:
+            scheduler_file = os.path.expanduser(str(scheduler_file))
+            if not os.path.isfile(scheduler_file):
+                raise ValueError(f"dask option scheduler_file: no such file: {scheduler_file}")
         self.given_client = client
         self.address = address
+        self.scheduler_file = scheduler_file
         self.cluster_options = dict(cluster_options or {})
+        self.connect_timeout = positive_seconds("dask", "connect_timeout", connect_timeout)
+        self.worker_wait = positive_seconds("dask", "worker_wait", worker_wait)
+        self.start_wait = positive_seconds("dask", "start_wait", start_wait)
+        if tasks_per_thread is not None:
+            try:
+                tasks_per_thread = int(tasks_per_thread)
+            except (TypeError, ValueError):
+                tasks_per_thread = 0
+            if tasks_per_thread < 1:
+                raise ValueError("dask option tasks_per_thread must be a whole number of at least 1")
+        self.tasks_per_thread = tasks_per_thread
         self.client = None
         self.cluster = None
         self.owns_client = False
-        self.completed = None
-        self.futures: dict[int, object] = {}   # task id -> its future, while in flight
-        self.task_ids: dict[str, int] = {}     # future key -> task id
+        self.watches: dict[int, _Watch] = {}   # task id -> its future and what is known of it
+        self.outcomes: queue.SimpleQueue = queue.SimpleQueue()  # (task id, future, result or error)
+        self.wake = threading.Condition()
         self.fn_args = None
         self.init_args = (None, None)
         self.run_prefix = uuid.uuid4().hex[:12]
-        self.threads_checked = 0.0
         self.start_topic = f"pmap-start-{self.run_prefix}"
-        self.starts: queue.SimpleQueue = queue.SimpleQueue()
+        self.threads = 0
+        self.threads_checked = 0.0
+        self.refreshing = False
+        self.no_workers_since = None
+        self.disconnected_since = None
+        self.adaptive = False
+        self.futures_checked = 0.0
 
     @classmethod
     def unavailable_reason(cls):
@@ -138,13 +220,19 @@ class DaskBackend(Backend):
         if self.client is not None:
             return
         try:
-            from distributed import Client, as_completed, default_client
+            from distributed import Client, default_client
         except ImportError as exc:  # present but broken
             raise BackendUnavailable(f"backend 'dask' is unavailable: {MISSING} ({exc})") from exc
         if self.given_client is not None:
             self.client = self.given_client
-        elif self.address is not None:
-            self.client = Client(self.address, set_as_default=False)
+        elif self.address is not None or self.scheduler_file is not None:
+            where = self.address or self.scheduler_file
+            try:
+                self.client = Client(self.address, scheduler_file=self.scheduler_file, set_as_default=False,
+                                     timeout=self.connect_timeout)
+            except (OSError, TimeoutError, ValueError) as exc:  # ValueError: a scheduler file it cannot read
+                raise PmapError(f"cannot reach a dask scheduler at {where} within "
+                                f"{self.connect_timeout:g}s: {exc}") from None
             self.owns_client = True
         else:
             try:
@@ -153,9 +241,14 @@ class DaskBackend(Backend):
                 self.cluster = local_cluster(self.workers, **self.cluster_options)
                 self.client = Client(self.cluster, set_as_default=False)
                 self.owns_client = True
-        self.completed = as_completed(loop=self.client.loop, with_results=True)
+        self.adaptive = getattr(self.client.cluster, "_adaptive", None) is not None
         self.client.subscribe_topic(self.start_topic, self._on_start)
-        self._refresh_threads(force=True)
+        try:
+            self.threads = sum(self.client.nthreads().values())
+        except Exception:  # counted again by the next refresh
+            self.threads = 0
+        self.workers = max(1, self.threads)
+        self.threads_checked = time.monotonic()
         if self.initializer is not None:
             init_bytes = pickle_function((self.initializer, self.initargs), self.name)
             init_key = hashlib.blake2b(init_bytes, digest_size=12).hexdigest()
@@ -164,17 +257,59 @@ class DaskBackend(Backend):
     def _on_start(self, event) -> None:
         """Runs in the client's event loop thread for each start a task reports."""
         _, (task_id, label) = event
-        self.starts.put(Started(task_id, label, time.monotonic()))
+        self.outcomes.put((task_id, None, Started(task_id, label, time.monotonic())))
+        self._notify()
 
-    def _refresh_threads(self, force=False) -> int:
-        now = time.monotonic()
-        if force or now - self.threads_checked > THREAD_COUNT_REFRESH:
-            self.threads_checked = now
-            try:
-                self.workers = max(1, sum(self.client.nthreads().values()))
-            except Exception:  # the scheduler is busy or gone; keep the last count
-                pass
-        return self.workers
+    def _notify(self) -> None:
+        with self.wake:
+            self.wake.notify_all()
+
+    # ---- watching the cluster (never blocks the caller) -----------------------------------
+    def _refresh(self, now: float) -> None:
+        """Ask the scheduler for its thread count in the client's event loop; the answer
+        arrives later."""
+        if self.refreshing or now - self.threads_checked < THREAD_COUNT_REFRESH:
+            return
+        self.threads_checked = now
+        self.refreshing = True
+        try:
+            self.client.loop.add_callback(self._count_threads)
+        except Exception:  # the client's loop is closed: the status watch reports it
+            self.refreshing = False
+
+    async def _count_threads(self) -> None:
+        import asyncio
+        try:
+            counts = await asyncio.wait_for(self.client.scheduler.ncores(), THREAD_COUNT_PATIENCE)
+            self.threads = sum(counts.values())
+        except BaseException:  # the scheduler is busy or gone; keep the last count
+            pass
+        finally:
+            self.refreshing = False
+
+    def _watch_cluster(self, now: float) -> list:
+        """Fatal when the scheduler is gone for good or the cluster has had no workers too long."""
+        status = getattr(self.client, "status", "running")
+        if status in ("closing", "closed", "failed"):
+            where = getattr(self.client.scheduler, "address", None) or self.address or "its address"
+            return [Fatal(PmapError(f"lost the dask scheduler at {where}: the client could not reconnect "
+                                    f"and is {status}; {len(self.watches)} task(s) were in flight"))]
+        if status != "running":  # reconnecting: dask retries for its connect timeout, then closes
+            self.disconnected_since = self.disconnected_since or now
+            if now - self.disconnected_since > self.connect_timeout + RECONNECT_SLACK:
+                return [Fatal(PmapError(f"lost the dask scheduler: still {status} after "
+                                        f"{now - self.disconnected_since:.0f}s"))]
+            return []
+        self.disconnected_since = None
+        self._refresh(now)
+        if self.threads or not self.watches:
+            self.no_workers_since = None
+        else:
+            self.no_workers_since = self.no_workers_since or now
+            if now - self.no_workers_since > self.worker_wait:
+                return [Fatal(PmapError(f"the dask cluster has had no workers for {self.worker_wait:g}s "
+                                        f"with {len(self.watches)} task(s) waiting (dask option worker_wait)"))]
+        return []
 
     # ---- the protocol ---------------------------------------------------------------------
     def prepare(self, fn, timeout=None):
@@ -188,60 +323,142 @@ class DaskBackend(Backend):
         return key
 
     def capacity(self) -> int:
-        threads = self._refresh_threads()
-        return threads * TASKS_PER_THREAD - len(self.futures)
+        if getattr(self.client, "status", "running") != "running":
+            return 0  # tasks sent now would wait on a client that may never reconnect
+        threads = max(1, self.threads)
+        per_thread = self.tasks_per_thread or (ADAPTIVE_TASKS_PER_THREAD if self.adaptive else TASKS_PER_THREAD)
+        window = threads * per_thread
+        if self.adaptive:
+            window = max(window, ADAPTIVE_MIN_WINDOW)
+        # the engine sizes its look-ahead from `workers`: let it read as far as the window needs
+        self.workers = max(threads, -(-window // AHEAD_CHUNKS_PER_SLOT))
+        return window - len(self.watches)
 
     def submit(self, task) -> None:
         payload = dumps(task.items)
         key = f"pmap-{self.run_prefix}-{task.id}"
         future = self.client.submit(run_chunk, *self.fn_args, *self.init_args, payload,
                                     self.start_topic, task.id, key=key, pure=False)
-        self.futures[task.id] = future
-        self.task_ids[key] = task.id
-        self.completed.add(future)
+        self.watches[task.id] = _Watch(future, len(task.items), time.monotonic())
+        self._fetch_soon(task.id, future)
+
+    def _fetch_soon(self, task_id, future) -> None:
+        self.client.loop.add_callback(self._fetch, task_id, future)
+
+    async def _fetch(self, task_id, future) -> None:
+        """Wait for the future's outcome and fetch its result, in the client's event loop.
+        Every outcome is queued, errors included: dask's own `as_completed` drops a future
+        whose result fetch ends in KilledWorker (the worker holding it died meanwhile)."""
+        try:
+            await future._state.wait()
+            if future.status == "finished":
+                # errors="skip": a result lost with its worker is recomputed (dask logs that at
+                # debug level, not as a warning); should that end in an error, the status says which.
+                result = (await self.client._gather([future], errors="skip"))[0]
+            else:
+                result = None
+        except BaseException as exc:  # noqa: B036  (CancelledError included: it is an outcome)
+            result = exc
+        self.outcomes.put((task_id, future, result))
+        self._notify()
 
     def wait(self, timeout):
-        completed = self.completed
-        batch = completed.next_batch(block=False)
-        if not batch and timeout:
-            with completed.thread_condition:
-                if not completed.has_ready():
-                    completed.thread_condition.wait(timeout)
-            batch = completed.next_batch(block=False)
-        events = []
+        if self.outcomes.empty() and timeout:
+            with self.wake:
+                if self.outcomes.empty():
+                    self.wake.wait(timeout)
+        now = time.monotonic()
+        events = self._watch_cluster(now)
         while True:
             try:
-                started = self.starts.get_nowait()
+                task_id, future, result = self.outcomes.get_nowait()
             except queue.Empty:
                 break
-            if started.task_id in self.futures:
-                events.append(started)
-        for future, result in batch:
-            task_id = self.task_ids.pop(future.key, None)
-            if task_id is None or self.futures.pop(task_id, None) is None:
+            watch = self.watches.get(task_id)
+            if watch is None:
                 continue  # cancelled after a timeout, or from an abandoned run
-            events.append(self._event(task_id, future, result))
+            if future is None:  # a start
+                watch.started = True
+                events.append(result)
+            elif future is watch.future:
+                event = self._outcome(task_id, watch, result)
+                if event is not None:
+                    del self.watches[task_id]
+                    events.append(event)
+        if now - self.futures_checked >= STATUS_CHECK_SECONDS:
+            self.futures_checked = now
+            events.extend(self._check_futures(now))
         return events
 
-    def _event(self, task_id, future, result):
-        from distributed import KilledWorker
-        if future.status == "finished":
+    def _outcome(self, task_id, watch, result):
+        """The event for a fetched outcome; None when the future is not settled after all
+        (it went back to pending: its fetch starts again)."""
+        future = watch.future
+        status = future.status
+        if status == "finished" and isinstance(result, tuple):
             label, data = result
             _, values, failures, elapsed = loads(data)
             return Done(task_id, label, values, failures, elapsed)
-        error = result[1] if isinstance(result, tuple) and len(result) == 3 else result
+        if status in ("error", "cancelled"):
+            return self._failed(task_id, watch, _future_error(future) or result)
+        # Still pending or lost (recomputed after its result was lost with its worker).
+        watch.fetches += 1
+        self._fetch_soon(task_id, future)
+        return None
+
+    def _failed(self, task_id, watch, error):
+        from distributed import KilledWorker
         if isinstance(error, KilledWorker):
             last = getattr(getattr(error, "last_worker", None), "address", None)
-            return Lost(task_id, last, None, "dask reported KilledWorker: its worker died while running it",
-                        blame=True)
-        # Cancelled by the cluster (a restart, a lost client): not the items' fault.
-        return Lost(task_id, None, None, f"dask: {type(error).__name__}: {error}", blame=False)
+            return Lost(task_id, last, None, f"dask gave up on it with KilledWorker: {error}", blame=True)
+        if error is None or _is_cancellation(error):
+            # Cancelled by the cluster (a lost scheduler, a restart): not the items' fault.
+            return Lost(task_id, None, None, f"dask cancelled it: {error or 'no reason given'}", blame=False)
+        # run_chunk itself failed (pmap missing on the worker, say): every item of it failed.
+        try:
+            raise error
+        except BaseException:
+            values, failures = every_item_failed(watch.n_items, error)
+        return Done(task_id, None, values, failures, 0.0)
+
+    def _check_futures(self, now: float) -> list:
+        """The futures' own status, for outcomes no fetch reported: a future settled for a
+        while with nothing heard is fetched again or reported from its status. With a
+        timeout, a task no worker has started after a bound is reported as such."""
+        events = []
+        start_bound = None if self.timeout is None else self.timeout + self.start_wait
+        for task_id, watch in list(self.watches.items()):
+            status = watch.future.status
+            if status in ("finished", "error", "cancelled"):
+                watch.settled_since = watch.settled_since or now
+                quiet = now - watch.settled_since
+                if status != "finished" and quiet > SETTLED_GRACE:
+                    del self.watches[task_id]
+                    events.append(self._failed(task_id, watch, _future_error(watch.future)))
+                elif status == "finished" and quiet > FETCH_PATIENCE * watch.fetches:
+                    watch.fetches += 1
+                    self._fetch_soon(task_id, watch.future)
+                continue
+            watch.settled_since = None
+            if start_bound is not None and not watch.started and now - watch.submitted > start_bound:
+                del self.watches[task_id]
+                self._cancel_future(watch.future)
+                error = TaskTimeout(f"no dask worker started this task within {start_bound:g}s "
+                                    f"(timeout {self.timeout:g}s plus start_wait {self.start_wait:g}s)")
+                values, failures = [None] * watch.n_items, [(i, error, "") for i in range(watch.n_items)]
+                events.append(Done(task_id, None, values, failures, 0.0))
+        return events
+
+    def _cancel_future(self, future) -> None:
+        try:
+            future.cancel()
+        except Exception:  # the client is closing: nothing to cancel
+            pass
 
     def cancel(self, task_id) -> None:
-        future = self.futures.pop(task_id, None)
-        if future is not None:
-            self.task_ids.pop(future.key, None)
-            future.cancel()
+        watch = self.watches.pop(task_id, None)
+        if watch is not None:
+            self._cancel_future(watch.future)
 
     def describe_worker(self, worker) -> str:
         return str(worker) if worker is not None else "a dask worker"
@@ -249,13 +466,10 @@ class DaskBackend(Backend):
     def close(self, kill=False) -> None:
         if self.client is None:
             return
-        futures = list(self.futures.values())
-        self.futures.clear()
-        self.task_ids.clear()
-        if self.completed is not None:
-            self.completed.clear()
+        futures = [watch.future for watch in self.watches.values()]
+        self.watches.clear()
         try:
-            if futures and not self.owns_client:
+            if futures and not self.owns_client and self.client.status == "running":
                 self.client.cancel(futures)  # leave a shared cluster with nothing of ours
         except Exception:
             pass
@@ -267,6 +481,24 @@ class DaskBackend(Backend):
         except Exception:
             pass
         if self.owns_client:
-            client.close()
+            try:
+                client.close(timeout=CLOSE_SECONDS)
+            except Exception:  # a scheduler already gone
+                pass
         if cluster is not None:
-            cluster.close()
+            try:
+                cluster.close(timeout=CLOSE_SECONDS)
+            except Exception:
+                pass
+
+
+def _future_error(future):
+    state = getattr(future, "_state", None)
+    return getattr(state, "exception", None)
+
+
+def _is_cancellation(error) -> bool:
+    import asyncio
+    import concurrent.futures
+    return isinstance(error, (asyncio.CancelledError, concurrent.futures.CancelledError)) \
+        or type(error).__name__.endswith("CancelledError")
