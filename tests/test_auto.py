@@ -25,6 +25,26 @@ def test_pure_python_loop_goes_to_processes():
     assert plan.gil_released is False
 
 
+def test_a_busy_thread_of_the_caller_is_not_taken_for_native_threads():
+    # Its CPU is the process's but not the item's: before, auto read it as BLAS threads
+    # ("each item used 2.8 CPUs' worth") and could keep CPU-bound work serial.
+    stop = threading.Event()
+
+    def spin():
+        while not stop.is_set():
+            sum(range(1000))
+    spinner = threading.Thread(target=spin, daemon=True)
+    spinner.start()
+    try:
+        plan = pmap.explain(cpu_loop, [200_000] * 300)
+    finally:
+        stop.set()
+        spinner.join()
+    assert plan.probed_items >= 1, str(plan)
+    assert plan.native_parallelism is None, str(plan)
+    assert plan.backend in PROCESS_BACKENDS, str(plan)
+
+
 def test_trivial_function_stays_serial():
     plan = pmap.explain(square, range(50_000))
     assert plan.backend == "serial", str(plan)
