@@ -1,0 +1,90 @@
+"""The concurrency controller, against simulated servers: time is simulated, so these tests
+say what the policy does, free of this machine's noise. tests/test_adaptive.py runs it for real."""
+import heapq
+import random
+
+import pytest
+
+from pmap.concurrency import Adaptive, ConcurrencyController
+
+
+def simulate(latency_of, seconds, bounds=Adaptive(), error_of=None, seed=1):
+    """Run the controller against a server model for `seconds` of simulated time. Items are
+    started whenever fewer than `limit` are in flight; `latency_of(in_flight, rng)` gives an
+    item's latency when it starts. Returns (controller, [(time, limit)] per item start)."""
+    rng = random.Random(seed)
+    now = 0.0
+    controller = ConcurrencyController(bounds, now)
+    in_flight = []  # heap of (finish time, start time, failed)
+    starts = []
+    while now < seconds:
+        while len(in_flight) < controller.limit:
+            latency = latency_of(len(in_flight) + 1, rng)
+            failed = bool(error_of and error_of(len(in_flight) + 1, rng))
+            heapq.heappush(in_flight, (now + latency, now, failed))
+            starts.append((now, controller.limit))
+        now, started, failed = heapq.heappop(in_flight)
+        controller.record(1, now - started, errors=int(failed), started=started)
+        controller.update(now, stragglers=sum(1 for _, start, _ in in_flight
+                                              if controller.is_straggler(start, 1, now)))
+    return controller, starts
+
+
+def settled_limits(controller, share=0.5):
+    points = controller.trajectory
+    return [limit for _, limit, _ in points[int(len(points) * (1 - share)):]]
+
+
+def test_unlimited_waits_reach_high_concurrency_within_a_few_hundred_milliseconds():
+    controller, starts = simulate(lambda n, rng: 0.015 * rng.uniform(0.95, 1.05), seconds=1.0)
+    reached = next(t for t, limit in starts if limit >= 128)
+    assert reached < 0.4
+    assert min(settled_limits(controller)) >= 128
+
+
+def test_a_server_of_fixed_capacity_settles_near_its_capacity():
+    capacity, service = 16, 0.02
+
+    def shared(n, rng):  # processor sharing: past the capacity, every item slows down
+        return service * max(1.0, n / capacity) * rng.uniform(0.95, 1.05)
+
+    controller, _ = simulate(shared, seconds=20.0)
+    limits = settled_limits(controller)
+    assert capacity / 2 <= min(limits) and max(limits) <= 2 * capacity, controller.trajectory[-20:]
+
+
+def test_past_a_small_accept_queue_the_syn_retry_drives_the_limit_back():
+    backlog = 6
+
+    def accept_queue(n, rng):  # a connection beyond the backlog waits for a SYN retry (1 s)
+        overflow = max(0, n - backlog) / n
+        return 0.02 + (1.0 if rng.random() < overflow else 0.0)
+
+    controller, _ = simulate(accept_queue, seconds=30.0)
+    limits = settled_limits(controller)
+    assert max(limits) <= 2 * backlog, controller.trajectory[-20:]
+    assert min(limits) >= 1
+
+
+def test_connection_errors_halve_the_limit_and_it_never_leaves_its_bounds():
+    bounds = Adaptive(start=8, minimum=2, maximum=40)
+    controller, starts = simulate(lambda n, rng: 0.01, seconds=3.0, bounds=bounds,
+                                  error_of=lambda n, rng: n > 10 and rng.random() < 0.5)
+    assert all(bounds.minimum <= limit <= bounds.maximum for _, limit in starts)
+    assert max(settled_limits(controller)) <= 20
+    # before any error it grew, so the cut came from the errors, not from a lack of gain
+    assert max(limit for _, limit in starts) > 10
+
+
+def test_the_trajectory_stays_bounded():
+    controller, _ = simulate(lambda n, rng: 0.001, seconds=60.0, bounds=Adaptive(maximum=8))
+    assert 0 < len(controller.trajectory) <= 500
+    times = [t for t, _, _ in controller.trajectory]
+    assert times == sorted(times) and times[-1] > 30
+
+
+@pytest.mark.parametrize("kwargs", [dict(start=0), dict(minimum=5, start=4), dict(maximum=2, start=4),
+                                    dict(start=True), dict(maximum=2.5)])
+def test_bad_bounds_are_refused(kwargs):
+    with pytest.raises(ValueError, match="Adaptive"):
+        Adaptive(**kwargs)
