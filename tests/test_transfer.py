@@ -1,0 +1,269 @@
+"""Big objects: a function crosses once per worker, large buffers go through shared memory
+(both ways, without copies through pipes), and every segment is released, also after a killed
+worker and a killed caller."""
+import functools
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import tracemalloc
+import warnings
+
+import psutil
+import pytest
+
+import pmap
+from pmap import _transfer
+from pmap.auto import _picklable
+
+np = pytest.importorskip("numpy", reason="the shared-memory tests map numpy arrays")
+from bigdata import (MB, big_bytes, doubled, fill_row, filled, first_value, kill_self_on_three,  # noqa: E402
+                     length_plus, row_of, slice_sum, touch_and_pid, write_into)
+
+PROCESS_BACKENDS = ["process", "pool", "fork"]
+
+
+def own_entries(pid=None):
+    """/dev/shm entries (segments, start-record folders) named for process `pid` (this one)."""
+    prefix = f"pmap-{pid or os.getpid()}-"
+    return sorted(name for name in os.listdir(_transfer.SHM_DIR) if name.startswith(prefix))
+
+
+@pytest.fixture
+def no_leftovers():
+    before = own_entries()
+    yield
+    assert own_entries() == before
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("backend", ["process", "pool"])
+def test_a_100_mb_closure_crosses_once_per_run_not_once_per_task(backend, no_leftovers):
+    data = bytes(100 * MB)  # bytes stay in the pickle: the worst case, read once per worker
+    out = pmap.pmap(functools.partial(length_plus, data), range(40), backend=backend, workers=2, chunksize=1)
+    assert out == [100 * MB + x for x in range(40)]
+    assert out.stats.tasks == 40
+    assert 100 * MB <= out.stats.bytes_sent <= 2 * 100 * MB * 1.05  # not 40 x 100 MB
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("backend", PROCESS_BACKENDS)
+def test_an_array_bound_in_a_partial_is_shared_read_only_and_copied_at_most_once(backend, no_leftovers):
+    array = np.arange(50 * MB // 8, dtype=np.float64)
+    out = pmap.pmap(functools.partial(slice_sum, array), range(40), backend=backend, workers=2, chunksize=1)
+    assert out == [slice_sum(array, i) for i in range(40)]
+    assert out.stats.bytes_sent <= 50 * MB * 1.05  # into shared memory once, mapped by each worker
+    if backend != "fork":  # fork's workers inherit a private copy-on-write copy instead
+        failed = pmap.pmap(functools.partial(write_into, array), [0], backend=backend, on_error="return")
+        assert isinstance(failed[0], pmap.Failure) and "read-only" in str(failed[0].exception)
+    assert array[0] == 0.0
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("backend", PROCESS_BACKENDS)
+def test_big_arrays_go_both_ways_through_shared_memory(backend, no_leftovers):
+    arrays = [np.full(2 * MB // 8, i, dtype=np.float64) for i in range(12)]
+    out = pmap.pmap(doubled, arrays, backend=backend, workers=2, chunksize=2)
+    for i, result in enumerate(out):
+        assert result.shape == arrays[i].shape and result[0] == 2 * i and result[-1] == 2 * i
+        assert result.flags.writeable  # a result is the caller's own, as with a plain pickle
+    result[0] = 5.0
+    pipe_bytes = out.stats.bytes_sent + out.stats.bytes_received - 2 * 24 * MB
+    assert pipe_bytes < 1 * MB  # only headers crossed the pipes
+    made = pmap.pmap(filled, range(6), backend=backend, workers=2)
+    assert [float(a[-1]) for a in made] == [float(i) for i in range(6)]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("backend", PROCESS_BACKENDS)
+def test_a_killed_worker_leaves_no_segment_behind(backend, no_leftovers):
+    arrays = [np.full(2 * MB // 8, i, dtype=np.float64) for i in range(8)]
+    out = pmap.pmap(kill_self_on_three, arrays, backend=backend, workers=2, chunksize=2, on_error="return")
+    assert isinstance(out[3], pmap.Failure) and out[3].kind == "crash"
+    assert [float(a[0]) for i, a in enumerate(out) if i != 3] == [i + 1.0 for i in range(8) if i != 3]
+
+
+# ---- arrays in shared memory from the start -------------------------------------------------
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("backend", PROCESS_BACKENDS)
+def test_workers_write_into_one_shared_array_and_the_caller_sees_it(backend):
+    out = pmap.shared_array((8, 1000), dtype=np.int64)
+    assert out.sum() == 0
+    done = pmap.pmap(functools.partial(fill_row, out), range(8), backend=backend, workers=2, chunksize=1)
+    assert done == list(range(8))
+    assert (out == np.arange(8)[:, None]).all()
+    rows = pmap.pmap(functools.partial(row_of, out), range(8), backend=backend, workers=2)
+    rows[5][0] = -5  # a returned row is a view on the same memory, not a copy
+    assert out[5, 0] == -5
+    strided = pmap.pmap(first_value, [out[:, 3]], backend=backend)  # not contiguous: copied, still right
+    assert strided == [0.0]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("backend", PROCESS_BACKENDS)
+def test_a_shared_array_in_a_partial_sends_no_data(backend, no_leftovers):
+    array = pmap.to_shared(np.arange(50 * MB // 8, dtype=np.float64))
+    task = functools.partial(slice_sum, array)
+    first = pmap.pmap(task, range(40), backend=backend, workers=2, chunksize=1)
+    again = pmap.pmap(task, range(40), backend=backend, workers=2, chunksize=1)
+    assert first == again == [slice_sum(array, i) for i in range(40)]
+    assert first.stats.bytes_sent < 1 * MB and again.stats.bytes_sent < 1 * MB
+    items = pmap.pmap(first_value, [array[i * MB:] for i in range(4)], backend=backend, workers=2)
+    assert items == [float(i * MB) for i in range(4)]
+
+
+@pytest.mark.timeout(60)
+def test_a_shared_array_is_freed_with_its_last_view():
+    before = own_entries()
+    array = pmap.shared_array(3 * MB, dtype=np.uint8)
+    view = array[MB:]
+    assert len(own_entries()) == len(before) + 1
+    del array
+    assert len(own_entries()) == len(before) + 1  # the view keeps it
+    del view
+    assert own_entries() == before
+
+
+@pytest.mark.timeout(120)
+def test_a_warm_worker_unmaps_a_shared_array_its_caller_dropped():
+    before = set(own_entries())
+    array = pmap.shared_array(4 * MB, dtype=np.uint8)
+    (name,) = set(own_entries()) - before
+    pids = set(pmap.pmap(functools.partial(touch_and_pid, array), range(8), backend="process", workers=2))
+
+    def mapping_it():
+        found = set()
+        for pid in pids:
+            with open(f"/proc/{pid}/maps") as maps:
+                if name in maps.read():
+                    found.add(pid)
+        return found
+    assert mapping_it()
+    del array
+    assert name not in own_entries()
+    again = set(pmap.pmap(functools.partial(touch_and_pid, np.zeros(8)), range(8), backend="process", workers=2))
+    assert again & pids  # the same warm workers ran the next run...
+    assert not mapping_it() & again  # ...and let the dropped array go
+
+
+def test_shared_array_refuses_what_it_cannot_hold():
+    with pytest.raises(TypeError, match="Python objects"):
+        pmap.shared_array(3, dtype=object)
+    with pytest.raises(ValueError, match="non-negative"):
+        pmap.shared_array((2, -1))
+    empty = pmap.shared_array(0)
+    assert empty.shape == (0,)
+    assert pmap.to_shared([[1, 2], [3, 4]]).tolist() == [[1, 2], [3, 4]]
+
+
+def mapped_segments() -> set:
+    with open("/proc/self/maps") as maps:
+        return {line.split()[-2] if line.rstrip().endswith("(deleted)") else line.split()[-1]
+                for line in maps if "/pmap-" in line}
+
+
+@pytest.mark.timeout(60)
+def test_a_dropped_result_releases_its_memory():
+    entries, mapped = own_entries(), mapped_segments()
+    out = pmap.pmap(filled, range(4), backend="fork", workers=2)
+    assert own_entries() == entries  # the caller mapped and unlinked the segments at once
+    assert mapped_segments() - mapped  # the results still view the (unlinked) segments
+    del out
+    assert not mapped_segments() - mapped
+
+
+DRIVER = """
+import sys, time
+import numpy as np
+import pmap
+
+def slow(array):
+    time.sleep(60)
+    return array
+
+if __name__ == "__main__":
+    arrays = [np.ones(2 << 20) for _ in range(8)]
+    shared = pmap.shared_array(1 << 20)
+    print("ready", flush=True)
+    pmap.pmap(slow, arrays, backend=sys.argv[1], workers=2, chunksize=1)
+"""
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("backend", ["process", "pool"])
+def test_a_killed_caller_leaves_nothing_once_the_next_run_sweeps(backend, tmp_path):
+    script = tmp_path / "driver.py"
+    script.write_text(textwrap.dedent(DRIVER))
+    child = subprocess.Popen([sys.executable, str(script), backend], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        deadline = time.monotonic() + 30
+        while len(own_entries(child.pid)) < 3 and time.monotonic() < deadline:  # a shared array, its
+            time.sleep(0.05)                                                    # folder, a task segment
+        assert len(own_entries(child.pid)) >= 3
+        workers = psutil.Process(child.pid).children(recursive=True)
+        child.send_signal(signal.SIGKILL)
+        child.wait(10)
+        psutil.wait_procs(workers, timeout=10)
+    finally:
+        child.kill()
+        child.stdout.close()
+    assert own_entries(child.pid)  # left behind by the kill
+    assert _transfer.sweep() >= 3
+    assert own_entries(child.pid) == []
+
+
+def test_the_sweep_spares_the_entries_of_running_processes(tmp_path):
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        path = os.path.join(_transfer.SHM_DIR, f"pmap-{alive.pid}-test-segment")
+        open(path, "wb").close()
+        _transfer.sweep()
+        assert os.path.exists(path)
+        alive.kill()
+        alive.wait()
+        _transfer.sweep()
+        assert not os.path.exists(path)
+    finally:
+        alive.kill()
+        alive.wait()
+
+
+def test_the_picklability_check_keeps_no_copy_of_a_big_closure():
+    data = bytearray(100 * MB)
+    tracemalloc.start()
+    try:
+        assert _picklable(functools.partial(length_plus, data)) is None
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 5 * MB
+    assert "lock" in _picklable(functools.partial(length_plus, __import__("threading").Lock()))
+
+
+@pytest.mark.timeout(60)
+def test_a_run_that_mostly_moves_pickled_data_warns_naming_the_cause(monkeypatch):
+    monkeypatch.setattr(_transfer, "WARN_MIN_BYTES", 10 * MB)
+    monkeypatch.setattr(_transfer, "WARN_BYTES_PER_SECOND", 1e6)
+    with pytest.warns(RuntimeWarning, match="mostly the results.*Fix: return numpy arrays"):
+        pmap.pmap(big_bytes, range(10), backend="fork", workers=2)
+    with pytest.warns(RuntimeWarning, match="mostly the items.*Fix: pass numpy arrays"):
+        pmap.pmap(len, [bytes(2 * MB)] * 10, backend="fork", workers=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # arrays go through shared memory: nothing to warn about
+        pmap.pmap(first_value, [np.ones(2 * MB // 8)] * 10, backend="fork", workers=2)
+
+
+@pytest.mark.timeout(60)
+def test_auto_counts_shared_memory_transfer_at_its_low_cost():
+    from bigdata import python_loop_over
+    arrays = [np.ones(4 * MB // 8)] * 120
+    plan = pmap.explain(python_loop_over, arrays)
+    assert plan.item_bytes < 1 * MB  # 4 MB in, but through shared memory
+    # Counted through a pipe (4 ms per item at 1 GB/s) processes would cost more than serial;
+    # whether they beat serial by auto's margin depends on how cold their start is here.
+    processes = min(seconds for name, seconds in plan.estimates.items() if name in ("fork", "process"))
+    assert processes < plan.estimates["serial"], plan
