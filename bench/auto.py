@@ -26,13 +26,25 @@ import os
 
 import common
 import workloads
-from common import pmap_runner
+from common import Runner, pmap_runner
 
-WORKLOAD_NAMES = ("tiny", "cpu", "sleep", "socket", "hash", "mixed", "unbalanced", "parse")
+WORKLOAD_NAMES = ("tiny", "cpu", "sleep", "socket", "hash", "mixed", "unbalanced", "parse",
+                  "sleep15", "knee", "backlog", "matrix", "groupby")
 FIXED = ("serial", "thread", "process", "pool", "fork")
+# IO workloads also run threads at fixed counts: auto is judged against the best count too
+THREAD_COUNTS = (16, 64, 256)
+COUNTED = FIXED + tuple(f"thread x{n}" for n in THREAD_COUNTS)
 QUICK_SCALE = 0.02
 TARGET_VS_BEST = 1.15
 TARGET_TINY_VS_SERIAL = 1.1
+
+
+def joblib_runner(workers: int) -> Runner:
+    """joblib with its default (loky) backend, limiting its workers' BLAS as it does."""
+    def run(func, items):
+        import joblib
+        return joblib.Parallel(n_jobs=workers)(joblib.delayed(func)(item) for item in items)
+    return Runner("joblib", "peer", run)
 
 
 def child(name: str, scale: float, repeat: int, patched: bool) -> None:
@@ -44,7 +56,10 @@ def child(name: str, scale: float, repeat: int, patched: bool) -> None:
         runners = [pmap_runner(backend, label=backend) for backend in FIXED]
         if workload.kind == "io":  # serial takes n x wait here: once is enough
             runners[0].max_runs = 1
+            runners += [pmap_runner("thread", workers=n, label=f"thread x{n}") for n in THREAD_COUNTS]
         runners.append(pmap_runner("auto", label="auto"))
+        if workload.kind == "native":  # numpy and pandas users compare with joblib (issue 14)
+            runners.append(joblib_runner(common.usable_cpus()))
     with workloads.prepared(workload, scale) as items:
         records = common.measure(runners, workload.func, items, repeat,
                                  progress=lambda line: common.log(f"  {name}: {line}"), reset=common.shut_down_loky,
@@ -73,7 +88,7 @@ def run_all(names, scale, repeat, limit) -> dict:
 def verdict(name: str, by_name: dict) -> tuple[float | None, float | None, str | None, bool | None]:
     """(auto / best fixed, auto / serial, the best fixed backend, target met?)."""
     auto = by_name.get("auto")
-    fixed = [by_name[b] for b in FIXED if b in by_name and by_name[b].median]
+    fixed = [by_name[b] for b in COUNTED if b in by_name and by_name[b].median]
     if auto is None or not auto.median or not fixed:
         return None, None, None, None
     best = min(fixed, key=lambda r: r.median)
@@ -87,7 +102,7 @@ def verdict(name: str, by_name: dict) -> tuple[float | None, float | None, str |
 
 
 def report(results: dict, repeat: int, header: list[str]) -> list[str]:
-    columns = list(FIXED) + ["greenlet"]
+    columns = list(COUNTED) + ["greenlet", "joblib"]
     rows, plans = [], []
     for name, result in results.items():
         by_name = {r.name: r for r in common.from_json(result["records"])}
@@ -113,7 +128,8 @@ def report(results: dict, repeat: int, header: list[str]) -> list[str]:
     lines = ["# Auto mode against the fixed backends", ""] + header + [
         "",
         f"Medians of {repeat} runs ({common.FAST_RUNS} for a backend under {common.FAST_RUN_SECONDS * 1000:.0f} ms a run), each workload in its own process with the backends taking turns; "
-        "fixed backends at their default workers; loky's executor ended before every run. "
+        "fixed backends at their default workers (IO workloads also at thread x16, x64 and x256, "
+        "counted as fixed); loky's executor ended before every run. "
         "greenlet ran in a separate process patched by gevent (sleep and socket only) and is not "
         "counted as the best fixed backend; 'auto / greenlet' shows how far it is. Targets (issue 3): "
         f"auto within {TARGET_VS_BEST}x the best fixed backend, and on tiny work within "

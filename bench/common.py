@@ -26,6 +26,9 @@ from typing import Any, Callable
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 RESULTS_DIR = os.path.join(BENCH_DIR, "results")
 TAG_VARIABLE = "PMAP_BENCH_TAG"
+# Set on some machines, they pick a slower OpenBLAS kernel for a current numpy: the measured
+# children run without them (the tests leave the environment as it is).
+SLOW_BLAS_VARIABLES = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 LIBRARIES = ("pmap-parallel", "loky", "cloudpickle", "joblib", "mpire", "pebble", "gevent", "psutil",
              "matplotlib")
 
@@ -166,7 +169,7 @@ def measure(runners: list[Runner], func: Callable, items: list, repeat: int, exp
             elapsed = time.perf_counter() - start
             if expected is None:
                 expected = list(out)
-            elif list(out) != expected:
+            elif not same_results(list(out), expected):
                 record.error = "wrong results: " + difference(list(out), expected)
                 if runner.describe is not None:
                     record.error += f" ({runner.describe(out)})"
@@ -195,6 +198,17 @@ def from_json(rows: list[dict]) -> list[Measured]:
     return [Measured(**row) for row in rows]
 
 
+def same_results(out: list, expected: list) -> bool:
+    """Equal lists, numpy arrays (compared element by element) included."""
+    if len(out) != len(expected):
+        return False
+    for got, want in zip(out, expected):
+        equal = got == want
+        if not (bool(equal.all()) if hasattr(equal, "all") else equal):
+            return False
+    return True
+
+
 # ---- pmap runners -----------------------------------------------------------------------
 def shut_down_loky() -> None:
     """End loky's reusable executor (pmap's process backend), so the next run starts cold.
@@ -216,9 +230,10 @@ def shut_down_reusable(module) -> None:
 
 
 def pmap_runner(backend: str, workers: int | None = None, label: str | None = None,
-                cold: bool = True) -> Runner:
+                cold: bool = True, show_bytes: bool = False) -> Runner:
     """pmap with one backend (or auto). `cold` ends loky's reusable executor before each run,
-    so every run pays its own start-up, as the first call of a program does."""
+    so every run pays its own start-up, as the first call of a program does. `show_bytes`
+    notes the bytes each run sent and received (pipes and shared memory)."""
     import pmap
 
     def run(func, items):
@@ -226,10 +241,19 @@ def pmap_runner(backend: str, workers: int | None = None, label: str | None = No
 
     def describe(out) -> str:
         plan = getattr(out.stats, "plan", None)
-        return f"{plan.backend} x{plan.workers}" if plan is not None else ""
+        note = ""
+        if plan is not None:
+            adaptive = getattr(plan, "concurrency", None) is not None  # an adaptive count: its peak
+            note = f"{plan.backend} adaptive x{out.stats.workers}" if adaptive else f"{plan.backend} x{plan.workers}"
+        if show_bytes and out.stats.bytes_sent is not None:
+            mb = 2**20
+            note += (f"{'; ' if note else ''}{out.stats.bytes_sent / mb:.0f} MB sent, "
+                     f"{out.stats.bytes_received / mb:.0f} MB received")
+        return note
 
     return Runner(label or f"pmap {backend}", "pmap", run, before=shut_down_loky if cold else None,
-                  concurrency=workers, describe=describe if backend == "auto" else None, warm=not cold)
+                  concurrency=workers, describe=describe if backend == "auto" or show_bytes else None,
+                  warm=not cold)
 
 
 def plan_workers(note: str) -> int | None:
@@ -300,7 +324,8 @@ def run_child(args: list[str], limit: float, patched: bool = False, signal_after
     driver dies shows in `left_behind`. Output goes to files, not pipes: a worker left holding
     a pipe would otherwise keep us waiting after the child itself has exited."""
     tag = uuid.uuid4().hex
-    env = dict(os.environ, **{TAG_VARIABLE: tag})
+    env = {name: value for name, value in os.environ.items() if name not in SLOW_BLAS_VARIABLES}
+    env[TAG_VARIABLE] = tag
     command = [sys.executable, *args] + (["--gevent-patch"] if patched else [])
     with tempfile.TemporaryDirectory(prefix="pmap-bench-") as directory:
         out_path, err_path = os.path.join(directory, "out"), os.path.join(directory, "err")

@@ -90,6 +90,8 @@ def main() -> None:
     parser.add_argument("--workers", default="1000,5000", help="comma-separated concurrency levels")
     parser.add_argument("--repeat", type=int, default=5, help="runs per cell; the table shows medians")
     parser.add_argument("--backends", default=",".join(BACKENDS))
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run at tiny sizes: 200 items, 50 and 100 workers, 1 run per cell")
     parser.add_argument("--child", nargs=4, metavar=("BACKEND", "WORKERS", "ITEMS", "WAIT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -97,6 +99,8 @@ def main() -> None:
         child(backend, int(workers), int(items), float(wait))
         return
 
+    if args.quick:
+        args.items, args.workers, args.repeat = 200, "50,100", 1
     serial_sum = args.items * args.wait
     levels = [int(w) for w in args.workers.split(",")]
     backends = args.backends.split(",")

@@ -36,7 +36,17 @@ STARTUP_ITEMS = 1000
 QUICK_SCALE = 0.02
 QUICK_STREAM_ITEMS = 200_000
 ITEM_WORKLOADS = ("tiny", "cpu", "unbalanced", "sleep", "socket", "payload_in", "payload_out", "hash",
-                  "mixed", "parse")
+                  "mixed", "parse", "matrix", "groupby", "partial400", "shared400", "global100", "array_in",
+                  "array_out", "array_loop")
+BIG_DATA_TARGETS = {  # issue 16: (workload, pmap backend, reference, at most this times the reference)
+    ("partial400", "pmap process", "pmap fork", 2.0), ("partial400", "pmap pool", "pmap fork", 2.0),
+    ("partial400", "pmap process, warm executor", "pmap fork", 2.0),
+    ("shared400", "pmap process", "pmap fork", 2.0), ("shared400", "pmap pool", "pmap fork", 2.0),
+    ("shared400", "pmap process, warm executor", "pmap fork", 2.0),
+    ("array_out", "pmap process", "serial (plain map)", 0.75),
+    ("array_out", "pmap process, warm executor", "serial (plain map)", 0.75),
+    ("array_loop", "pmap process", "serial (plain map)", 0.75),
+    ("array_loop", "pmap process, warm executor", "serial (plain map)", 0.75)}
 TARGET_STARTUP = {"pmap fork": 0.030, "pmap process": 0.300}
 TARGET_STREAM_MB = 50
 
@@ -171,14 +181,14 @@ def workers_for(workload, cores: int) -> int:
     return cores
 
 
-def item_seconds(workload, items: list) -> float:
+def item_seconds(workload, items: list, func) -> float:
     """Serial time per item, from the first items (about 50 ms of them); the IO ones are known."""
     if workload.kind == "io":
         return workload.wait_per_item
     start = time.perf_counter()
     done = 0
     for item in items:
-        workload.func(item)
+        func(item)
         done += 1
         if time.perf_counter() - start > 0.05:
             break
@@ -198,6 +208,19 @@ def client_cpu_per_item(workload, items: list, warm_up: int = 5, sample: int = 4
     return (time.thread_time() - start) / len(measured)
 
 
+def big_data_runners(workers: int) -> list[Runner]:
+    """Issue 16's rows: pmap's process backends with the bytes each run sent, against joblib
+    (which memory-maps arrays over 1 MB that it sends to workers) and the plain loop."""
+    import joblib
+
+    def joblib_loky(func, items):
+        return joblib.Parallel(n_jobs=workers, backend="loky", batch_size="auto")(
+            joblib.delayed(func)(item) for item in items)
+    rows = [pmap_runner(name, None if name == "auto" else workers, show_bytes=True)
+            for name in ("auto", "fork", "process", "pool")]
+    return rows + [Runner("joblib loky, batch_size auto", "peer", joblib_loky)]
+
+
 def runners_for(workload, n: int, cores: int, patched: bool, per_item: float) -> list[Runner]:
     workers = workers_for(workload, cores)
     chunksize = workloads.good_chunksize(n, workers, per_item)
@@ -206,17 +229,19 @@ def runners_for(workload, n: int, cores: int, patched: bool, per_item: float) ->
     # the plain map of an IO workload takes n x wait: once is enough
     serial = Runner("serial (plain map)", "reference", lambda func, items: list(map(func, items)),
                     max_runs=1 if workload.kind == "io" else None)
+    if workload.kind == "bigdata":
+        return [serial] + big_data_runners(workers)
     pmap_rows = [pmap_runner("auto")]
-    if workload.kind in ("cpu", "transfer", "gil", "mixed"):
+    if workload.kind in ("cpu", "transfer", "gil", "mixed", "native"):
         pmap_rows += [pmap_runner(name, workers) for name in ("fork", "process", "pool")]
-    if workload.kind in ("gil", "io", "mixed"):
+    if workload.kind in ("gil", "io", "mixed", "native"):
         pmap_rows.append(pmap_runner("thread", workers))
     if workload.name == "tiny":
         pmap_rows.append(pmap_runner("serial"))
     peers = []
-    if workload.kind in ("cpu", "transfer", "gil", "mixed"):
+    if workload.kind in ("cpu", "transfer", "gil", "mixed", "native"):
         peers += process_peers(workers, chunksize, tiny=workload.name == "tiny")
-    if workload.kind in ("gil", "io", "mixed"):
+    if workload.kind in ("gil", "io", "mixed", "native"):
         peers += thread_peers(workers, chunksize)
     return [serial] + pmap_rows + peers
 
@@ -224,18 +249,19 @@ def runners_for(workload, n: int, cores: int, patched: bool, per_item: float) ->
 def child_workload(name: str, scale: float, repeat: int, patched: bool) -> None:
     workload = workloads.WORKLOADS[name]
     cores = common.usable_cpus()
+    func = workload.function()
     with workloads.prepared(workload, scale) as items:
-        per_item = item_seconds(workload, items)
+        per_item = item_seconds(workload, items, func)
         runners = runners_for(workload, len(items), cores, patched, per_item)
-        records = common.measure(runners, workload.func, items, repeat,
+        records = common.measure(runners, func, items, repeat,
                                  progress=lambda line: common.log(f"  {name}: {line}"), reset=shut_down_executors,
                                  fast_runs=common.FAST_RUNS if scale == 1.0 else 0)
-        if not patched and workload.kind in ("cpu", "transfer"):
+        if not patched and workload.kind in ("cpu", "transfer", "bigdata"):
             warm = warm_runners(cores)
             for runner in warm:  # the untimed first run starts the executor
-                runner.run(workload.func, items[:cores * 4])
-            expected = list(map(workload.func, items))
-            records += common.measure(warm, workload.func, items, repeat, expected,
+                runner.run(func, items[:cores * 4])
+            expected = list(map(func, items))
+            records += common.measure(warm, func, items, repeat, expected,
                                       progress=lambda line: common.log(f"  {name}: {line}"),
                                       fast_runs=common.FAST_RUNS if scale == 1.0 else 0)
             shut_down_executors()
@@ -497,6 +523,28 @@ def median_of(found: dict, runner: str, value: str) -> float | None:
     return statistics.median(values) if values else None
 
 
+def native_targets(results: dict) -> list[tuple[str, str, bool | None]]:
+    """The issue 14 targets on numpy and pandas work: pmap's best backend no slower than joblib,
+    process >= 1.5x serial on the matrix workload."""
+    checks = []
+    for name in ("matrix", "groupby"):
+        if name not in results:
+            continue
+        summary = summarise(results[name])
+        ours = [r for r in summary["records"] if r.group == "pmap" and r.median and not r.warm]
+        joblib_rows = [r for r in summary["records"] if r.name.startswith("joblib") and r.median and not r.warm]
+        if ours and joblib_rows:
+            best, peer = min(ours, key=lambda r: r.median), min(joblib_rows, key=lambda r: r.median)
+            checks.append((f"{name}: pmap's best backend no slower than joblib's best",
+                           f"{best.name} {common.seconds_text(best.median)} vs {peer.name} "
+                           f"{common.seconds_text(peer.median)}", best.median <= peer.median))
+        process = summary["by_name"].get("pmap process")
+        if name == "matrix" and process and process.median and summary["serial"]:
+            speedup = summary["serial"] / process.median
+            checks.append(("matrix: pmap process >= 1.5x serial", f"{speedup:.2f}x serial", speedup >= 1.5))
+    return checks
+
+
 def targets(results: dict, startup: dict, streaming: dict) -> list[tuple[str, str, bool | None]]:
     """The issue 8 targets: (target, what was measured, met?)."""
     checks = []
@@ -541,6 +589,16 @@ def targets(results: dict, startup: dict, streaming: dict) -> list[tuple[str, st
                                f"{ideal_note(record.median, ideal, results[name])} "
                                f"({common.seconds_text(record.median)} vs {common.seconds_text(ideal)})",
                                ratio <= 1.1))
+    checks += native_targets(results)
+    for name, backend, reference, limit in sorted(BIG_DATA_TARGETS):
+        if name not in results:
+            continue
+        by_name = summarise(results[name])["by_name"]
+        record, versus = by_name.get(backend), by_name.get(reference)
+        if record and record.median and versus and versus.median:
+            ratio = record.median / versus.median
+            checks.append((f"{name}: {backend} at most {limit:g}x the time of {reference}",
+                           f"{ratio:.2f}x ({common.seconds_text(record.median)}; {record.note})", ratio <= limit))
     for runner, limit in TARGET_STARTUP.items():
         value = median_of(startup, runner, "seconds")
         if value is not None:
@@ -610,7 +668,7 @@ def report(args, results, startup, streaming, header: list[str]) -> list[str]:
         "executor ended before each run) and warm in the rows that say so. IO rows use "
         f"{IO_WORKERS} workers (auto picks its own); greenlet and gevent rows run in a second process "
         "patched by gevent.monkey.patch_all(). 'time vs best peer' below 1 means faster than every peer.",
-        "", "## Summary", ""] + summary_table(results) + ["", "## Targets (issue 8)", ""]
+        "", "## Summary", ""] + summary_table(results) + ["", "## Targets (issues 8 and 16)", ""]
     rows = [[target, measured, {True: "met", False: "**missed**", None: "-"}[met]]
             for target, measured, met in targets(results, startup, streaming)]
     lines += common.markdown_table(["target", "measured", ""], rows) + ["", "## Workloads", ""]

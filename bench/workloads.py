@@ -5,13 +5,14 @@ local HTTP server, files to parse).
     with prepared(WORKLOADS["cpu"], scale=1.0) as items:
         list(map(WORKLOADS["cpu"].func, items))
 
-Run as `python bench/workloads.py --serve-http LATENCY` it is the local HTTP server the
+Run as `python bench/workloads.py --serve-http LATENCY [BACKLOG]` it is the local HTTP server the
 socket workload talks to (a separate process, so the benchmark's own process has no server
 threads: auto chooses fork only when no other thread runs).
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import http.client
 import json
@@ -28,6 +29,9 @@ from typing import Callable, Iterator
 CPU_ITEM_SECONDS = 0.005
 SLEEP_SECONDS = 0.02
 SERVER_LATENCY_SECONDS = 0.02
+SHORT_SLEEP_SECONDS = 0.015
+SMALL_BACKLOG = 5       # the stdlib http.server's default accept queue
+LARGE_BACKLOG = 128
 PAYLOAD_BYTES = 4 * 1024 * 1024
 HASH_BUFFER_BYTES = 8 * 1024 * 1024
 HASH_ROUNDS = 2                    # ~10 ms per item where sha256 runs ~1.5 GB/s
@@ -36,6 +40,10 @@ PARSE_RECORDS_PER_FILE = 4000      # ~0.8 MB of JSON, ~5 ms to parse
 UNBALANCED_SEED = 20240501
 STREAM_ITEMS = 10_000_000
 MIN_QUICK_ITEMS = 8
+MATRIX_SIZE = 600
+MATRIX_PRODUCTS = 5
+GROUP_ROWS = 20_000                # rows of each item's frame
+GROUP_KEYS = 200                   # groups the frame's apply runs a Python function on
 
 
 # ---- the functions ------------------------------------------------------------------------
@@ -130,10 +138,12 @@ def _timed(func, arg) -> float:
 
 # ---- what each workload needs around it ------------------------------------------------
 @contextlib.contextmanager
-def http_server(latency: float) -> Iterator[int]:
-    """A local HTTP server in its own process; yields its port on 127.0.0.1."""
-    server = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve-http", str(latency)],
-                              stdout=subprocess.PIPE, text=True)
+def http_server(latency: float, backlog: int = 1024) -> Iterator[int]:
+    """A local HTTP server in its own process; yields its port on 127.0.0.1. `backlog` is its
+    accept queue: the stdlib's default of 5 drops connections past a small fan-out, and a
+    dropped connection waits about a second for the client's SYN retry."""
+    server = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve-http", str(latency),
+                               str(backlog)], stdout=subprocess.PIPE, text=True)
     try:
         port = int(server.stdout.readline())
         yield port
@@ -142,7 +152,7 @@ def http_server(latency: float) -> Iterator[int]:
         server.wait(timeout=10)
 
 
-def serve_http(latency: float) -> None:
+def serve_http(latency: float, backlog: int = 1024) -> None:
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     body = b"x" * 1024
@@ -160,7 +170,7 @@ def serve_http(latency: float) -> None:
 
     class Server(ThreadingHTTPServer):
         daemon_threads = True
-        request_queue_size = 1024  # the default 5 drops connections under fan-out
+        request_queue_size = backlog
 
     with Server(("127.0.0.1", 0), Handler) as server:
         print(server.server_address[1], flush=True)
@@ -186,6 +196,33 @@ def json_files(count: int) -> Iterator[list[str]]:
         yield paths
 
 
+def matrix_products(seed: int) -> float:
+    """numpy: five 600x600 matrix products. BLAS runs them, GIL released, on its own threads."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((MATRIX_SIZE, MATRIX_SIZE))
+    b = rng.standard_normal((MATRIX_SIZE, MATRIX_SIZE))
+    for _ in range(MATRIX_PRODUCTS):
+        a = a @ b
+        a /= np.abs(a).max()
+    return round(float(a.sum()), 6)  # BLAS's thread count may move the last bits
+
+
+def group_apply(frame) -> float:
+    """pandas: a group-apply with a Python function per group, as data scripts write it."""
+    summary = frame.groupby("key").apply(lambda g: (g["x"] * g["y"]).sum() / (1 + g["y"].abs().max()),
+                                         include_groups=False)
+    return float(summary.sum())
+
+
+def _frames(n: int) -> list:
+    import numpy as np
+    import pandas as pd
+    rng = np.random.default_rng(7)
+    return [pd.DataFrame({"key": rng.integers(0, GROUP_KEYS, GROUP_ROWS), "x": rng.standard_normal(GROUP_ROWS),
+                          "y": rng.standard_normal(GROUP_ROWS)}) for _ in range(n)]
+
+
 # ---- the workloads ----------------------------------------------------------------------
 @dataclass(frozen=True)
 class Workload:
@@ -193,10 +230,14 @@ class Workload:
     title: str
     func: Callable
     count: int                     # items at full size
-    kind: str                      # cpu | transfer | gil | io | mixed
+    kind: str                      # cpu | transfer | gil | io | mixed | native (numpy/pandas: threads and processes)
     make_items: Callable[[int], contextlib.AbstractContextManager]
     wait_per_item: float = 0.0     # seconds each item waits, for the IO ideal (wait x n / concurrency)
     gevent_cooperative: bool = False  # its waits yield to gevent once monkey-patched
+    bind: Callable[[], Callable] | None = None  # makes the function to map (big data bound in), else `func`
+
+    def function(self) -> Callable:
+        return self.bind() if self.bind is not None else self.func
 
     def size(self, scale: float) -> int:
         return max(MIN_QUICK_ITEMS, round(self.count * scale)) if scale < 1 else round(self.count * scale)
@@ -210,15 +251,81 @@ def _plain(items_of: Callable[[int], list]):
     return make
 
 
+# ---- big data (issue 16): numpy arrays bound to the function, in and out ------------------
+BIG_PARTIAL_BYTES = 400 * 2**20
+BIG_GLOBAL_BYTES = 100 * 2**20
+ARRAY_IN_BYTES = ARRAY_OUT_BYTES = 8 * 2**20
+LOOPED_ARRAY_BYTES = 2 * 2**20
+SLICE_VALUES = 250_000
+
+
+def slice_sum(array, i: int) -> float:
+    return float(array[i * SLICE_VALUES:(i + 1) * SLICE_VALUES].sum())
+
+
+def _bound_array() -> Callable:
+    import numpy as np
+    return functools.partial(slice_sum, np.arange(BIG_PARTIAL_BYTES // 8, dtype=np.float64))
+
+
+def _bound_shared_array() -> Callable:
+    """The same array made where pmap's workers map it without a copy (issue 16)."""
+    import numpy as np
+    import pmap
+    array = pmap.shared_array(BIG_PARTIAL_BYTES // 8, dtype=np.float64)
+    array[:] = np.arange(len(array), dtype=np.float64)
+    return functools.partial(slice_sum, array)
+
+
+def _main_function_with_a_global() -> Callable:
+    """A function as a script's `__main__` defines it: cloudpickle sends it by value, with
+    the 100 MB module global it reads."""
+    import numpy as np
+    namespace = {"__name__": "bench_main_script", "TABLE": np.ones(BIG_GLOBAL_BYTES // 8)}
+    exec("def lookup(i):\n    return float(TABLE[i * 1000:(i + 1) * 1000].sum())\n", namespace)
+    return namespace["lookup"]
+
+
+def array_total(array) -> float:
+    return float(array.sum())
+
+
+def filled_array(i: int):
+    import numpy as np
+    return np.full(ARRAY_OUT_BYTES // 8, float(i))
+
+
+def loop_and_return(array):
+    """A Python loop over part of a 2 MB array, which comes back whole."""
+    total = 0.0
+    for value in array[:20_000].tolist():
+        total += value
+    array = array.copy()
+    array[0] = total
+    return array
+
+
+def _arrays(size: int):
+    def make(n: int):
+        import numpy as np
+        return [np.full(size // 8, float(i)) for i in range(n)]
+    return make
+
+
 def _unbalanced_items(n: int) -> list:
     rng = random.Random(UNBALANCED_SEED)
     return [spin_iterations(rng.expovariate(1 / CPU_ITEM_SECONDS)) for _ in range(n)]
 
 
-@contextlib.contextmanager
-def _urls(n: int):
-    with http_server(SERVER_LATENCY_SECONDS) as port:
-        yield [f"http://127.0.0.1:{port}/{i}" for i in range(n)]
+def _urls_with_backlog(backlog: int):
+    @contextlib.contextmanager
+    def make(n: int):
+        with http_server(SERVER_LATENCY_SECONDS, backlog) as port:
+            yield [f"http://127.0.0.1:{port}/{i}" for i in range(n)]
+    return make
+
+
+_urls = _urls_with_backlog(1024)
 
 
 def _payloads(n: int):
@@ -236,6 +343,13 @@ WORKLOADS = {w.name: w for w in [
              wait_per_item=SLEEP_SECONDS, gevent_cooperative=True),
     Workload("socket", "IO: HTTP GET to a local server (20 ms latency)", fetch, 500, "io", _urls,
              wait_per_item=SERVER_LATENCY_SECONDS, gevent_cooperative=True),
+    Workload("sleep15", "IO: 15 ms sleep, 400 items (issue 13)", sleep_item, 400, "io",
+             _plain(lambda n: [SHORT_SLEEP_SECONDS] * n), wait_per_item=SHORT_SLEEP_SECONDS,
+             gevent_cooperative=True),
+    Workload("knee", "IO: HTTP GET, 20 ms latency, accept queue of 5 (a server with a knee)", fetch, 300, "io",
+             _urls_with_backlog(SMALL_BACKLOG), wait_per_item=SERVER_LATENCY_SECONDS, gevent_cooperative=True),
+    Workload("backlog", "IO: HTTP GET, 20 ms latency, accept queue of 128", fetch, 300, "io",
+             _urls_with_backlog(LARGE_BACKLOG), wait_per_item=SERVER_LATENCY_SECONDS, gevent_cooperative=True),
     Workload("payload_in", "large payload in: 4 MB bytes in, an int out", count_zero_bytes, 200, "transfer",
              _plain(_payloads)),
     Workload("payload_out", "large payload out: an int in, 4 MB bytes out", make_payload, 200, "transfer",
@@ -247,6 +361,22 @@ WORKLOADS = {w.name: w for w in [
              wait_per_item=MIXED_WAIT_SECONDS),
     Workload("parse", "parsing real files: json.load of ~0.8 MB files", parse_json_file, 300, "cpu",
              lambda n: json_files(n)),
+    Workload("matrix", "numpy: five 600x600 matrix products (BLAS)", matrix_products, 40, "native",
+             _plain(lambda n: list(range(n)))),
+    Workload("groupby", "pandas: group-apply of a Python function over 20k rows", group_apply, 100, "native",
+             _plain(_frames)),
+    Workload("partial400", "a 400 MB array bound with functools.partial, 40 slice-sums", slice_sum, 40,
+             "bigdata", _plain(lambda n: list(range(n))), bind=_bound_array),
+    Workload("shared400", "the same 400 MB array made by pmap.shared_array, 40 slice-sums", slice_sum, 40,
+             "bigdata", _plain(lambda n: list(range(n))), bind=_bound_shared_array),
+    Workload("global100", "a 100 MB module global used by a __main__ function, 40 items", slice_sum, 40,
+             "bigdata", _plain(lambda n: list(range(n))), bind=_main_function_with_a_global),
+    Workload("array_in", "40 arrays of 8 MB in, a float out", array_total, 40, "bigdata",
+             _plain(_arrays(ARRAY_IN_BYTES))),
+    Workload("array_out", "40 small items in, an 8 MB array out", filled_array, 40, "bigdata",
+             _plain(lambda n: list(range(n)))),
+    Workload("array_loop", "80 items, Python loop over a 2 MB array that comes back whole", loop_and_return, 80,
+             "bigdata", _plain(_arrays(LOOPED_ARRAY_BYTES))),
 ]}
 
 
@@ -302,6 +432,6 @@ def good_chunksize(n: int, workers: int, item_seconds: float) -> int:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--serve-http"]:
-        serve_http(float(sys.argv[2]))
+        serve_http(float(sys.argv[2]), *(int(arg) for arg in sys.argv[3:4]))
     else:
-        sys.exit("usage: python bench/workloads.py --serve-http LATENCY_SECONDS")
+        sys.exit("usage: python bench/workloads.py --serve-http LATENCY_SECONDS [BACKLOG]")
