@@ -370,21 +370,32 @@ class CpuClocks:
 
 
 def _other_python_threads_cpu() -> dict[int, float]:
-    """CPU seconds so far of the process's other Python threads, by native id (Linux: read from
-    /proc, which is safe for a thread that has just ended; elsewhere none are counted)."""
+    """CPU seconds so far of the process's other Python threads, by native id. Read from each
+    thread's CPU clock, which never releases the GIL: another Python thread that ran between
+    these reads and the process's clock would count on one side only. Linux names a thread's
+    clock by its id, which is safe for a thread that has just ended; elsewhere none are counted."""
+    if not sys.platform.startswith("linux"):
+        return {}
     me = threading.get_native_id()
     seconds = {}
     for thread in threading.enumerate():
         native_id = thread.native_id
         if native_id is None or native_id == me:
             continue
-        ran = schedstat_seconds(f"/proc/self/task/{native_id}/schedstat", SCHEDSTAT_RUNNING)
-        if ran is not None:  # None: it ended, or there is no /proc
-            seconds[native_id] = ran
+        try:
+            seconds[native_id] = time.clock_gettime(_thread_cpu_clock(native_id))
+        except OSError:  # it ended
+            pass
     return seconds
 
 
-SCHEDSTAT_RUNNING, SCHEDSTAT_WAITING = 0, 1  # schedstat's fields: ns on a core, ns waiting for one
+def _thread_cpu_clock(native_id: int) -> int:
+    """Linux's clock id for one thread's CPU time (glibc's MAKE_THREAD_CPUCLOCK: per-thread,
+    scheduler precision)."""
+    return (~native_id << 3) | 0b110
+
+
+SCHEDSTAT_WAITING = 1  # schedstat's fields: ns on a core, ns waiting for one
 
 
 def schedstat_seconds(path: str, field: int) -> float | None:
