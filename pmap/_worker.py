@@ -364,9 +364,10 @@ def pooled_worker_init(initializer_bytes, driver_pid=None):
         remember_initializer_globals(initializer)
     except BaseException as exc:
         if report is not None:
-            try:
-                with open(report, "wb") as handle:
+            try:  # renamed into place, so the parent never reads half of it
+                with open(report + ".tmp", "wb") as handle:
                     handle.write(pickle.dumps((_SentException(exc), traceback.format_exc())))
+                os.replace(report + ".tmp", report)
             except Exception:
                 pass
         os._exit(INIT_FAILED_EXIT)  # not a respawn loop: the parent reads the report and stops

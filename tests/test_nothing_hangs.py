@@ -4,7 +4,9 @@ again after Ctrl-C, nested process maps."""
 import asyncio
 import functools
 import itertools
+import multiprocessing
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -17,7 +19,9 @@ import pmap
 from faults import (BASE_EXCEPTIONS, NASTY_KINDS, RebuildsOnlyIn, base_exception_type,
                     hold_pool_result_lock_on_zero, initializer_that, raise_base_on_three,
                     raise_base_on_three_async, times_ten, undecodable_outcomes)
+from pmap._worker import INIT_FAILED_EXIT, pooled_worker_init
 from pmap.backends.base import Backend, Done, Lost
+from pmap.backends.process import ProcessBackend
 from workloads import for_backend, slow_identity, square
 
 LOCAL = ("serial", "thread", "process", "pool", "fork", "greenlet", "asyncio")
@@ -179,6 +183,41 @@ def test_failing_initializer_stops_the_run_with_one_clear_error(pmap_backend, ho
     time.sleep(0.5)
     new = [p for p in psutil.Process().children(recursive=True) if p.pid not in children_before]
     assert len(new) <= 2 * 2, [p.cmdline() for p in new]
+
+
+@pytest.mark.parametrize("killed_first", [True, False])
+def test_a_failed_initializers_error_wins_over_a_sibling_ended_without_one(killed_first):
+    # loky ends the other workers once one dies, and each leaves an empty report; one listed
+    # first used to give "ended worker ... before it could run anything" instead of the error
+    failing = ProcessBackend(workers=2, initializer=initializer_that, initargs=("raises",))
+    killed = ProcessBackend(workers=2, initializer=initializer_that, initargs=("SIGKILL",))
+    exitcodes = {}
+    try:
+        for backend in ([killed, failing] if killed_first else [failing, killed]):
+            worker = multiprocessing.get_context("fork").Process(
+                target=pooled_worker_init, args=(backend.initializer_bytes(), os.getpid()))
+            worker.start()
+            worker.join(HANG)
+            exitcodes[worker.pid] = worker.exitcode
+        assert sorted(exitcodes.values()) == [-signal.SIGKILL, INIT_FAILED_EXIT]
+        error = failing.initializer_failure(exitcodes)
+    finally:
+        failing.close()
+        killed.close()
+    assert isinstance(error, pmap.InitializerError) and isinstance(error.__cause__, LookupError), str(error)
+
+
+@pytest.mark.timeout(HANG)
+@pytest.mark.pmap_backends("process", "pool")
+def test_a_run_does_not_read_the_initializer_reports_an_earlier_run_left(pmap_backend):
+    # the first run's workers all fail and report; the run reads one, the others stay behind
+    with pytest.raises(pmap.InitializerError, match="LookupError"):
+        pmap.pmap(times_ten, range(8), backend=pmap_backend, workers=4, initializer=initializer_that,
+                  initargs=("raises",))
+    with pytest.raises(pmap.InitializerError) as info:
+        pmap.pmap(times_ten, range(4), backend=pmap_backend, workers=2, initializer=initializer_that,
+                  initargs=("os._exit",))
+    assert "LookupError" not in str(info.value), str(info.value)
 
 
 # ---- the engine bounds losses nobody can be blamed for ---------------------------------------

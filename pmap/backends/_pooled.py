@@ -77,18 +77,24 @@ class PooledBackend(Backend):
         except OSError:
             return None
         name = getattr(self.initializer, "__qualname__", None) or type(self.initializer).__name__
+        ended = None  # a worker that left no error: loky may have ended it because another failed
         for entry in names:
-            pid = int(entry) if entry.isdigit() else None
-            if pid is None or (pid not in exitcodes and process_exists(pid)):
-                continue  # still running its initializer (or not one of ours)
+            if not entry.isdigit():
+                continue  # a report being written, or not one of ours
+            pid = int(entry)
             path = os.path.join(self.init_dir, entry)
             try:
                 with open(path, "rb") as handle:
                     report = handle.read()
-                os.unlink(path)
             except OSError:
                 continue
-            if report:
+            if not report and pid not in exitcodes and process_exists(pid):
+                continue  # still running its initializer
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+            if report:  # written whole (renamed into place) just before the worker exits
                 try:
                     exc, tb = loads(report)
                 except Exception as error:
@@ -99,11 +105,10 @@ class PooledBackend(Backend):
                                          f"{type(exc).__name__}: {exc}")
                 error.__cause__ = exc
                 return error
-            if pid in exitcodes or self.known.get(pid) is not None:
-                code = exitcodes.get(pid)
-                return InitializerError(f"the initializer {name} ended worker {pid} of backend {self.name!r} "
-                                        f"({describe_exit(code)}) before it could run anything")
-        return None
+            if ended is None and (pid in exitcodes or self.known.get(pid) is not None):
+                ended = InitializerError(f"the initializer {name} ended worker {pid} of backend {self.name!r} "
+                                         f"({describe_exit(exitcodes.get(pid))}) before it could run anything")
+        return ended
 
     def _initializer_fatal(self, events: list, died: dict) -> list:
         """Replace the events by one Fatal when a worker's initializer failed."""
@@ -256,6 +261,23 @@ class PooledBackend(Backend):
         self.inflight.clear()
         shutil.rmtree(self.start_dir, ignore_errors=True)
         self.channel.close()
+        self._drop_initializer_reports()
+
+    def _drop_initializer_reports(self) -> None:
+        """A run reads one failed initializer's report; its siblings' would otherwise be read as
+        the next run's failure (the folder is the process's)."""
+        if self.init_dir is None:
+            return
+        try:
+            names = os.listdir(self.init_dir)
+        except OSError:
+            return
+        for entry in names:
+            if entry.isdigit() and (int(entry) in self.known or not process_exists(int(entry))):
+                try:
+                    os.unlink(os.path.join(self.init_dir, entry))
+                except OSError:
+                    pass
 
 
 def _make_start_dir() -> str:
