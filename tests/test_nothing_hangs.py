@@ -185,6 +185,8 @@ def test_failing_initializer_stops_the_run_with_one_clear_error(pmap_backend, ho
     assert len(new) <= 2 * 2, [p.cmdline() for p in new]
 
 
+# 3.12+ warns of fork in a process with threads; these children only start a worker and exit
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 @pytest.mark.parametrize("killed_first", [True, False])
 def test_a_failed_initializers_error_wins_over_a_sibling_ended_without_one(killed_first):
     # loky ends the other workers once one dies, and each leaves an empty report; one listed
