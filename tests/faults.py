@@ -235,3 +235,8 @@ async def nasty_async(arg):
         return arg[1] * 10
     await asyncio.sleep(0)
     return nasty(arg)
+
+
+def big_result(n):
+    """A result larger than a pipe holds: a few of them fill the pool's result pipe."""
+    return bytes(256 * 1024)

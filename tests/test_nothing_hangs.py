@@ -16,11 +16,12 @@ import psutil
 import pytest
 
 import pmap
-from faults import (BASE_EXCEPTIONS, NASTY_KINDS, RebuildsOnlyIn, base_exception_type,
+from faults import (BASE_EXCEPTIONS, NASTY_KINDS, RebuildsOnlyIn, base_exception_type, big_result,
                     hold_pool_result_lock_on_zero, initializer_that, raise_base_on_three,
                     raise_base_on_three_async, times_ten, undecodable_outcomes)
 from pmap._worker import INIT_FAILED_EXIT, pooled_worker_init
 from pmap.backends.base import Backend, Done, Lost
+from pmap.backends.pool import terminate_without_hanging
 from pmap.backends.process import ProcessBackend
 from workloads import for_backend, slow_identity, square
 
@@ -398,6 +399,20 @@ def test_pool_closes_when_a_killed_worker_held_the_result_lock(tmp_path):
     workers = [worker for server in forkservers for worker in server.children()]
     assert workers
     results.close()
+    alive = [p for p in workers if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not alive, [p.cmdline() for p in alive]
+
+
+@pytest.mark.timeout(HANG)
+def test_pool_terminates_while_its_workers_fill_the_result_pipe():
+    # multiprocessing.Pool.terminate alone waits forever here: its result thread stops reading,
+    # and the workers' results fill the pipe that terminate's closing sentinel must go through
+    pool = multiprocessing.get_context("forkserver").Pool(2)
+    pending = [pool.apply_async(big_result, (i,)) for i in range(200)]
+    assert len(pending[0].get(timeout=HANG)) == 256 * 1024
+    workers = [psutil.Process(p.pid) for p in pool._pool]
+    terminate_without_hanging(pool)
+    pool.join()
     alive = [p for p in workers if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert not alive, [p.cmdline() for p in alive]
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import select
 import sys
 import threading
 import time
@@ -14,7 +15,7 @@ from ..errors import BackendUnavailable
 from .base import Fatal, Lost
 
 REAP_WAIT_SECONDS = 1.0  # the Pool's maintenance thread looks every 0.1 s
-STUCK_LOCK_SECONDS = 0.5  # a live writer holds the result queue's lock for one message only
+STUCK_LOCK_SECONDS = 0.5  # a live writer holds the result queue's lock for one message (once the pipe has room)
 STUCK_LOCK_TRIES = 3
 
 
@@ -102,11 +103,13 @@ class PoolBackend(PooledBackend):
 
 
 def terminate_without_hanging(pool) -> None:
-    """Pool.terminate, minus its hang (CPython bpo-29759): a worker killed while it writes a result
-    keeps the result queue's write lock, and terminate then waits forever for the Pool's own thread,
-    which needs that lock to write its closing sentinel."""
+    """Pool.terminate, minus its two hangs. The Pool's own thread and terminate() itself each
+    write a closing sentinel to the result queue, and wait forever when (1) a worker killed while
+    it wrote a result keeps the queue's write lock (CPython bpo-29759), or (2) the result pipe is
+    full: the Pool's result thread stops reading once terminate starts, while the workers still
+    run and write results, holding the lock."""
     done = threading.Event()
-    rescuer = threading.Thread(target=_release_stuck_result_lock, args=(pool, done),
+    rescuer = threading.Thread(target=_unblock_result_writers, args=(pool, done),
                                name="pmap-pool-terminate", daemon=True)
     rescuer.start()
     try:
@@ -116,14 +119,18 @@ def terminate_without_hanging(pool) -> None:
         rescuer.join()
 
 
-def _release_stuck_result_lock(pool, done: threading.Event) -> None:
-    # While the pool terminates no result is wanted any more, and a live writer holds the lock
-    # for one message only: a lock held across several tries is a dead (or dying) worker's.
-    lock = pool._outqueue._wlock
+def _unblock_result_writers(pool, done: threading.Event) -> None:
+    # While the pool terminates no result is wanted any more. Once the Pool's result thread has
+    # stopped reading, the pipe is emptied as it fills; a lock held across several tries while
+    # nothing more arrives is then a dead (or dying) worker's, and is released.
+    queue = pool._outqueue
+    lock = queue._wlock
     if lock is None:  # Windows writes without a lock
         return
     failed_tries = 0
     while not done.is_set():
+        if not pool._result_handler.is_alive() and _discard_unread(queue._reader.fileno()):
+            failed_tries = 0  # a writer is making progress
         if lock.acquire(timeout=STUCK_LOCK_SECONDS):
             lock.release()
             failed_tries = 0
@@ -136,3 +143,16 @@ def _release_stuck_result_lock(pool, done: threading.Event) -> None:
             except ValueError:  # freed meanwhile
                 pass
             failed_tries = 0
+
+
+def _discard_unread(fd: int) -> bool:
+    """Read and drop whatever waits in the pipe; nobody reads it any more. Whether anything did."""
+    discarded = False
+    try:
+        while select.select([fd], [], [], 0)[0]:
+            if not os.read(fd, 1 << 16):
+                break  # every writer has gone
+            discarded = True
+    except (OSError, ValueError):  # closed meanwhile
+        pass
+    return discarded
