@@ -34,13 +34,15 @@ class Started(NamedTuple):
 
 class Done(NamedTuple):
     """A task finished. `values[i]` is item i's result unless i appears in `failures`
-    as `(i, exception, traceback_text)`. `elapsed` is the worker's wall time for the task."""
+    as `(i, exception, traceback_text)`. `elapsed` is the worker's wall time for the task;
+    `cpu` its thread's CPU time, where the backend measures it (an adaptive run's GIL bound)."""
 
     task_id: int
     worker: Any
     values: list
     failures: list
     elapsed: float
+    cpu: float | None = None
 
 
 class Lost(NamedTuple):

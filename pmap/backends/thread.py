@@ -46,15 +46,20 @@ class ThreadBackend(Backend):
         self.closed = False
         if self.native is None:  # threads x native threads within the CPUs while the run lasts
             self.native = native.limit_threads(self)
+        if self.threads:
+            return  # running: set_concurrency adds threads, from a helper thread
         while len(self.threads) < self.wanted:
             self._spawn()
 
-    def set_concurrency(self, tasks: int) -> None:
+    def set_concurrency(self, tasks: int, background: bool = True) -> None:
         # Threads are added as the limit grows; when it falls, the spare ones wait idle on the
         # queue (the engine sends no more tasks than the limit), ready for the next rise.
         self.wanted = max(1, min(tasks, self.workers))
         if not self.threads:
             return  # not open yet: open() starts them
+        if not background:  # the caller has nothing better to do meanwhile
+            self._grow()
+            return
         with self.lock:
             if self.spawner is not None and self.spawner.is_alive():
                 return
@@ -68,13 +73,19 @@ class ThreadBackend(Backend):
             with self.lock:  # close() counts the threads under this lock, so none is missed
                 if self.closed or len(self.threads) >= self.wanted:
                     return
-                self._spawn()
+                thread = self._new_thread()
+            # Started outside the lock: a start waits for the new thread to run, and meanwhile
+            # the workers and the engine need the lock to take and hand in tasks.
+            thread.start()
 
     def _spawn(self) -> None:
+        self._new_thread().start()
+
+    def _new_thread(self) -> threading.Thread:
         self.serial += 1
         thread = threading.Thread(target=self._work, name=f"pmap-thread-{self.serial}", daemon=True)
         self.threads.append(thread)
-        thread.start()
+        return thread
 
     def _work(self) -> None:
         me = threading.current_thread()
@@ -96,6 +107,7 @@ class ThreadBackend(Backend):
                 self.queued -= 1
                 self.running[task.id] = me
             self.events.put(Started(task.id, me.name, time.monotonic()))
+            cpu = time.thread_time()
             try:
                 values, failures, elapsed = run_items(task.fn, task.items)
             except TaskTimeout:  # our own timeout landed between items: the task is gone anyway
@@ -109,7 +121,7 @@ class ThreadBackend(Backend):
                     self.abandoned.discard(me)
                     return
             if values is not None:
-                self.events.put(Done(task.id, me.name, values, failures, elapsed))
+                self.events.put(Done(task.id, me.name, values, failures, elapsed, time.thread_time() - cpu))
 
     def prepare(self, fn, timeout=None):
         self.open()  # threads ended by a close (a Pool after Ctrl-C) are started anew
@@ -155,7 +167,11 @@ class ThreadBackend(Backend):
                 except queue.Empty:
                     break
         with self.lock:
-            self.closed = True
+            self.closed = True  # a spawner adds no thread from here on
+        spawner = self.spawner
+        if spawner is not None and spawner is not threading.current_thread():
+            spawner.join()  # so that every thread counted below has started
+        with self.lock:
             threads = list(self.threads)
         for _ in threads:
             self.tasks.put(_STOP)
