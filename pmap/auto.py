@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import sys
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -17,7 +16,7 @@ from . import native
 from ._transfer import measure as measure_pickle
 from ._worker import is_async
 from .concurrency import Adaptive
-from .backends.base import fork_supported, open_backend, resolve_backend_class, usable_cpus
+from .backends.base import fork_supported, free_threaded, open_backend, resolve_backend_class, usable_cpus
 from .engine import SLICED_TYPES, RunSpec, RunStats, execute
 from .options import Options, check_callable
 from .probe import (CPU_BOUND_SHARE, GIL_PROBE_MIN_ITEM, GIL_RELEASED_OVERLAP, NATIVE_GIL_RELEASED_OVERLAP,
@@ -83,11 +82,6 @@ class Plan:
 
 def _flat(batches) -> list:
     return list(itertools.chain.from_iterable(batches))
-
-
-def _free_threaded() -> bool:
-    is_gil_enabled = getattr(sys, "_is_gil_enabled", None)
-    return is_gil_enabled is not None and not is_gil_enabled()
 
 
 def _picklable(fn) -> str | None:
@@ -186,7 +180,7 @@ def _process_start(process_class, fork_safe: bool, workers: int) -> float:
 
 
 def _thread_reason(work: _Work, workers: int, unpicklable: str | None) -> str:
-    if _free_threaded() and work.cpu_bound:
+    if free_threaded() and work.cpu_bound:
         why = "CPU-bound work on a free-threaded interpreter runs in parallel threads"
     elif work.cpu_bound and work.gil_released and work.worker_cpu is not None:
         why = ("native work (BLAS/OpenMP) that releases the GIL runs in threads whose native pools are "
@@ -259,7 +253,7 @@ def decide(meter: Meter, remaining: int | None, fn, workers,
     def capped(count: int) -> int:
         return min(count, most_useful) if most_useful is not None else count
 
-    thread_lanes = cores if (gil_released or _free_threaded()) else 1  # the GIL serialises CPU otherwise
+    thread_lanes = cores if (gil_released or free_threaded()) else 1  # the GIL serialises CPU otherwise
     thread_workers = capped(workers or _thread_workers(work, cores, thread_lanes))
     proc_workers = capped(workers or _process_workers(work, cores))
     estimates = {"serial": serial_seconds, "thread": _thread_estimate(work, thread_workers, thread_lanes)}
@@ -335,7 +329,7 @@ def _probe(spec: RunSpec, stats: RunStats, workers: int | None, inner_threads: i
     wall = meter.wall / used if used else 0.0
     cpu_bound = used and meter.cpu >= CPU_BOUND_SHARE * meter.wall
     if (not budget.exhausted and cpu_bound and wall >= GIL_PROBE_MIN_ITEM and usable_cpus() > 1
-            and not _free_threaded()):
+            and not free_threaded()):
         more, consumed, overlap, limited_cpu = _probe_gil(source, spec, stats, used)
         if overlap is not None:
             gil_released = overlap >= (NATIVE_GIL_RELEASED_OVERLAP if ran_native_threads(meter)

@@ -19,10 +19,15 @@ CONGESTION_BACKOFF = 0.75    # latency grew with no gain: keep this share of the
 ERROR_BACKOFF = 0.5          # connection errors or timeouts: halve
 SAMPLE_MIN_SECONDS = 0.02    # a measurement lasts at least this long...
 SAMPLE_LATENCIES = 2         # ...and this many item latencies, so every slot finishes an item
-GROWING_SAMPLE_LATENCIES = 2.5  # while growing: long enough for a task that queues to be seen straggling
+GROWING_SAMPLE_LATENCIES = 2.2  # while growing: long enough for a task that queues to be seen straggling...
+BURST_LATENCIES = 0.25       # ...or, after one latency, every task of the burst that began the sample has ended
 GROWTH = 4                   # slow start multiplies the limit by this per sample
 STRAGGLER_SHARE = 1 / 32     # this share of the tasks in flight running long also means queueing
 PROBE_EVERY = 4              # while holding, try one step up every this many samples
+# Items whose threads hold the GIL cannot finish faster than one CPU runs their code, so past
+# latency floor / CPU per item in flight (Little's law) more only queue for it; a little over
+# that keeps the GIL busy while waits bunch up
+GIL_HEADROOM = 1.25
 FLOOR_MEMORY = 20            # the latency floor is the least of this many recent samples
 MAX_TRAJECTORY = 500         # .stats keeps this many (time, limit, items/s) points
 
@@ -47,15 +52,18 @@ class Adaptive:
 
 
 class _Sample:
-    """Items finished, their summed latency and the errors among them, since `started`."""
+    """Items finished, their summed latency and the errors among them, since `started`; and
+    the CPU time of those whose worker measured it."""
 
-    __slots__ = ("started", "items", "latency", "errors")
+    __slots__ = ("started", "items", "latency", "errors", "cpu", "cpu_items")
 
     def __init__(self, started: float):
         self.started = started
         self.items = 0
         self.latency = 0.0
         self.errors = 0
+        self.cpu = 0.0
+        self.cpu_items = 0
 
     def mean_latency(self) -> float:
         return self.latency / self.items if self.items else 0.0
@@ -65,8 +73,10 @@ class ConcurrencyController:
     """Chooses the number of tasks in flight. Feed it `record(...)` for every finished task and
     call `update(now)` after each batch of events; read `limit`."""
 
-    def __init__(self, bounds: Adaptive, now: float):
+    def __init__(self, bounds: Adaptive, now: float, cpu_lanes: int = 1):
         self.bounds = bounds
+        self.cpu_lanes = cpu_lanes          # items that can compute at once: 1 under the GIL
+        self.useful: int | None = None      # most in flight that can still gain, from CPU per item
         self.limit = bounds.start
         self.growing = True                 # slow start, until latency or throughput says stop
         self.floors: list[float] = []       # recent samples' mean latencies
@@ -79,16 +89,29 @@ class ConcurrencyController:
         self.run_started = now
         self.lowered_at = now     # tasks started before the limit last fell say nothing of the new limit
 
+    @property
+    def workers_wanted(self) -> int:
+        """Workers to have ready: while growing, as many as the next rise may use, so that
+        they are started ahead of it (a thread takes tens of microseconds to start)."""
+        if self.growing:
+            return min(self.bounds.maximum, self.limit * GROWTH)
+        return self.limit
+
     # ---- what the engine tells it -----------------------------------------------------
-    def record(self, items: int, seconds: float, errors: int = 0, started: float | None = None) -> None:
-        """A task of `items` items, started at `started`, took `seconds` in its worker; `errors`
-        of them failed with a connection error or a timeout."""
+    def record(self, items: int, seconds: float, errors: int = 0, started: float | None = None,
+               cpu: float | None = None) -> None:
+        """A task of `items` items, started at `started`, took `seconds` in its worker, `cpu` of
+        them on its thread's CPU (None: not measured); `errors` of them failed with a connection
+        error or a timeout."""
         if started is not None and started < self.lowered_at:
             return  # it queued under the higher limit: counting it would lower the limit again
         sample = self.sample
         sample.items += items
         sample.latency += seconds
         sample.errors += errors
+        if cpu is not None:
+            sample.cpu += cpu
+            sample.cpu_items += items
 
     def is_straggler(self, started: float, items: int, now: float) -> bool:
         """A task of `items` items in flight this long is queueing somewhere (a connection that
@@ -96,17 +119,40 @@ class ConcurrencyController:
         started before the limit last fell are the old limit's, and do not count."""
         return started >= self.lowered_at and now - started > LATENCY_TOLERANCE * self.floor * items
 
-    def update(self, now: float, stragglers: int = 0) -> int:
+    def next_look(self, now: float) -> float | None:
+        """Seconds until the sample may be long enough to decide on (events aside), or None."""
+        sample = self.sample
+        if not sample.items:
+            return None
+        latency = sample.mean_latency()
+        elapsed = now - sample.started
+        latencies = GROWING_SAMPLE_LATENCIES if self.growing else SAMPLE_LATENCIES
+        for point in ((latency if self.growing else None), latencies * latency):
+            if point is not None and max(SAMPLE_MIN_SECONDS, point) > elapsed:
+                return max(SAMPLE_MIN_SECONDS, point) - elapsed
+        return None
+
+    def update(self, now: float, stragglers: int = 0, oldest_started: float | None = None) -> int:
         """Close the sample when it is long enough, and move the limit. `stragglers`: tasks in
-        flight for which `is_straggler` holds. Returns the limit."""
+        flight for which `is_straggler` holds; `oldest_started`: when the longest-running task
+        in flight began. Returns the limit."""
         sample = self.sample
         latency = sample.mean_latency()
         latencies = GROWING_SAMPLE_LATENCIES if self.growing else SAMPLE_LATENCIES
-        long_enough = now - sample.started >= max(SAMPLE_MIN_SECONDS, latencies * latency)
+        elapsed = now - sample.started
+        long_enough = elapsed >= max(SAMPLE_MIN_SECONDS, latencies * latency)
+        if self.growing and not long_enough and elapsed >= max(SAMPLE_MIN_SECONDS, latency):
+            # The tasks a rise starts at once are the ones that may overflow a queue: once all
+            # of them have ended (none is left to straggle), their latencies are the verdict.
+            burst_ended = oldest_started is None or oldest_started > sample.started + BURST_LATENCIES * latency
+            long_enough = burst_ended
         if not sample.items or not (long_enough and sample.items >= min(self.limit, 4) or sample.errors):
             return self.limit
         rate = sample.items / max(now - sample.started, 1e-9)
         self._remember_floor(latency)
+        if sample.cpu_items and sample.cpu > 0:
+            per_item = sample.cpu / sample.cpu_items
+            self.useful = max(1, math.ceil(GIL_HEADROOM * self.cpu_lanes * self.floor / per_item))
         before = self.limit
         self._decide(rate, latency, sample.errors, stragglers >= max(1, self.limit * STRAGGLER_SHARE))
         if self.limit < before:
@@ -136,7 +182,10 @@ class ConcurrencyController:
             # limit's, so throughput lags; an item's latency does not.
             if not queueing:
                 self.best_rate, self.best_limit = max(rate, self.best_rate), self.limit
-                self._set(self.limit * GROWTH)
+                if self.useful is not None and self.useful <= self.limit:
+                    self.growing = False  # more would only wait for the GIL: hold here
+                    return
+                self._set(self.limit * GROWTH if self.useful is None else min(self.limit * GROWTH, self.useful))
             else:  # items began to queue: back to the last limit where they did not
                 self.growing = False
                 self._set(self.best_limit)
@@ -156,7 +205,8 @@ class ConcurrencyController:
         self.best_rate = (self.best_rate + rate) / 2
         self.best_limit = self.limit
         self.holding_samples += 1
-        if self.holding_samples >= PROBE_EVERY and self.limit < self.bounds.maximum:
+        room = self.bounds.maximum if self.useful is None else min(self.bounds.maximum, self.useful)
+        if self.holding_samples >= PROBE_EVERY and self.limit < room:
             self.holding_samples = 0
             self.probing_from = self.limit
             self._set(self.limit + max(1, self.limit // 8))

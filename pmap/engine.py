@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 from ._outcome import split_undecoded
-from .backends.base import Backend, Done, Fatal, Lost, Started, Task
+from .backends.base import Backend, Done, Fatal, Lost, Started, Task, free_threaded, usable_cpus
 from .chunking import TARGET_CHUNK_SECONDS, ChunkSizer
 from .concurrency import Adaptive, ConcurrencyController
 from .errors import Failure, ItemNotPicklable, TaskTimeout, WorkerCrashed, raise_failure
@@ -196,10 +196,12 @@ class _Engine:
         self.controller = None
         self.stragglers = 0
         if spec.concurrency is not None:
-            self.controller = ConcurrencyController(spec.concurrency, time.monotonic())
+            self.controller = ConcurrencyController(spec.concurrency, time.monotonic(),
+                                                    cpu_lanes=usable_cpus() if free_threaded() else 1)
             stats.concurrency = self.controller.trajectory
             stats.workers = self.controller.limit
-            backend.set_concurrency(self.controller.limit)
+            self.workers_wanted = self.controller.workers_wanted
+            backend.set_concurrency(self.workers_wanted)
 
     # ---- the loop -------------------------------------------------------------------
     def run(self) -> Iterator:
@@ -347,7 +349,7 @@ class _Engine:
         self.sizer.observe(n, event.elapsed)
         if self.controller is not None:
             self.controller.record(n, event.elapsed, sum(_is_congestion(exc) for _, exc, _ in failures),
-                                   flight.started)
+                                   flight.started, event.cpu)
         if failures:
             for pos, exc, tb in failures:
                 values[pos] = _PENDING
@@ -455,6 +457,10 @@ class _Engine:
                     wait = min(wait, flight.started + self.spec.timeout - now)
         if self.requeued:
             wait = min(wait, self.requeued[0][0] - now)
+        if self.controller is not None:  # a sample may come to an end with no task ending then
+            look = self.controller.next_look(now)
+            if look is not None:
+                wait = min(wait, look)
         return max(0.0, wait)
 
     def _expire_deadlines(self) -> None:
@@ -477,14 +483,22 @@ class _Engine:
         before = controller.limit
         now = time.monotonic()
         stragglers = 0
-        if controller.floors:
-            stragglers = sum(1 for flight in self.flights.values() if flight.started is not None
-                             and controller.is_straggler(flight.started, len(flight.task.items), now))
+        oldest = None
+        for flight in self.flights.values():
+            started = flight.started
+            if started is None:
+                continue
+            if oldest is None or started < oldest:
+                oldest = started
+            if controller.floors and controller.is_straggler(started, len(flight.task.items), now):
+                stragglers += 1
         self.stragglers = stragglers
-        limit = controller.update(now, stragglers)
+        limit = controller.update(now, stragglers, oldest)
         if limit != before:
-            self.backend.set_concurrency(limit)
             self.stats.workers = max(self.stats.workers, limit)
+        if controller.workers_wanted != self.workers_wanted:
+            self.workers_wanted = controller.workers_wanted
+            self.backend.set_concurrency(self.workers_wanted)
 
     # ---- output ---------------------------------------------------------------------
     def _emit_ordered(self) -> Iterator:

@@ -8,10 +8,11 @@ import pytest
 from pmap.concurrency import Adaptive, ConcurrencyController
 
 
-def simulate(latency_of, seconds, bounds=Adaptive(), error_of=None, seed=1):
+def simulate(latency_of, seconds, bounds=Adaptive(), error_of=None, seed=1, cpu_per_item=None):
     """Run the controller against a server model for `seconds` of simulated time. Items are
     started whenever fewer than `limit` are in flight; `latency_of(in_flight, rng)` gives an
-    item's latency when it starts. Returns (controller, [(time, limit)] per item start)."""
+    item's latency when it starts; `cpu_per_item`, the CPU each reports (None: not measured).
+    Returns (controller, [(time, limit)] per item start)."""
     rng = random.Random(seed)
     now = 0.0
     controller = ConcurrencyController(bounds, now)
@@ -24,9 +25,10 @@ def simulate(latency_of, seconds, bounds=Adaptive(), error_of=None, seed=1):
             heapq.heappush(in_flight, (now + latency, now, failed))
             starts.append((now, controller.limit))
         now, started, failed = heapq.heappop(in_flight)
-        controller.record(1, now - started, errors=int(failed), started=started)
+        controller.record(1, now - started, errors=int(failed), started=started, cpu=cpu_per_item)
         controller.update(now, stragglers=sum(1 for _, start, _ in in_flight
-                                              if controller.is_straggler(start, 1, now)))
+                                              if controller.is_straggler(start, 1, now)),
+                          oldest_started=min((start for _, start, _ in in_flight), default=None))
     return controller, starts
 
 
@@ -64,6 +66,30 @@ def test_past_a_small_accept_queue_the_syn_retry_drives_the_limit_back():
     limits = settled_limits(controller)
     assert max(limits) <= 2 * backlog, controller.trajectory[-20:]
     assert min(limits) >= 1
+
+
+def test_a_gil_bound_client_holds_where_its_cpu_saturates_the_gil():
+    wait, cpu = 0.02, 0.0005  # one core runs 2000 items/s: 40 in flight keep it busy
+
+    def gil_shared(n, rng):  # past that, items queue for the GIL: latency grows, throughput not
+        return max(wait + cpu, n * cpu) * rng.uniform(0.95, 1.05)
+
+    measured, _ = simulate(gil_shared, seconds=5.0, cpu_per_item=cpu)
+    blind, _ = simulate(gil_shared, seconds=5.0)
+    saturating = wait / cpu
+    assert max(limit for _, limit, _ in measured.trajectory) <= 1.5 * saturating, measured.trajectory[:10]
+    assert min(settled_limits(measured)) >= saturating / 2, measured.trajectory[-10:]
+    # without the CPU it climbs on until latency doubles, well past the point of any gain
+    assert max(limit for _, limit, _ in blind.trajectory) > 2 * saturating
+
+
+def test_a_rise_is_judged_once_its_burst_has_ended():
+    # every item of a burst ends in one latency: no task is left that could straggle, so slow
+    # start need not wait the 2.2 latencies in which a queueing task would show
+    latency = 0.025
+    controller, starts = simulate(lambda n, rng: latency, seconds=0.3, bounds=Adaptive(start=64))
+    first_rise = next(t for t, limit in starts if limit > 64)
+    assert first_rise <= 1.5 * latency
 
 
 def test_connection_errors_halve_the_limit_and_it_never_leaves_its_bounds():

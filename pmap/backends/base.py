@@ -153,6 +153,12 @@ _CGROUP_V2_CPU_MAX = "/sys/fs/cgroup/cpu.max"
 _CGROUP_V1_QUOTA = ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us")
 
 
+def free_threaded() -> bool:
+    """Python threads compute at once here (a free-threaded build with the GIL off)."""
+    is_gil_enabled = getattr(sys, "_is_gil_enabled", None)
+    return is_gil_enabled is not None and not is_gil_enabled()
+
+
 def usable_cpus() -> int:
     """CPUs this process may use: the smallest of the machine's count, the CPU affinity, the
     cgroup bandwidth quota and LOKY_MAX_CPU_COUNT, as loky's `cpu_count` counts them. Counted
