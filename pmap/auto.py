@@ -15,8 +15,10 @@ from typing import Any, Callable, Iterable, Iterator
 from . import native
 from ._transfer import measure as measure_pickle
 from ._worker import is_async
-from .concurrency import Adaptive
-from .backends.base import fork_supported, free_threaded, open_backend, resolve_backend_class, usable_cpus
+from .concurrency import Adaptive, ConcurrencyController
+from .backends.base import fork_supported, free_threaded, make_backend, open_backend, resolve_backend_class, usable_cpus
+from .backends.thread import ThreadBackend
+from .early_start import EarlyStart, can_start_early
 from .engine import SLICED_TYPES, RunSpec, RunStats, execute
 from .options import Options, check_callable
 from .probe import (CPU_BOUND_SHARE, GIL_PROBE_MIN_ITEM, GIL_RELEASED_OVERLAP, NATIVE_GIL_RELEASED_OVERLAP,
@@ -54,6 +56,7 @@ class Plan:
     concurrency: Adaptive | None = None  # the workers follow measured throughput within these bounds
     native_parallelism: float | None = None  # process CPU / thread CPU of items that ran native threads
     inner_threads: int | None = None         # native threads each worker of the plan may run
+    early_items: int = 0  # items started on threads while the first probe item still waited
 
     def __str__(self) -> str:
         def ms(v):
@@ -72,6 +75,9 @@ class Plan:
         if self.native_parallelism is not None:
             lines.append(f"native threads: each item used {self.native_parallelism:.1f} CPUs' worth of its "
                          "thread's time (BLAS/OpenMP)")
+        if self.early_items:
+            lines.append(f"early start: {self.early_items} item(s) began on threads while the first probe item "
+                         "still waited")
         if self.inner_threads is not None:
             lines.append(f"native thread pools: {self.inner_threads} thread(s) per worker")
         if self.estimates:
@@ -311,23 +317,77 @@ def _probe_gil(source: Iterator, spec: RunSpec, stats: RunStats, offset: int):
     return results, pair, overlap.cpu_per_wall(), overlap.item_cpu()
 
 
-def _probe(spec: RunSpec, stats: RunStats, workers: int | None, inner_threads: int | None = None):
-    """Run the probe. Returns (probe results, the rest of the source, items used, plan)."""
+def _probe(spec: RunSpec, stats: RunStats, workers: int | None, inner_threads: int | None = None,
+           initializer=None, initargs=(), start_early: bool = False):
+    """Run the probe. Returns (probe results, the rest of the source, items used, plan, meter,
+    and (thread backend, tasks) of items that started early, or None). With `start_early`, IO
+    items start on threads while the first item still waits (pmap.early_start)."""
     source = iter(spec.items)
     meter = Meter()
     budget = Budgeted(source, meter, spec.total)
+    early = None
+    if start_early and workers is None and can_start_early(spec):
+        def threads_ahead(count):  # what an adaptive run starting from `count` wants ready
+            return ConcurrencyController(Adaptive(start=count, maximum=ThreadBackend.adaptive_maximum), 0.0).workers_wanted
+
+        def make_threads():
+            return make_backend("thread", ThreadBackend.adaptive_maximum, initializer, initargs,
+                                inner_threads=inner_threads)
+        early = EarlyStart(spec, budget, meter, _early_count, make_threads, threads_ahead)
+    try:
+        return _measure_and_decide(spec, stats, workers, inner_threads, source, meter, budget, early)
+    except BaseException:
+        if early is not None:
+            early.finish()
+            early.close(kill=True)
+        raise
+
+
+def _early_count(elapsed: float, cpu: float) -> int:
+    """Threads for items started early, from the first item's time and CPU so far."""
+    work = _Work(items_left=ASSUMED_UNKNOWN_ITEMS, wall=elapsed, cpu=cpu, item_bytes=0, gil_released=None)
+    return _thread_workers(work, usable_cpus(), 1)
+
+
+def _collect_early(backend, tasks: tuple, spec: RunSpec, stats: RunStats, next_index: int) -> list:
+    """The results of the items that started early, when the run goes on elsewhere."""
+    workers = stats.workers  # the run reports its plan's workers, not these threads
+    try:
+        return _flat(execute(backend, replace(spec, items=[], start_index=next_index, adopted=tasks,
+                                              concurrency=None), stats))
+    finally:
+        backend.close()
+        stats.workers = workers
+
+
+def _measure_and_decide(spec, stats, workers, inner_threads, source, meter, budget, early):
     serial = resolve_backend_class("serial")()
     serial.open()
     # small chunks, so the budget is checked often without paying the engine per item
     probe = replace(spec, items=budget, chunk_seconds=PROBE_CHUNK_SECONDS)
     results = _flat(execute(serial, probe, stats))
-    meter.stop(budget.given)
+    if early is not None:
+        meter.stop(budget.given, *early.threads())
+    else:
+        meter.stop(budget.given)
+    started_early = early.finish() if early is not None else None
     if results and budget.given:
         meter.size(budget.first, results[0])
-    used = meter.calls
+    used = probed = meter.calls
     gil_released = limited_cpu = None
     wall = meter.wall / used if used else 0.0
     cpu_bound = used and meter.cpu >= CPU_BOUND_SHARE * meter.wall
+    in_flight = early_items = 0
+    if started_early is not None:
+        backend, tasks = started_early
+        early_items = len(tasks)
+        used += early_items
+        if cpu_bound:  # the first item computed after its wait: finish these before measuring more
+            results.extend(_collect_early(backend, tasks, spec, stats, used))
+            started_early = None
+        else:  # waiting, either way: its whole wall time says how many threads overlap the waits
+            meter.wall += meter.rivals_cpu
+            in_flight = len(tasks)
     if (not budget.exhausted and cpu_bound and wall >= GIL_PROBE_MIN_ITEM and usable_cpus() > 1
             and not free_threaded()):
         more, consumed, overlap, limited_cpu = _probe_gil(source, spec, stats, used)
@@ -336,14 +396,24 @@ def _probe(spec: RunSpec, stats: RunStats, workers: int | None, inner_threads: i
                                        else GIL_RELEASED_OVERLAP)
         results.extend(more)
         used += len(consumed)
+        probed += len(consumed)
         if len(consumed) < 2:
             budget.exhausted = True
-    remaining = 0 if budget.exhausted else (spec.total - used if spec.total is not None else None)
+    remaining = in_flight if budget.exhausted else (spec.total - used + in_flight if spec.total is not None else None)
     plan = decide(meter, remaining, spec.fn, workers, gil_released, limited_cpu)
-    plan.probed_items = used
+    plan.probed_items = probed
+    plan.early_items = early_items
+    if started_early is not None:
+        backend, tasks = started_early
+        if plan.backend == "thread" and plan.concurrency is not None:
+            bounds = plan.concurrency  # as many as run already
+            plan.concurrency = replace(bounds, start=min(bounds.maximum, max(bounds.start, len(tasks))))
+        else:  # another plan after all: these items finish here, the rest goes there
+            results.extend(_collect_early(backend, tasks, spec, stats, used))
+            started_early = None
     if plan.backend in ("thread", "process", "fork"):
         plan.inner_threads = native.threads_per_worker(plan.workers, inner_threads)[0]
-    return results, source, used, plan, meter
+    return results, source, used, plan, meter, started_early
 
 
 def start_auto_run(spec: RunSpec, stats: RunStats, *, workers=None, initializer=None, initargs=(),
@@ -359,20 +429,25 @@ def start_auto_run(spec: RunSpec, stats: RunStats, *, workers=None, initializer=
         if initializer is not None:  # the probe runs in this thread, so the initializer does too
             initializer(*initargs)
         probe_started = time.perf_counter()
-        results, source, used, plan, meter = _probe(spec, stats, workers, inner_threads)
+        results, source, used, plan, meter, started_early = _probe(spec, stats, workers, inner_threads,
+                                                                   initializer, initargs, start_early=True)
+        adopted = ()
+        if started_early is not None:
+            holder.backend, adopted = started_early
         stats.probe_seconds = time.perf_counter() - probe_started
         stats.plan = plan
         if results:
             yield results
-        # the initializer already ran in this thread for the probe; a serial rest needs no second run
-        rest_backend = _open_planned(plan, None if plan.backend == "serial" else initializer, initargs,
-                                     inner_threads)
-        holder.backend = rest_backend
+        if started_early is None:
+            # the initializer already ran in this thread for the probe; a serial rest needs no second run
+            holder.backend = _open_planned(plan, None if plan.backend == "serial" else initializer, initargs,
+                                           inner_threads)
+        rest_backend = holder.backend
         # a list or tuple is handed on whole, to be sliced; the probe used its first `used` entries
         sliced = type(spec.items) in SLICED_TYPES
         rest = replace(spec, items=spec.items if sliced else source, items_offset=used if sliced else 0,
                        start_index=used, measured=(meter.calls, meter.wall) if meter.calls else None,
-                       concurrency=plan.concurrency)
+                       concurrency=plan.concurrency, adopted=adopted)
         yield from execute(rest_backend, rest, stats)
 
     return run(), holder
@@ -409,5 +484,5 @@ def explain(func: Callable, items: Iterable, *, workers: int | None = None, chun
     if is_async(func):
         return _coroutine_plan(options.workers)
     spec = options.run_spec(func, items, progress=None)
-    _, _, _, plan, _ = _probe(spec, RunStats(), options.workers, options.inner_threads)
+    plan = _probe(spec, RunStats(), options.workers, options.inner_threads)[3]
     return plan

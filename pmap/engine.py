@@ -45,6 +45,7 @@ class RunSpec:
     measured: tuple | None = None        # (items, seconds) already measured, seeds chunk sizes
     chunk_seconds: float = TARGET_CHUNK_SECONDS  # what adaptive chunks aim at
     concurrency: Adaptive | None = None  # items in flight follow measured throughput (resizable backends)
+    adopted: tuple = ()                  # (task, its item's index, when) submitted ahead (submit_ahead), before start_index
 
 
 @dataclass
@@ -163,6 +164,17 @@ class _Flight:
         self.worker = None
 
 
+def submit_ahead(backend: Backend, fn: Any, items: list, first_index: int) -> tuple:
+    """Submit one task per item before the run's engine exists (auto starts IO work while its
+    probe still measures the first item); the run takes them over as `RunSpec.adopted`."""
+    tasks = []
+    for offset, item in enumerate(items):
+        task = Task(next(_TASK_IDS), fn, [item])
+        backend.submit(task)
+        tasks.append((task, first_index + offset, time.monotonic()))
+    return tuple(tasks)
+
+
 def execute(backend: Backend, spec: RunSpec, stats: RunStats | None = None) -> Iterator[list]:
     """Yield the results of `spec.fn` over `spec.items` on an opened backend, in batches
     (non-empty lists): per-item work stays in C when the caller flattens them."""
@@ -182,7 +194,8 @@ class _Engine:
         self.source_error: BaseException | None = None
         self.exhausted = False
         self.next_index = spec.start_index
-        self.emit_index = spec.start_index  # ordered mode: first index not yet yielded
+        # ordered mode: first index not yet yielded (adopted tasks come before start_index)
+        self.emit_index = min([index for _, index, _ in spec.adopted], default=spec.start_index)
         self.blocks: dict[int, _Block] = {}
         self.flights: dict[int, _Flight] = {}
         self.requeued: list = []  # heap of (ready_at, seq, _Rerun)
@@ -196,7 +209,9 @@ class _Engine:
         self.controller = None
         self.stragglers = 0
         if spec.concurrency is not None:
-            self.controller = ConcurrencyController(spec.concurrency, time.monotonic(),
+            # adopted tasks are this run's first: its measurements start with them
+            since = min([submitted for _, _, submitted in spec.adopted], default=time.monotonic())
+            self.controller = ConcurrencyController(spec.concurrency, since,
                                                     cpu_lanes=usable_cpus() if free_threaded() else 1)
             stats.concurrency = self.controller.trajectory
             stats.workers = self.controller.limit
@@ -211,6 +226,8 @@ class _Engine:
         self.fn = self.backend.prepare(self.spec.fn, self.spec.timeout)
         self.stats.startup_seconds += time.perf_counter() - started
         self.stats.native_threads = getattr(self.backend, "native_limits", None)
+        for task, index, _ in self.spec.adopted:
+            self._adopt(task, index)
         ordered = self.spec.ordered
         try:
             while True:
@@ -309,10 +326,21 @@ class _Engine:
                 return
             self._record_failure(flight, 0, exc, "", "error", worker=None, retryable=False)
             return
+        self._track(flight)
+
+    def _adopt(self, task: Task, index: int) -> None:
+        """Take over a task submitted before this engine existed (`submit_ahead`)."""
+        block = None
+        if self.spec.ordered:
+            block = self.blocks[index] = _Block(len(task.items))
+        self._track(_Flight(task, block, 0, index, 0))
+
+    def _track(self, flight: _Flight) -> None:
+        task = flight.task
         self.flights[task.id] = flight
         self.stats.tasks += 1
         if len(self.stats.chunk_sizes) < MAX_RECORDED_CHUNKS:
-            self.stats.chunk_sizes.append(len(items))
+            self.stats.chunk_sizes.append(len(task.items))
         if self.spec.timeout is not None and not self.backend.reports_start:  # only deadlines read it
             flight.started = time.monotonic()
 

@@ -362,11 +362,18 @@ class CpuClocks:
         self.process = time.process_time()
         self.others = _other_python_threads_cpu()
 
-    def since(self, start: "CpuClocks") -> tuple[float, float]:
+    def since(self, start: "CpuClocks", helpers=()) -> tuple[float, float]:
         """(thread CPU, process CPU not spent by other Python threads) seconds from `start` to
-        this reading. A Python thread started meanwhile counts as the item's own."""
+        this reading. A Python thread started meanwhile counts as the item's own, unless its
+        native id is among `helpers` (threads that ran other work meanwhile)."""
         elsewhere = sum(self.others.get(native_id, before) - before for native_id, before in start.others.items())
+        elsewhere += sum(self.others.get(native_id, 0.0) for native_id in helpers if native_id not in start.others)
         return self.thread - start.thread, self.process - start.process - elsewhere
+
+    def spent_by(self, start: "CpuClocks", helpers) -> float:
+        """CPU seconds the Python threads of these native ids spent from `start` to this reading."""
+        return sum(self.others.get(native_id, start.others.get(native_id, 0.0)) - start.others.get(native_id, 0.0)
+                   for native_id in helpers)
 
 
 def _other_python_threads_cpu() -> dict[int, float]:

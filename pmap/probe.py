@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
 try:
     import resource
@@ -51,6 +51,7 @@ class Meter:
         self.wall = 0.0
         self.cpu = 0.0
         self.process_cpu = 0.0  # every thread's, native pools' included
+        self.rivals_cpu = 0.0   # what threads running other items spent meanwhile (Meter.stop)
         self.clocks: native.CpuClocks | None = None
         self.bytes = 0
         self.started = self.queued_at_start = 0.0
@@ -80,12 +81,19 @@ class Meter:
         """Seconds this thread waited for a core since start(): not the probe's own time."""
         return _run_queue_seconds() - self.queued_at_start
 
-    def stop(self, calls: int) -> None:
+    def stop(self, calls: int, helpers=(), rivals=()) -> None:
+        """Native ids of threads that ran meanwhile for the run, not for the item (an early
+        start): `helpers` (starting threads, say) and `rivals`, which ran other items. The CPU
+        of both is not the item's; while rivals held the GIL the item may have waited for it, so
+        their CPU comes off its wall time too, and work that computes after a first wait still
+        reads as CPU-bound."""
         self.calls = calls
         if not calls:
             return
-        self.cpu, self.process_cpu = native.CpuClocks().since(self.clocks)
-        self.wall = max(self.cpu, self.elapsed() - self.queued())
+        end = native.CpuClocks()
+        self.cpu, self.process_cpu = end.since(self.clocks, [*helpers, *rivals])
+        self.rivals_cpu = end.spent_by(self.clocks, rivals)
+        self.wall = max(self.cpu, self.elapsed() - self.queued() - self.rivals_cpu)
         blocked = _voluntary_switches()
         if blocked is not None and self.blocked_at_start is not None and blocked == self.blocked_at_start:
             self.wall = self.cpu  # the thread never blocked: it waited on nothing, whatever the clock says
@@ -125,6 +133,21 @@ class Budgeted:
         self.exhausted = False
         self.given = 0
         self.first = None
+        self.lock = threading.Lock()           # the probe and an early start read the one source
+        self.handed_over = False               # an early start took the next items: the probe ends
+        self.first_given = threading.Event()   # the first item is out, and the meter started
+
+    def hand_over(self, count: int, still_first: Callable[[], bool]) -> list | None:
+        """The next `count` items for an early start, and the probe takes no more; None when
+        the probe is already past its first item or `still_first()` says no."""
+        with self.lock:
+            if self.given != 1 or self.handed_over or self.exhausted or not still_first():
+                return None
+            self.handed_over = True
+            items = list(itertools.islice(self.source, count))
+            if len(items) < count:
+                self.exhausted = True
+            return items
 
     def _over(self, spent: float) -> bool:
         if not self.given:
@@ -152,13 +175,18 @@ class Budgeted:
             # read the run queue only once the clock says stop: preemption is not the probe's time
             if self._over(spent) and self._over(spent - meter.queued()):
                 return
-            batch = list(itertools.islice(self.source, step))
-            if not self.given and batch:
-                self.first = batch[0]
-            self.given += len(batch)
+            with self.lock:
+                if self.handed_over:
+                    return
+                batch = list(itertools.islice(self.source, step))
+                if not self.given and batch:
+                    self.first = batch[0]
+                self.given += len(batch)
+                if len(batch) < step:
+                    self.exhausted = True
+            self.first_given.set()
             yield batch
-            if len(batch) < step:
-                self.exhausted = True
+            if self.exhausted:
                 return
             per_item = meter.elapsed() / self.given
             step = max(1, min(step * 4, int(PROBE_CHECK_SECONDS / per_item) if per_item > 0 else step * 4))
