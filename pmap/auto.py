@@ -360,34 +360,52 @@ def _collect_early(backend, tasks: tuple, spec: RunSpec, stats: RunStats, next_i
         stats.workers = workers
 
 
-def _measure_and_decide(spec, stats, workers, inner_threads, source, meter, budget, early):
+def _serial_probe(spec: RunSpec, stats: RunStats, budget: Budgeted, first_index: int) -> list:
     serial = resolve_backend_class("serial")()
     serial.open()
     # small chunks, so the budget is checked often without paying the engine per item
-    probe = replace(spec, items=budget, chunk_seconds=PROBE_CHUNK_SECONDS)
-    results = _flat(execute(serial, probe, stats))
-    if early is not None:
-        meter.stop(budget.given, *early.threads())
-    else:
-        meter.stop(budget.given)
+    return _flat(execute(serial, replace(spec, items=budget, chunk_seconds=PROBE_CHUNK_SECONDS,
+                                         start_index=first_index), stats))
+
+
+def _surely_waiting(meter: Meter, early: EarlyStart) -> bool:
+    """The first item, which ran beside the early items, is IO-bound whatever they did to its
+    wall time: even its shortest possible run (its time up to the early start, plus all the
+    CPU it used after) would be mostly waiting."""
+    shortest = early.started_at + max(0.0, meter.cpu - early.cpu_at_start)
+    return meter.cpu < CPU_BOUND_SHARE * shortest
+
+
+def _measure_and_decide(spec, stats, workers, inner_threads, source, meter, budget, early):
+    results = _serial_probe(spec, stats, budget, spec.start_index)
+    meter.stop(budget.given, early.threads() if early is not None else ())
     started_early = early.finish() if early is not None else None
     if results and budget.given:
         meter.size(budget.first, results[0])
-    used = probed = meter.calls
-    gil_released = limited_cpu = None
-    wall = meter.wall / used if used else 0.0
-    cpu_bound = used and meter.cpu >= CPU_BOUND_SHARE * meter.wall
+    used = meter.calls
     in_flight = early_items = 0
     if started_early is not None:
         backend, tasks = started_early
         early_items = len(tasks)
         used += early_items
-        if cpu_bound:  # the first item computed after its wait: finish these before measuring more
+        if _surely_waiting(meter, early):
+            in_flight = early_items
+        else:  # it computed after its wait, while the early items held the GIL: measure one alone
             results.extend(_collect_early(backend, tasks, spec, stats, used))
             started_early = None
-        else:  # waiting, either way: its whole wall time says how many threads overlap the waits
-            meter.wall += meter.rivals_cpu
-            in_flight = len(tasks)
+            if not budget.exhausted:
+                meter = Meter()
+                budget = Budgeted(source, meter, spec.total - used if spec.total is not None else None)
+                more = _serial_probe(spec, stats, budget, used)
+                meter.stop(budget.given)
+                if more and budget.given:
+                    meter.size(budget.first, more[0])
+                results.extend(more)
+                used += meter.calls
+    probed = meter.calls
+    gil_released = limited_cpu = None
+    wall = meter.wall / meter.calls if meter.calls else 0.0
+    cpu_bound = meter.calls and meter.cpu >= CPU_BOUND_SHARE * meter.wall
     if (not budget.exhausted and cpu_bound and wall >= GIL_PROBE_MIN_ITEM and usable_cpus() > 1
             and not free_threaded()):
         more, consumed, overlap, limited_cpu = _probe_gil(source, spec, stats, used)

@@ -1,8 +1,10 @@
 """Auto's early start of IO work. While the probe runs the first item in the calling thread, a
 watcher reads that thread's CPU clock. A first item that has waited EARLY_WATCH_SECONDS while
 mostly idle is IO: the next items start on threads at once, so an IO run does not wait out its
-first item before the rest begin. When the first item ends, the run takes those tasks over, or,
-if the item turns out to be CPU-bound after all, collects them before it goes on.
+first item before the rest begin. When the first item ends, the run takes those tasks over.
+If the item used enough CPU after the early start that it might be CPU-bound (the early items
+then took the GIL from it, and its wall time says little), they finish first, and the probe
+measures another item alone (auto._surely_waiting).
 
 Only where the calling thread's CPU clock can be read from another thread (Linux), and only for
 lists, tuples and ranges: reading those from the watcher thread has no side effects (a
@@ -49,18 +51,19 @@ class EarlyStart:
         self.backend: ThreadBackend | None = None
         self.error: Exception | None = None  # why no early start was made, for debugging
         self.tasks: tuple = ()
+        self.started_at = self.cpu_at_start = 0.0  # the first item's time and CPU when the early start began
         # Started before the probe's meter: its CPU, like any thread's that was there, is not the item's.
         self.watcher = threading.Thread(target=self._watch, name="pmap-early-start", daemon=True)
         self.watcher.start()
 
-    def threads(self) -> tuple[list[int], list[int]]:
-        """Native ids of the threads that ran beside the first item: (the watcher, the workers)."""
-        workers = []
+    def threads(self) -> list[int]:
+        """Native ids of the threads that ran beside the first item: the watcher, the workers."""
+        ids = [self.watcher.native_id]
         backend = self.backend
         if backend is not None:
             with backend.lock:
-                workers = [thread.native_id for thread in backend.threads if thread.native_id is not None]
-        return [self.watcher.native_id], workers
+                ids.extend(thread.native_id for thread in backend.threads)
+        return [native_id for native_id in ids if native_id is not None]
 
     def finish(self) -> tuple[ThreadBackend, tuple] | None:
         """Stop watching; (the thread backend, the tasks it runs) when items started early."""
@@ -94,10 +97,12 @@ class EarlyStart:
                 return  # the probe ended first
             elapsed = time.perf_counter() - meter.started
             cpu = time.clock_gettime(self.caller_clock) - meter.clocks.thread
-            process_cpu = time.process_time() - meter.clocks.process  # native threads working for the item
-            if max(cpu, process_cpu) < EARLY_IO_SHARE * elapsed:
+            # Only the item's own thread counts: an item whose thread waits on native threads
+            # reads as IO to the probe too, and other threads' CPU says nothing of the item.
+            if cpu < EARLY_IO_SHARE * elapsed:
                 break
             look_at *= 2
+        self.started_at, self.cpu_at_start = elapsed, cpu
         count = self.count(elapsed, cpu)
         backend = self.make_threads()
         backend.set_concurrency(min(count, FIRST_THREADS))

@@ -370,11 +370,6 @@ class CpuClocks:
         elsewhere += sum(self.others.get(native_id, 0.0) for native_id in helpers if native_id not in start.others)
         return self.thread - start.thread, self.process - start.process - elsewhere
 
-    def spent_by(self, start: "CpuClocks", helpers) -> float:
-        """CPU seconds the Python threads of these native ids spent from `start` to this reading."""
-        return sum(self.others.get(native_id, start.others.get(native_id, 0.0)) - start.others.get(native_id, 0.0)
-                   for native_id in helpers)
-
 
 def _other_python_threads_cpu() -> dict[int, float]:
     """CPU seconds so far of the process's other Python threads, by native id. Read from each

@@ -51,7 +51,6 @@ class Meter:
         self.wall = 0.0
         self.cpu = 0.0
         self.process_cpu = 0.0  # every thread's, native pools' included
-        self.rivals_cpu = 0.0   # what threads running other items spent meanwhile (Meter.stop)
         self.clocks: native.CpuClocks | None = None
         self.bytes = 0
         self.started = self.queued_at_start = 0.0
@@ -81,19 +80,14 @@ class Meter:
         """Seconds this thread waited for a core since start(): not the probe's own time."""
         return _run_queue_seconds() - self.queued_at_start
 
-    def stop(self, calls: int, helpers=(), rivals=()) -> None:
-        """Native ids of threads that ran meanwhile for the run, not for the item (an early
-        start): `helpers` (starting threads, say) and `rivals`, which ran other items. The CPU
-        of both is not the item's; while rivals held the GIL the item may have waited for it, so
-        their CPU comes off its wall time too, and work that computes after a first wait still
-        reads as CPU-bound."""
+    def stop(self, calls: int, helpers=()) -> None:
+        """`helpers`: native ids of threads that ran meanwhile for the run, not for the item
+        (an early start's): their CPU is not the item's native threads'."""
         self.calls = calls
         if not calls:
             return
-        end = native.CpuClocks()
-        self.cpu, self.process_cpu = end.since(self.clocks, [*helpers, *rivals])
-        self.rivals_cpu = end.spent_by(self.clocks, rivals)
-        self.wall = max(self.cpu, self.elapsed() - self.queued() - self.rivals_cpu)
+        self.cpu, self.process_cpu = native.CpuClocks().since(self.clocks, helpers)
+        self.wall = max(self.cpu, self.elapsed() - self.queued())
         blocked = _voluntary_switches()
         if blocked is not None and self.blocked_at_start is not None and blocked == self.blocked_at_start:
             self.wall = self.cpu  # the thread never blocked: it waited on nothing, whatever the clock says

@@ -52,18 +52,18 @@ def test_io_items_start_while_the_first_one_still_waits():
 
 
 def _wait_then_compute(n):
-    time.sleep(0.005)  # waiting when the watcher looks...
-    return cpu_loop(n)  # ...then pure Python, holding the GIL
+    time.sleep(0.012)  # waiting when the watcher looks (at 2, 4 or 8 ms, late on a busy machine)...
+    return cpu_loop(n)  # ...then pure Python, holding the GIL: about 60% of the item
 
 
 def test_a_first_wait_then_pure_python_still_goes_to_processes():
     # the early threads compete for the GIL with the first item, which stretches its wall time:
     # the probe takes their CPU off it, so the item still reads as CPU-bound
-    out = pmap.pmap(_wait_then_compute, [150_000] * 120)
+    out = pmap.pmap(_wait_then_compute, [300_000] * 80)
     plan = out.stats.plan
     assert plan.early_items > 0, "the watcher did not start early: this test no longer tests it"
     assert plan.backend in PROCESS_BACKENDS, str(plan)
-    assert out == [cpu_loop(150_000)] * 120
+    assert out == [cpu_loop(300_000)] * 80
     assert out.stats.workers == plan.workers, "the early threads are reported as the run's workers"
 
 
