@@ -94,7 +94,8 @@ class ConcurrencyController:
         """Workers to have ready: while growing, as many as the next rise may use, so that
         they are started ahead of it (a thread takes tens of microseconds to start)."""
         if self.growing:
-            return min(self.bounds.maximum, self.limit * GROWTH)
+            ahead = min(self.bounds.maximum, self.limit * GROWTH)
+            return ahead if self.useful is None else max(self.limit, min(ahead, self.useful))
         return self.limit
 
     # ---- what the engine tells it -----------------------------------------------------

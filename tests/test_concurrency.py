@@ -81,6 +81,16 @@ def test_a_gil_bound_client_holds_where_its_cpu_saturates_the_gil():
     assert min(settled_limits(measured)) >= saturating / 2, measured.trajectory[-10:]
     # without the CPU it climbs on until latency doubles, well past the point of any gain
     assert max(limit for _, limit, _ in blind.trajectory) > 2 * saturating
+    # and it has no more threads started ahead than the bound can use
+    assert measured.useful is not None and measured.workers_wanted <= max(measured.limit, measured.useful)
+    assert blind.useful is None
+
+
+def test_threads_are_wanted_ahead_of_a_rise_while_growing():
+    controller = ConcurrencyController(Adaptive(start=16, maximum=256), 0.0)
+    assert controller.workers_wanted == 64  # the next rise's limit: its threads start early
+    controller.growing = False
+    assert controller.workers_wanted == controller.limit
 
 
 def test_a_rise_is_judged_once_its_burst_has_ended():
