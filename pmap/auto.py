@@ -328,7 +328,8 @@ def _probe(spec: RunSpec, stats: RunStats, workers: int | None, inner_threads: i
     early = None
     if start_early and workers is None and can_start_early(spec):
         def threads_ahead(count):  # what an adaptive run starting from `count` wants ready
-            return ConcurrencyController(Adaptive(start=count, maximum=ThreadBackend.adaptive_maximum), 0.0).workers_wanted
+            bounds = Adaptive(start=count, maximum=ThreadBackend.adaptive_maximum)
+            return ConcurrencyController(bounds, 0.0).workers_wanted
 
         def make_threads():
             return make_backend("thread", ThreadBackend.adaptive_maximum, initializer, initargs,

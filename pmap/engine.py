@@ -45,7 +45,7 @@ class RunSpec:
     measured: tuple | None = None        # (items, seconds) already measured, seeds chunk sizes
     chunk_seconds: float = TARGET_CHUNK_SECONDS  # what adaptive chunks aim at
     concurrency: Adaptive | None = None  # items in flight follow measured throughput (resizable backends)
-    adopted: tuple = ()                  # (task, its item's index, when) submitted ahead (submit_ahead), before start_index
+    adopted: tuple = ()                  # (task, item index, when) from submit_ahead, before start_index
 
 
 @dataclass
