@@ -48,7 +48,6 @@ def test_io_items_start_while_the_first_one_still_waits():
     early = [item for item, (started, _) in spans.spans.items() if item and started < first_ended]
     assert len(early) >= plan.early_items, "the early items did not run while the first one waited"
     assert sorted(spans.spans) == list(range(150))
-    assert max(limit for _, limit, _ in out.stats.concurrency) >= plan.concurrency.start
 
 
 def _wait_then_compute(n):
