@@ -49,7 +49,6 @@ class EarlyStart:
         self.caller_clock = time.pthread_getcpuclockid(threading.get_ident())
         self.stopping = threading.Event()
         self.backend: ThreadBackend | None = None
-        self.error: Exception | None = None  # why no early start was made, for debugging
         self.tasks: tuple = ()
         self.started_at = self.cpu_at_start = 0.0  # the first item's time and CPU when the early start began
         # Started before the probe's meter: its CPU, like any thread's that was there, is not the item's.
@@ -83,8 +82,8 @@ class EarlyStart:
     def _watch(self) -> None:
         try:
             self._start_if_waiting()
-        except Exception as exc:  # no thread could start, say: the probe goes on as without us
-            self.error = exc
+        except Exception:  # no thread could start, say: the probe goes on as without us
+            pass
         finally:
             self.stopping.wait()  # alive until the meter has read the threads' clocks
 
