@@ -213,3 +213,15 @@ def test_timeouts_are_retried_whatever_retry_on(pmap_backend):
                     retry_on=ValueError, on_error="return")
     assert out[0] == 0 and out[2] == 2
     assert out[1].kind == "timeout" and out[1].attempts == 2
+
+
+def test_workers_seen_dead_at_one_look_are_not_blamed_by_their_order():
+    # loky kills the survivors of a dead worker: when both deaths show at one wait, the order
+    # says nothing of which died first, and blaming the wrong one fails an innocent item
+    from pmap.backends.process import ProcessBackend
+    backend = ProcessBackend(workers=2)
+    backend.first_death.update({101: 5.0, 102: 5.0})
+    assert backend._culprit() is None
+    backend.first_death.clear()
+    backend.first_death.update({101: 5.0, 102: 4.0})
+    assert backend._culprit() == 102

@@ -99,7 +99,12 @@ class ProcessBackend(PooledBackend):
         if self.ended_pids:
             return next(iter(self.ended_pids))
         if self.first_death:
-            return min(self.first_death, key=self.first_death.get)
+            first = min(self.first_death.values())
+            seen_first = [pid for pid, seen_at in self.first_death.items() if seen_at == first]
+            if len(seen_first) == 1:
+                return seen_first[0]
+            # Several seen dead at one look (loky had already killed the survivors): which died
+            # first is unknown, and blaming the wrong one fails an innocent item.
         deadline = time.monotonic() + 0.5
         while time.monotonic() < deadline:
             codes = {pid: p.exitcode for pid, p in self.known.items()}
