@@ -12,7 +12,7 @@ from ._outcome import split_undecoded
 from .backends.base import Backend, Done, Fatal, Lost, Started, Task, free_threaded, usable_cpus
 from .chunking import TARGET_CHUNK_SECONDS, ChunkSizer
 from .concurrency import Adaptive, ConcurrencyController
-from .errors import Failure, ItemNotPicklable, TaskTimeout, WorkerCrashed, raise_failure
+from .errors import Failure, ItemNotPicklable, PmapError, TaskTimeout, WorkerCrashed, raise_failure
 
 _SKIP = object()              # a slot whose item failed under on_error="skip"
 _PENDING = object()           # a slot still being computed
@@ -102,6 +102,14 @@ def _is_congestion(exc: BaseException) -> bool:
     """A failure that says the other side is overloaded: a refused, reset or timed-out
     connection, or a timeout."""
     return isinstance(exc, (ConnectionError, TimeoutError))
+
+
+def _failures_fit(failures: list, n: int) -> bool:
+    """Each failure names a distinct position among a task's `n` items."""
+    if not failures:
+        return True
+    positions = [f[0] for f in failures]
+    return len(set(positions)) == len(positions) and all(type(p) is int and 0 <= p < n for p in positions)
 
 
 def _size(n: int) -> str:
@@ -366,9 +374,12 @@ class _Engine:
             return
         values = event.values
         failures = event.failures
+        n = len(flight.task.items)
         if type(values) is not list:  # some results could not be rebuilt here: they fail alone
-            values, failures = split_undecoded(values, failures, len(flight.task.items))
-        n = len(values)
+            values, failures = split_undecoded(values, failures, n)
+        if len(values) != n or not _failures_fit(failures, n):
+            self._reject_report(flight, event, len(values))
+            return
         stats = self.stats
         stats.busy_seconds += event.elapsed
         stats.busy_by_worker[event.worker] = stats.busy_by_worker.get(event.worker, 0.0) + event.elapsed
@@ -387,6 +398,15 @@ class _Engine:
             self._deliver(flight, values, n - len(failures), skip_pending=True)
         else:
             self._deliver(flight, values, n)
+
+    def _reject_report(self, flight: _Flight, event: Done, n_values: int) -> None:
+        """A Done that does not hold one outcome per item is a backend bug: every item of the
+        task fails with it, loudly, rather than a slot going missing or filled twice."""
+        n = len(flight.task.items)
+        error = PmapError(f"backend {self.backend.name!r} broke its contract: it reported {n_values} value(s) "
+                          f"and failures at {[pos for pos, _, _ in event.failures]} for a task of {n} item(s)")
+        for pos in range(n):
+            self._record_failure(flight, pos, error, "", "error", event.worker, retryable=False)
 
     def _deliver(self, flight: _Flight, values: list, n_ok: int, skip_pending: bool = False) -> None:
         """Put finished values in their slots (ordered) or the ready queue (unordered)."""
