@@ -7,7 +7,7 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # what a type checker sees (`X as X` re-exports); at run time names load on first use
-    from . import backends as backends
+    from .backends.base import backends as backends  # a function: `pmap.backends()` lists them
     from .aio import AsyncResults as AsyncResults, aimap as aimap, apmap as apmap
     from .api import (Pool as Pool, ResultList as ResultList, Results as Results, imap as imap,
                       pmap as pmap, starmap as starmap)

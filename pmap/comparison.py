@@ -173,7 +173,7 @@ def same(a: Any, b: Any) -> bool:
         return True
     try:
         equal = a == b
-    except Exception:
+    except Exception:  # a user type's __eq__ may raise anything: then the two are not the same
         return False
     if isinstance(equal, bool):
         return equal
@@ -181,11 +181,11 @@ def same(a: Any, b: Any) -> bool:
     if callable(reduce_all):
         try:
             return getattr(a, "shape", None) == getattr(b, "shape", None) and bool(reduce_all())
-        except Exception:
+        except Exception:  # element-wise results that do not reduce to one truth: not the same
             return False
     try:
         return bool(equal)
-    except Exception:
+    except Exception:  # an ambiguous truth value (as numpy raises): not the same
         return False
 
 
@@ -195,7 +195,7 @@ def _first_difference(reference: list, got: list, equal: Callable) -> str | None
         try:
             if reference == got:  # the fast path: one C-level comparison
                 return None
-        except Exception:
+        except Exception:  # some element's __eq__ raised: compare one by one below, which says where
             pass
     for index, (want, have) in enumerate(zip(reference, got)):
         if not equal(want, have):

@@ -84,7 +84,7 @@ def portable_exception(exc: BaseException) -> BaseException:
     try:
         pickle.loads(pickle.dumps(exc))
         return exc
-    except Exception:
+    except Exception:  # an exception type that does not survive pickling, for any reason: sent as text
         return UnpicklableError(f"{type(exc).__module__}.{type(exc).__qualname__}: {exc}")
 
 
@@ -128,7 +128,7 @@ def add_note(exc: BaseException, note: str) -> None:
         if notes is None:
             try:
                 exc.__notes__ = notes = []
-            except Exception:
+            except Exception:  # an exception type that refuses new attributes: it goes without the note
                 return
         notes.append(note)
 

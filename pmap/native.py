@@ -223,7 +223,7 @@ def loaded_pools() -> list:
         try:
             from threadpoolctl import threadpool_info
             info = threadpool_info()
-        except Exception:
+        except Exception:  # threadpoolctl could not inspect the loaded libraries: none are known
             info = []
         _loaded_cache = (len(sys.modules), info)
     return _loaded_cache[1]
@@ -240,10 +240,10 @@ def native_thread_count() -> int:
             else:
                 return 0
     except (OSError, ValueError):
+        import psutil  # a dependency; imported only where /proc cannot tell
         try:
-            import psutil
             os_threads = psutil.Process().num_threads()
-        except Exception:
+        except psutil.Error:
             return 0
     return max(0, os_threads - threading.active_count())
 
@@ -302,14 +302,14 @@ class _SharedLimit:
             for pool, threads in original or ():
                 try:
                     _set_threads(pool, threads)
-                except Exception:
+                except Exception:  # a library that refuses its old size keeps the limit; nothing else to do
                     pass
 
     def _apply(self) -> None:
         try:
             from threadpoolctl import ThreadpoolController
             controllers = ThreadpoolController().lib_controllers
-        except Exception:
+        except Exception:  # threadpoolctl could not inspect the loaded libraries: run unlimited, never fail
             return
         if self.original is None:
             self.original = [(pool, pool.num_threads) for pool in controllers]

@@ -152,7 +152,7 @@ def known_length(items: Any) -> int | None:
     """len(items) where the input has one; None for generators and other streams."""
     try:
         return len(items)
-    except Exception:
+    except Exception:  # no __len__, or one that raises: the length is unknown, as for a generator
         return None
 
 

@@ -124,7 +124,7 @@ class AsyncioBackend(Backend):
             self._move_off_a_running_loop()  # closed from inside a running loop (a Pool in async code)
         try:
             self._run_on_loop(self._finish(kill), timeout=None if not kill else 2 * KILL_GRACE_SECONDS)
-        except Exception:
+        except Exception:  # closing goes on whatever a task raised while it was stopped: the loop must end
             pass
         if self._thread is not None:
             loop.call_soon_threadsafe(loop.stop)
@@ -352,7 +352,7 @@ else:
         inner.cancel()
         try:
             await inner
-        except BaseException:
+        except BaseException:  # whatever the cancelled item raised, its time was up: it fails as a timeout
             pass
         raise TaskTimeout.after(seconds)
 
