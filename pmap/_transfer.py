@@ -14,7 +14,14 @@ Segments are files in /dev/shm (the temporary directory where there is none) nam
 - a function segment: its channel, when the next function replaces it or the channel closes;
 - whatever a dead worker or an unread result left: the channel, when it closes;
 - whatever a killed caller left: the next process that opens a channel (`sweep`), which
-  removes every `pmap-<pid>-*` entry (pmap's start-record folders too) whose pid is gone.
+  removes every `pmap-<pid>-*` entry (pmap's start-record folders too) whose owner is gone.
+
+An owner is known gone by a lock, not by its pid: before a process names anything after its
+pid it takes a shared flock on `pmap-<pid>.lock` and holds it for life. The sweep removes a
+pid's entries only when it can lock that file exclusively, which no live holder allows, in any
+PID namespace (containers that share /dev/shm but not pids would otherwise see each other's
+owners as dead); the kernel drops a dead process's locks. Entries whose pid has no lock file
+(made by a pmap that predates the lock) are never swept.
 
 Arrays made by `pmap.shared_array` live in segments of their own (`pmap-<pid>-a...`) from the
 start: a message that holds one, or a slice of one, carries only its name and offset, and the
@@ -40,6 +47,11 @@ import time
 import types
 import weakref
 
+try:
+    import fcntl
+except ImportError:  # Windows: no flock, so no sweep either (leftovers are never provably dead)
+    fcntl = None
+
 import cloudpickle
 
 from .errors import ItemNotPicklable, warn_user
@@ -56,6 +68,7 @@ WARN_BYTES_PER_SECOND = 300e6
 WARN_MIN_BYTES = 100 << 20   # ...once this much has gone, so a short burst does not warn
 WARN_WINDOW = 1.0            # seconds over which that rate is measured
 _OWNED = re.compile(r"^pmap-(\d+)-")
+_LOCK = re.compile(r"^pmap-(\d+)\.lock$")
 
 
 def shm_directory() -> str:
@@ -284,6 +297,7 @@ class Channel:
     removes whatever a dead worker or an unread result left behind."""
 
     def __init__(self):
+        hold_owner_lock()
         sweep(force=False)
         self.name = f"{PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
         self.counter = itertools.count()
@@ -412,6 +426,7 @@ _shared_lock = threading.Lock()
 def new_shared_segment(nbytes: int) -> mmap.mmap:
     """A new read-write segment of `nbytes` for a shared array; removed when the returned
     mapping is garbage (its last array dropped), or when this process ends."""
+    hold_owner_lock()
     name = f"{PREFIX}{os.getpid()}-a{secrets.token_hex(6)}"
     path = os.path.join(SHM_DIR, name)
     fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
@@ -509,12 +524,96 @@ def _remove_matching(prefix: str) -> None:
             _remove(os.path.join(SHM_DIR, name))
 
 
+def _lock_path(pid: int) -> str:
+    return os.path.join(SHM_DIR, f"{PREFIX}{pid}.lock")
+
+
+def _same_file(fd: int, path: str) -> bool:
+    """Whether `path` still names the file open as `fd` (a sweep may have removed it)."""
+    try:
+        on_disk = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (held.st_dev, held.st_ino) == (on_disk.st_dev, on_disk.st_ino)
+
+
+_owner_lock: tuple[int, int] | None = None  # (pid, fd of its lock file) of this process
+_owner_lock_mutex = threading.Lock()
+
+
+def hold_owner_lock() -> None:
+    """Take this process's lock (see the module's docstring), once, before naming any entry
+    after its pid. Waits while a sweep judges a dead process of the same pid."""
+    global _owner_lock
+    pid = os.getpid()
+    if fcntl is None or (_owner_lock is not None and _owner_lock[0] == pid):
+        return
+    with _owner_lock_mutex:
+        if _owner_lock is not None and _owner_lock[0] == pid:
+            return
+        path = _lock_path(pid)
+        while True:
+            fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH)
+                if _same_file(fd, path):
+                    break
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)  # a sweep removed that file while we waited: lock the new one
+        _owner_lock = (pid, fd)
+
+
+def _after_fork_in_child() -> None:
+    """A forked child shares its parent's lock file description: it lets go of it (the
+    parent still holds the lock), takes its own when it names something, and gets fresh
+    module locks (another thread may have held one at the fork)."""
+    global _owner_lock, _owner_lock_mutex, _sweep_lock, _shared_lock
+    _owner_lock_mutex = threading.Lock()
+    _sweep_lock = threading.Lock()
+    _shared_lock = threading.Lock()
+    if _owner_lock is not None:
+        os.close(_owner_lock[1])
+        _owner_lock = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _remove_if_owner_gone(pid: int, names: list[str]) -> int:
+    """Remove `names` (entries of `pid`) and its lock file if no live process holds its lock;
+    returns how many entries went."""
+    path = _lock_path(pid)
+    try:
+        fd = os.open(path, os.O_RDONLY)  # never created here: without a lock file nothing is provable
+    except OSError:
+        return 0
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return 0  # a live owner holds it
+        if not _same_file(fd, path):
+            return 0  # another sweep removed it and a new owner may have made it again
+        for name in names:
+            _remove(os.path.join(SHM_DIR, name))
+        _remove(path)  # last, while locked: an owner waiting for it then makes a new one
+        return len(names)
+    finally:
+        os.close(fd)
+
+
 def sweep(force: bool = True) -> int:
-    """Remove the segments and start-record folders of callers that no longer run (killed
-    with SIGKILL, say). Returns how many entries went. Without `force`, at most once per
+    """Remove the segments and start-record folders of processes that no longer run (a
+    caller killed with SIGKILL, say), in this PID namespace or any other that shares the
+    directory. Returns how many entries went. Without `force`, at most once per
     SWEEP_INTERVAL in this process."""
     global _last_sweep
-    from .backends._procutil import process_exists
+    if fcntl is None:
+        return 0
     with _sweep_lock:
         now = time.monotonic()
         if not force and _last_sweep and now - _last_sweep < SWEEP_INTERVAL:
@@ -524,26 +623,38 @@ def sweep(force: bool = True) -> int:
             names = os.listdir(SHM_DIR)
         except OSError:
             return 0
-        alive: dict = {}
-        removed = 0
+        by_owner: dict[int, list[str]] = {}
         for name in names:
-            pid = _owner_pid(name)
-            if pid is None or pid == os.getpid():
-                continue
-            if pid not in alive:
-                alive[pid] = process_exists(pid)
-            if not alive[pid]:
-                _remove(os.path.join(SHM_DIR, name))
-                removed += 1
-        return removed
+            match = _OWNED.match(name) or _LOCK.match(name)
+            if match:
+                entries = by_owner.setdefault(int(match.group(1)), [])
+                if not name.endswith(".lock"):
+                    entries.append(name)
+        by_owner.pop(os.getpid(), None)  # ours, or a namesake's in another namespace: alive either way
+        return sum(_remove_if_owner_gone(pid, entries) for pid, entries in by_owner.items())
 
 
 def _at_exit(pid: int = os.getpid()) -> None:
     """This process ends: every channel it left open goes with it (not in forked children,
-    which inherit this hook but not the channels)."""
-    if os.getpid() == pid:
-        for name in list(_open_channels):
-            _remove_matching(name + "-")
+    which inherit this hook but not the channels), and so does its lock file, with whatever
+    else is named after its pid, unless a namesake in another PID namespace holds it too."""
+    if os.getpid() != pid:
+        return
+    for name in list(_open_channels):
+        _remove_matching(name + "-")
+    global _owner_lock
+    if _owner_lock is not None and _owner_lock[0] == pid:
+        fd = _owner_lock[1]
+        _owner_lock = None  # anything named after this (a late hook's channel) locks anew
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if _same_file(fd, _lock_path(pid)):
+                _remove_matching(f"{PREFIX}{pid}-")
+                _remove(_lock_path(pid))
+        except BlockingIOError:
+            pass  # a namesake in another namespace holds it too: a sweep judges ours once it ends
+        finally:
+            os.close(fd)
 
 
 atexit.register(_at_exit)

@@ -211,25 +211,102 @@ def test_a_killed_caller_leaves_nothing_once_the_next_run_sweeps(backend, tmp_pa
     finally:
         child.kill()
         child.stdout.close()
-    assert own_entries(child.pid)  # left behind by the kill
-    assert _transfer.sweep() >= 3
+    _transfer.sweep()  # another pmap process on this machine may have swept them first: fine
     assert own_entries(child.pid) == []
+    assert not os.path.exists(_transfer._lock_path(child.pid))
 
 
-def test_the_sweep_spares_the_entries_of_running_processes(tmp_path):
-    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+OWNER = """
+import os, sys, time
+import pmap
+from pmap import _transfer
+array = pmap.shared_array(1024)  # takes this process's lock, then names a segment after its pid
+names = sorted(n for n in os.listdir(_transfer.SHM_DIR) if n.startswith(f"pmap-{os.getpid()}-"))
+print(" ".join(names), flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.fixture
+def owner():
+    """A live pmap process that owns one shared-array segment; killed at the end."""
+    process = subprocess.Popen([sys.executable, "-c", OWNER], stdout=subprocess.PIPE, text=True)
     try:
-        path = os.path.join(_transfer.SHM_DIR, f"pmap-{alive.pid}-test-segment")
-        open(path, "wb").close()
+        names = process.stdout.readline().split()
+        assert len(names) == 1 and names == own_entries(process.pid)
+        yield process
+    finally:
+        process.kill()
+        process.wait()
+        process.stdout.close()
+        _transfer.sweep()
+
+
+def killed(process) -> None:
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+
+def test_the_sweep_spares_a_live_owner_and_removes_a_killed_ones(owner):
+    _transfer.sweep()
+    assert own_entries(owner.pid)
+    killed(owner)
+    _transfer.sweep()
+    assert own_entries(owner.pid) == []
+    assert not os.path.exists(_transfer._lock_path(owner.pid))
+
+
+def test_entries_without_a_lock_file_are_never_swept():
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid nobody holds: the sweep before the lock would have removed its entries
+    path = os.path.join(_transfer.SHM_DIR, f"pmap-{gone.pid}-made-by-an-older-pmap")
+    open(path, "wb").close()
+    try:
         _transfer.sweep()
         assert os.path.exists(path)
-        alive.kill()
-        alive.wait()
-        _transfer.sweep()
-        assert not os.path.exists(path)
     finally:
-        alive.kill()
-        alive.wait()
+        os.unlink(path)
+
+
+def _unshare_refused() -> str | None:
+    try:
+        done = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"], capture_output=True,
+                              timeout=30)
+    except FileNotFoundError:
+        return "no unshare command here"
+    if done.returncode != 0:
+        return f"unshare --pid is not permitted here: {done.stderr.decode().strip()}"
+    return None
+
+
+SWEEP_ELSEWHERE = """
+import os, sys
+from pmap import _transfer
+print(os.path.exists(f"/proc/{sys.argv[1]}/cmdline"), _transfer.sweep())
+"""
+
+
+def sweep_in_another_pid_namespace(owner_pid: int) -> bool:
+    """Sweep from a new PID namespace that shares /dev/shm; returns whether `owner_pid` names a
+    process there (it should not: the owner is invisible from there)."""
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(pmap.__file__)))
+    done = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", SWEEP_ELSEWHERE,
+                           str(owner_pid)], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": package_root})
+    assert done.returncode == 0, done.stderr
+    return done.stdout.split()[0] == "True"
+
+
+@pytest.mark.timeout(120)
+def test_a_live_owner_survives_a_sweep_from_another_pid_namespace(owner):
+    refused = _unshare_refused()
+    if refused:
+        pytest.skip(refused)
+    assert not sweep_in_another_pid_namespace(owner.pid)  # there, no process has the owner's pid...
+    assert own_entries(owner.pid)  # ...and yet its live segment stays
+    killed(owner)
+    sweep_in_another_pid_namespace(owner.pid)
+    assert own_entries(owner.pid) == []  # a killed owner's segments go, from any namespace
 
 
 def test_the_picklability_check_keeps_no_copy_of_a_big_closure():
