@@ -24,9 +24,10 @@ owners as dead); the kernel drops a dead process's locks. Entries whose pid has 
 (made by a pmap that predates the lock) are never swept.
 
 Arrays made by `pmap.shared_array` live in segments of their own (`pmap-<pid>-a...`) from the
-start: a message that holds one, or a slice of one, carries only its name and offset, and the
-receiver maps that segment read-write, so workers and the caller see the same memory. Such a
-segment goes when the caller's last array over it does.
+start: a message that holds one of the caller's, or a slice of one, carries only its name and
+offset, and the receiver maps that segment read-write, so workers and the caller see the same
+memory. Such a segment goes when the caller's last array over it does. An array a worker made
+goes back copied, as any big buffer: the worker drops its own as soon as it has replied.
 """
 from __future__ import annotations
 
@@ -169,7 +170,10 @@ def encode(obj, channel: str | None, segment: str | None, shared: bool = False, 
     if channel is None:
         return module.dumps(obj, protocol=PROTOCOL)
     data, big = _pickle_out_of_band(obj, module)
-    references = [_shared_reference(raw) for raw in big]  # arrays already in shared memory
+    # Arrays already in shared memory travel by name when the channel's caller made them: it
+    # keeps them while the run lasts. Any other (a worker's own, gone once it returns) is copied.
+    lender = _owner_pid(channel)
+    references = [_shared_reference(raw, lender) for raw in big]
     own = [raw for raw, reference in zip(big, references) if reference is None]
     layout: tuple = tuple(references)
     if not own:
@@ -451,8 +455,9 @@ def _release_shared_segment(name: str, owner: int) -> None:
         _remove(os.path.join(SHM_DIR, name))
 
 
-def _shared_reference(raw: memoryview) -> tuple | None:
-    """(offset, size, segment name) when `raw` lies in a shared array's segment."""
+def _shared_reference(raw: memoryview, owner: int | None = None) -> tuple | None:
+    """(offset, size, segment name) when `raw` lies in a shared array's segment (one made by
+    process `owner`, if given)."""
     if not _shared_segments or not raw.nbytes:
         return None
     import numpy
@@ -461,6 +466,8 @@ def _shared_reference(raw: memoryview) -> tuple | None:
         for name, segment in _shared_segments.copy().items():  # a finalizer may drop one meanwhile
             if segment.address <= start and start + raw.nbytes <= segment.address + segment.size \
                     and segment.mapping() is not None:
+                if owner is not None and _owner_pid(name) != owner:
+                    return None
                 return (start - segment.address, raw.nbytes, name)
     return None
 
@@ -488,8 +495,9 @@ def _shared_view(offset: int, size: int, name: str) -> memoryview:
             try:
                 fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR)
             except FileNotFoundError:
-                raise RuntimeError(f"pmap: shared array {name} is gone: its caller dropped it before "
-                                   "this worker read it") from None
+                raise RuntimeError(f"pmap: shared array {name} is gone: the process that made it "
+                                   f"(pid {_owner_pid(name)}) dropped it before this one (pid {os.getpid()}) "
+                                   "could map it") from None
             try:
                 region = mmap.mmap(fd, os.fstat(fd).st_size)
             finally:

@@ -65,3 +65,11 @@ def touch_and_pid(array, i):
     """Reads the array; returns the worker's pid."""
     float(array[i])
     return os.getpid()
+
+
+def shared_made_here(i):
+    """(this worker's pid, an array it made with pmap.shared_array): 2 MB for odd i, 8 KB else."""
+    import pmap
+    array = pmap.shared_array(2 * MB // 8 if i % 2 else 1024)
+    array[:] = i
+    return os.getpid(), array

@@ -20,7 +20,7 @@ from pmap.auto import _picklable
 
 np = pytest.importorskip("numpy", reason="the shared-memory tests map numpy arrays")
 from bigdata import (MB, big_bytes, doubled, fill_row, filled, first_value, kill_self_on_three,  # noqa: E402
-                     length_plus, row_of, slice_sum, touch_and_pid, write_into)
+                     length_plus, row_of, shared_made_here, slice_sum, touch_and_pid, write_into)
 
 PROCESS_BACKENDS = ["process", "pool", "fork"]
 
@@ -113,6 +113,19 @@ def test_a_shared_array_in_a_partial_sends_no_data(backend, no_leftovers):
     assert first.stats.bytes_sent < 1 * MB and again.stats.bytes_sent < 1 * MB
     items = pmap.pmap(first_value, [array[i * MB:] for i in range(4)], backend=backend, workers=2)
     assert items == [float(i * MB) for i in range(4)]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("backend", PROCESS_BACKENDS)
+def test_an_array_a_worker_made_shared_comes_back_as_a_value(backend, no_leftovers):
+    out = pmap.pmap(shared_made_here, range(6), backend=backend, workers=2, chunksize=1, on_error="return")
+    assert not [r for r in out if isinstance(r, pmap.Failure)], out
+    for i, (_, array) in enumerate(out):
+        assert array.size == (2 * MB // 8 if i % 2 else 1024) and (array == i).all()
+        assert array.flags.writeable
+    workers = {pid for pid, _ in out}
+    _transfer.sweep()  # a worker that ended holds no lock: its leftovers go; a live one's must be gone
+    assert [name for pid in workers for name in own_entries(pid)] == []
 
 
 @pytest.mark.timeout(60)
