@@ -46,6 +46,9 @@ class RunSpec:
     chunk_seconds: float = TARGET_CHUNK_SECONDS  # what adaptive chunks aim at
     concurrency: Adaptive | None = None  # items in flight follow measured throughput (resizable backends)
     adopted: tuple = ()                  # (task, item index, when) from submit_ahead, before start_index
+    # The engine's time for timeouts, backoff, deadlines and the concurrency controller. A backend's
+    # Started times must come from the same clock (every built-in backend uses time.monotonic).
+    clock: Callable[[], float] = time.monotonic
 
 
 @dataclass
@@ -214,11 +217,12 @@ class _Engine:
         if spec.measured:
             self.sizer.observe(*spec.measured)
         self.fn = None
+        self.clock = spec.clock
         self.controller = None
         self.stragglers = 0
         if spec.concurrency is not None:
             # adopted tasks are this run's first: its measurements start with them
-            since = min([submitted for _, _, submitted in spec.adopted], default=time.monotonic())
+            since = min([submitted for _, _, submitted in spec.adopted], default=self.clock())
             self.controller = ConcurrencyController(spec.concurrency, since,
                                                     cpu_lanes=usable_cpus() if free_threaded() else 1)
             stats.concurrency = self.controller.trajectory
@@ -286,7 +290,7 @@ class _Engine:
             # meanwhile: as TCP does not count lost packets, it does not hold a place either.
             limit = self.controller.limit + min(self.stragglers, self.controller.limit)
         while backend.capacity() > 0 and (limit is None or len(self.flights) < limit):
-            if self.requeued and self.requeued[0][0] <= time.monotonic():
+            if self.requeued and self.requeued[0][0] <= self.clock():
                 rerun = heapq.heappop(self.requeued)[2]
                 self._submit(rerun.block, rerun.offset, rerun.index, [rerun.item], rerun.attempts, rerun.losses)
                 continue
@@ -350,7 +354,7 @@ class _Engine:
         if len(self.stats.chunk_sizes) < MAX_RECORDED_CHUNKS:
             self.stats.chunk_sizes.append(len(task.items))
         if self.spec.timeout is not None and not self.backend.reports_start:  # only deadlines read it
-            flight.started = time.monotonic()
+            flight.started = self.clock()
 
     # ---- events ---------------------------------------------------------------------
     def _handle(self, events: list) -> None:
@@ -478,7 +482,7 @@ class _Engine:
         item = flight.task.items[pos]
         if retryable and attempts <= spec.retries:
             self.stats.retried += 1
-            ready_at = time.monotonic() + spec.backoff * (2 ** (attempts - 1)) if spec.backoff else 0.0
+            ready_at = self.clock() + spec.backoff * (2 ** (attempts - 1)) if spec.backoff else 0.0
             self._requeue(ready_at, _Rerun(flight.block, flight.offset + pos, index, item, attempts, flight.losses))
             return
         if kind == "timeout":
@@ -498,7 +502,7 @@ class _Engine:
     # ---- timeouts -------------------------------------------------------------------
     def _wait_time(self) -> float:
         wait = WAIT_SLICE
-        now = time.monotonic()
+        now = self.clock()
         if self.spec.timeout is not None:
             for flight in self.flights.values():
                 if flight.started is not None:
@@ -515,7 +519,7 @@ class _Engine:
         timeout = self.spec.timeout
         if timeout is None:
             return
-        now = time.monotonic()
+        now = self.clock()
         expired = [f for f in self.flights.values() if f.started is not None and now - f.started >= timeout]
         for flight in expired:
             if self.controller is not None:
@@ -529,7 +533,7 @@ class _Engine:
     def _follow_controller(self) -> None:
         controller = self.controller
         before = controller.limit
-        now = time.monotonic()
+        now = self.clock()
         stragglers = 0
         oldest = None
         for flight in self.flights.values():
