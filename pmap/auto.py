@@ -270,8 +270,10 @@ def decide(meter: Meter, remaining: int | None, fn, workers,
     # Processes cannot start faster than a fork: when even that loses to serial, skip the
     # picklability check, which costs more than tiny work.
     could_win = FORK_START + work.items_left * PROCESS_PER_ITEM < good_enough
-    unpicklable = _picklable(fn) if could_win else None
-    if could_win and (unpicklable is None or fork_safe):
+    # Even fork pickles the items and results: work whose items cannot be pickled stays here.
+    untransferable = meter.unpicklable if could_win else None
+    unpicklable = _picklable(fn) if could_win and untransferable is None else None
+    if could_win and untransferable is None and (unpicklable is None or fork_safe):
         process_class = resolve_backend_class(process_name)
         if process_class.unavailable_reason() is None:
             start = _process_start(process_class, fork_safe, proc_workers)
@@ -279,9 +281,14 @@ def decide(meter: Meter, remaining: int | None, fn, workers,
 
     best = min(estimates, key=estimates.get)
     if best == "serial" or estimates[best] > good_enough:
+        if untransferable is not None and not ran_native:
+            return Plan("serial", 1, None, f"{untransferable}, so no process can take the work, and threads "
+                        "do not beat serial here", estimates=estimates, **common)
         return Plan("serial", 1, None, too_small, estimates=estimates, **common)
     if best == "thread":
         why = _thread_reason(work, thread_workers, unpicklable)
+        if untransferable is not None and work.cpu_bound:
+            why += f"; {untransferable}, so no process can take the work"
         if asked_adaptive or (workers is None and not work.cpu_bound):
             _, bounds = _requested_workers("adaptive" if workers is None else workers, "thread")
             if not asked_adaptive:  # start where the probe says the waits overlap, then adapt

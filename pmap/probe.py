@@ -13,6 +13,8 @@ try:
 except ImportError:  # Windows
     pass
 
+import cloudpickle
+
 from . import native
 from ._transfer import measure as measure_pickle
 
@@ -53,17 +55,25 @@ class Meter:
         self.process_cpu = 0.0  # every thread's, native pools' included
         self.clocks: native.CpuClocks | None = None
         self.bytes = 0
+        self.unpicklable: str | None = None  # why a process backend could not take the items
         self.started = self.queued_at_start = 0.0
         self.blocked_at_start = None
 
     def size(self, item, result) -> None:
         """Transfer cost: what a process backend would pickle for one item and its result, in
-        pipe bytes; buffers that go through shared memory count at their (far lower) cost."""
-        try:
-            piped, shared = map(sum, zip(measure_pickle(item), measure_pickle(result)))
-            self.bytes = piped + int(shared * TRANSFER_BYTES_PER_SECOND / SHARED_MEMORY_BYTES_PER_SECOND)
-        except Exception:
-            self.bytes = 0
+        pipe bytes; buffers that go through shared memory count at their (far lower) cost.
+        When either cannot be pickled, `unpicklable` says which and why: no process can take
+        the work."""
+        piped = shared = 0
+        for what, obj in (("item", item), ("result", result)):
+            try:
+                sizes = _pickled_size(obj)
+            except Exception as exc:  # whatever pickling raises, a process backend would meet it too
+                self.unpicklable = f"the first {what} cannot be pickled ({type(exc).__name__}: {exc})"
+                self.bytes = 0
+                return
+            piped, shared = piped + sizes[0], shared + sizes[1]
+        self.bytes = piped + int(shared * TRANSFER_BYTES_PER_SECOND / SHARED_MEMORY_BYTES_PER_SECOND)
 
     def start(self) -> None:
         self.queued_at_start = _run_queue_seconds()
@@ -91,6 +101,14 @@ class Meter:
         blocked = _voluntary_switches()
         if blocked is not None and self.blocked_at_start is not None and blocked == self.blocked_at_start:
             self.wall = self.cpu  # the thread never blocked: it waited on nothing, whatever the clock says
+
+
+def _pickled_size(obj) -> tuple[int, int]:
+    """`_transfer.measure` in the order the backends pickle: plain pickle, then cloudpickle."""
+    try:
+        return measure_pickle(obj)
+    except Exception:  # lambdas, local classes, __main__ objects: cloudpickle's turn
+        return measure_pickle(obj, cloudpickle)
 
 
 def ran_native_threads(meter: Meter) -> bool:

@@ -184,3 +184,38 @@ def spin_then_times_ten(x):
 def test_every_item_gets_its_result_whatever_the_probe_leaves(n):
     # with 3 items the serial probe takes 2 and the GIL probe finds a single one left
     assert pmap.pmap(spin_then_times_ten, range(n)) == [x * 10 for x in range(n)]
+
+
+class HeldInThisProcess:
+    """An item no process can receive: it will not be pickled, by pickle or cloudpickle."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __reduce__(self):
+        raise TypeError("HeldInThisProcess stays in the process that made it")
+
+
+def cpu_loop_of(item):
+    return cpu_loop(item.n)
+
+
+def test_cpu_bound_items_that_cannot_be_pickled_stay_in_this_process():
+    # Fork does not pickle the function, but it pickles every item: it would fail all but
+    # the probed ones (56 of 60 failed before).
+    items = [HeldInThisProcess(200_000) for _ in range(60)]
+    plan = pmap.explain(cpu_loop_of, items)
+    assert plan.backend in {"serial", "thread"}, str(plan)
+    assert "cannot be pickled" in plan.reason and "HeldInThisProcess" in plan.reason, str(plan)
+    out = pmap.pmap(cpu_loop_of, items, on_error="return")
+    assert out == [cpu_loop(200_000)] * 60
+    assert out.stats.plan.backend in {"serial", "thread"}
+
+
+def test_cpu_bound_results_that_cannot_be_pickled_stay_in_this_process():
+    def make(n):
+        return HeldInThisProcess(cpu_loop(n))
+
+    plan = pmap.explain(make, [200_000] * 60)
+    assert plan.backend in {"serial", "thread"}, str(plan)
+    assert "first result cannot be pickled" in plan.reason, str(plan)
