@@ -163,19 +163,20 @@ def test_star_spreads_arrays_and_objects(targets):
     assert lines(result.stdout) == ["3", "15", "7"]
 
 
-def test_input_file_one_item_per_line_keeps_empty_lines_and_drops_crlf(targets, tmp_path):
+def test_input_file_one_item_per_line_skips_blank_lines_and_drops_crlf(targets, tmp_path):
     source = tmp_path / "words.txt"
-    source.write_bytes(b"one\r\n\ntwo\nthree")
-    result = invoke("run", f"{targets}:shout", "--input", source, "-b", "thread")
+    source.write_bytes(b"one\r\n\ntwo\n  \nthree")
+    result = invoke("run", f"{targets}:shout", "--input", source, "-b", "thread", "--with-index")
     assert result.exit_code == 0
-    assert lines(result.stdout) == ["ONE", "", "TWO", "THREE"]
+    assert lines(result.stdout) == ["0\tONE", "1\tTWO", "2\tTHREE"]  # indices count items, not lines
 
 
-def test_json_input_skips_blank_lines(targets, tmp_path):
+def test_json_input_skips_blank_lines_as_text_does(targets, tmp_path):
     source = tmp_path / "numbers.jsonl"
     source.write_text("1\n\n2\n   \n3\n")
-    result = invoke("run", f"{targets}:square", "--json", "--input", source, "-b", "serial")
-    assert lines(result.stdout) == ["1", "4", "9"]
+    result = invoke("run", f"{targets}:square", "--json", "--input", source, "-b", "serial", "--with-index")
+    assert [json.loads(line) for line in lines(result.stdout)] == [
+        {"index": 0, "result": 1}, {"index": 1, "result": 4}, {"index": 2, "result": 9}]
 
 
 def test_stdin_through_the_runner(targets):
@@ -276,7 +277,7 @@ def test_explain_prints_the_plan_and_does_not_run_everything(targets, tmp_path):
 
 def test_explain_notes_an_explicit_backend(targets):
     result = invoke("run", f"{targets}:square", "--range", "10", "--explain", "-b", "thread")
-    assert "note: --backend thread was given" in result.stdout
+    assert "note: the run would use --backend thread, not this plan" in result.stdout
 
 
 # ---- failures ------------------------------------------------------------------------------
@@ -529,7 +530,8 @@ def test_journal_resume_skips_finished_items_and_writes_complete_output(targets,
     assert lines(first.stdout) == ["0", "1", "2", "3", "4"]
     header, entries = journal_entries(journal)
     assert header["command"]["target"].endswith("fail_while_flagged")
-    assert [e["i"] for e in entries] == [0, 1, 2, 3, 4]
+    assert [e["i"] for e in entries] == [0, 1, 2, 3, 4, 5]
+    assert "error" in entries[5] and "out" not in entries[5]  # a failure is journaled as a failure
 
     flag.unlink()
     calls.write_text("")
@@ -537,8 +539,9 @@ def test_journal_resume_skips_finished_items_and_writes_complete_output(targets,
     assert second.exit_code == 0
     assert lines(second.stdout) == [str(i) for i in range(10)]
     assert sorted(json.loads(c) for c in lines(calls.read_text())) == [5, 6, 7, 8, 9]
+    assert "5 item(s) have results (kept), 1 failed (retried), 4 never ran (run now)" in second.stderr
     _, entries = journal_entries(journal)
-    assert [e["i"] for e in entries] == list(range(10))
+    assert [e["i"] for e in entries if "out" in e] == list(range(10))
 
     calls.write_text("")
     third = invoke(*command, "-b", "serial", env=env)  # all done: replayed, nothing runs
@@ -580,23 +583,34 @@ def test_journal_of_an_unordered_run_resumes_with_every_index_once(targets, tmp_
     assert not ran_again & done_first
 
 
-def test_journal_keeps_recorded_failures_without_running_them_again(targets, tmp_path):
-    calls, journal = tmp_path / "calls.log", tmp_path / "run.journal"
-    command = ["run", f"{targets}:fail_on_three", "--range", "5", "--on-error", "record", "-b", "serial",
-               "--journal", journal]
-    first = invoke(*command)
-    second = invoke(*command, env={"PMAP_TEST_CALLS": str(calls)})
-    assert first.exit_code == second.exit_code == 1
-    assert second.stdout == first.stdout
-    assert not calls.exists()
-    skipped = invoke("run", f"{targets}:fail_on_three", "--range", "5", "--on-error", "skip", "-b", "serial",
-                     "--journal", journal)
-    assert skipped.exit_code == 1
-    assert lines(skipped.stdout) == ["0", "1", "2", "4"]
-    raised = invoke("run", f"{targets}:fail_on_three", "--range", "5", "-b", "serial", "--journal", journal)
-    assert raised.exit_code == 1
-    assert lines(raised.stdout) == ["0", "1", "2"]
-    assert "item 3 (3) failed: ValueError: three is not allowed (journaled by an earlier run" in raised.stderr
+def test_journal_reruns_failed_items_and_keep_failures_keeps_them(targets, tmp_path):
+    calls, flag, journal = tmp_path / "calls.log", tmp_path / "flag", tmp_path / "run.journal"
+    flag.touch()
+    env = {"PMAP_TEST_CALLS": str(calls), "PMAP_TEST_FLAG": str(flag)}
+    command = ["run", f"{targets}:fail_while_flagged", "--json", "--range", "8", "--on-error", "return",
+               "-b", "serial", "--journal", journal]
+    first = invoke(*command, env=env)
+    assert first.exit_code == 1
+    assert json.loads(lines(first.stdout)[5])["error"]["message"] == "five is not ready"
+
+    calls.write_text("")
+    kept = invoke(*command, "--keep-failures", env=env)  # GNU parallel's --resume: the failure stands
+    assert kept.exit_code == 1
+    assert kept.stdout == first.stdout
+    assert calls.read_text() == ""
+    assert "1 failed (kept as failed, --keep-failures)" in kept.stderr
+
+    retried = invoke(*command, env=env)  # still failing: tried again, journaled again
+    assert retried.exit_code == 1 and retried.stdout == first.stdout
+    assert lines(calls.read_text()) == []  # 5 failed before its call was logged
+    flag.unlink()
+    fixed = invoke(*command, env=env)
+    assert fixed.exit_code == 0
+    assert lines(fixed.stdout) == [str(i) for i in range(8)]
+    assert lines(calls.read_text()) == ["5"]  # only the failed item ran
+    again = invoke(*command, env=env)
+    assert again.exit_code == 0 and again.stdout == fixed.stdout
+    assert lines(calls.read_text()) == ["5"]
 
 
 def test_journal_refuses_another_command(targets, tmp_path):
@@ -652,7 +666,8 @@ def test_two_real_runs_on_one_journal_do_not_interleave(targets, tmp_path):
     (True, {"i": True, "out": "stale"}),
     (True, {"i": 2}),                                # no output line
     (True, {"i": 2, "error": "x"}),                  # a failure without its record
-    (False, {"i": 1, "out": "stale"}),               # ordered runs journal in input order
+    (True, {"i": 2, "error": "x", "record": "{}", "attempts": 0}),
+    (False, {"i": 7, "out": "stale"}),               # past the input, in an ordered run too
     (True, ["not", "an", "entry"]),
 ])
 def test_journal_validates_every_entry(targets, tmp_path, unordered, entry):

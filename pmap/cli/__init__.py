@@ -2,7 +2,7 @@
 
 Exit status of `pmap run` and `pmap bench`: 0 all items ok (bench: all backends agree);
 1 some items failed (bench: a backend disagreed or failed); 2 bad usage or input, with a
-one-line message and no traceback; 130 Ctrl-C; 141 the reader of stdout went away; 143 SIGTERM.
+one-line message and no traceback; 3 --halt stopped the run; 130 Ctrl-C; 141 the reader of stdout went away; 143 SIGTERM.
 """
 from __future__ import annotations
 

@@ -12,6 +12,7 @@ app = typer.Typer(add_completion=True, no_args_is_help=True, rich_markup_mode=No
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_HALTED = 3
 EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141
 EXIT_TERMINATED = 143

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from array import array
 from typing import Iterator
 
 from .common import UsageError
@@ -35,34 +36,54 @@ class Bits:
 
 
 class Journal:
-    """Which items are finished, and what each wrote: a header naming the command, then one
-    JSON line per finished item, appended with one write() per batch.
+    """Which items have a result, which failed, and what each wrote: a header naming the command,
+    then one JSON line per finished attempt of an item (its output line, or its failure),
+    appended with one write() per batch.
 
-    It is the single source of truth for a resumed run: the run writes its whole output
-    again, the journaled lines first, so output left behind by a killed run never needs
-    repair, and nothing is duplicated or missing. A kill can only tear the last line; that
-    line is dropped (its item runs again) and the file is cut back to the last whole line.
-    It survives the death of the process, not of the machine (no fsync)."""
+    It is the single source of truth for a resumed run: the run writes its whole output again,
+    journaled results in their places, so output left behind by a killed run never needs repair,
+    and nothing is duplicated or missing. An item whose last entry is a failure has no result: a
+    rerun runs it again (with `keep_failures`, its failure stands, as GNU parallel's --resume).
+    A kill can only tear the last line; that line is dropped (its item runs again) and the file is
+    cut back to the last whole line. It survives the death of the process, not of the machine
+    (no fsync)."""
 
     VERSION = 1
     FLUSH_ITEMS = 256
     FLUSH_SECONDS = 0.2
 
-    def __init__(self, path: str, command: dict, ordered: bool, total: int | None = None):
+    def __init__(self, path: str, command: dict, ordered: bool, total: int | None = None,
+                 keep_failures: bool = False):
         self.path = path
         self.command = command
         self.ordered = ordered
         self.total = total            # items in the input, when known: every index must be below it
-        self.done = Bits()
-        self.failed = 0
+        self.keep_failures = keep_failures
+        self.done = Bits()            # items with a result
+        self.failures: dict[int, tuple[int, int]] = {}  # index -> (offset of its last failure, attempts)
+        # index and file offset of each result entry, as arrays: a journal may hold millions
+        self.finished_index = array("q")
+        self.finished_offset = array("q")
         self.entries = 0
         self.buffer: list[bytes] = []
         self.last_flush = time.monotonic()
         self.fd: int | None = None
 
-    def open(self) -> None:
+    def open(self, write: bool = True) -> None:
         """Lock the journal (one run at a time), read what an earlier run left (checking it is
-        this command's), and open it to append."""
+        this command's), and open it to append. Without `write` (a dry run) it is only read, and a
+        journal that does not exist yet reads as empty."""
+        if not write:
+            try:
+                with open(self.path, "rb") as stream:
+                    self._scan(stream)
+            except FileNotFoundError:
+                return
+            except IsADirectoryError:
+                raise UsageError(f"journal {self.path!r} is a directory") from None
+            except OSError as exc:
+                raise UsageError(f"cannot read journal {self.path!r}: {exc.strerror}") from None
+            return
         try:
             self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         except IsADirectoryError:
@@ -98,19 +119,20 @@ class Journal:
                              "or give this run another journal") from None
 
     def _valid(self, entry) -> bool:
-        """An entry as this run writes it: a new index within the input, and its output line."""
+        """An entry as a run writes it: an index within the input that has no result yet, and its
+        output line or its failure."""
         if not isinstance(entry, dict):
             return False
         index = entry.get("i")
         if type(index) is not int or index < 0 or index in self.done:
             return False
-        if self.ordered and index != self.entries:
-            return False  # ordered runs journal in input order: a gap means damage
         limit = self.total if self.total is not None else self.entries + UNORDERED_JOURNAL_SLACK
         if index >= limit:
             return False
         if "error" in entry:
-            return isinstance(entry["error"], str) and isinstance(entry.get("record"), str)
+            attempts = entry.get("attempts", 1)
+            return isinstance(entry["error"], str) and isinstance(entry.get("record"), str) \
+                and type(attempts) is int and attempts >= 1
         return isinstance(entry.get("out"), str)
 
     def _scan(self, stream) -> int:
@@ -140,24 +162,74 @@ class Journal:
                 entry = None
             if not self._valid(entry):
                 raise UsageError(f"journal {self.path!r} is damaged at line {number}; delete it to start over")
-            self.done.add(entry["i"])
+            index = entry["i"]
+            if "error" in entry:
+                earlier = self.failures.get(index, (0, 0))[1]
+                self.failures[index] = (end, earlier + entry.get("attempts", 1))
+            else:
+                self.done.add(index)
+                self.finished_index.append(index)
+                self.finished_offset.append(end)
             self.entries += 1
-            self.failed += "error" in entry
             end += len(line)
         return end
 
-    def replay(self) -> Iterator[dict]:
-        """The entries an earlier run journaled, in the order they were written."""
-        if not self.entries:
-            return
-        with open(self.path, "rb") as stream:
-            stream.readline()
-            for _ in range(self.entries):
-                yield json.loads(stream.readline())
+    # ---- what a resumed run does ------------------------------------------------------------
+    def failed_without_result(self) -> int:
+        """Items whose last entry is a failure."""
+        return sum(1 for index in self.failures if index not in self.done)
 
-    def record(self, index: int, line: str | None, error: str | None = None, record: str | None = None) -> None:
-        entry = {"i": index, "out": line} if error is None else {"i": index, "error": error, "record": record}
-        self.buffer.append((json.dumps(entry, ensure_ascii=False) + "\n").encode())
+    def settled(self) -> "Bits | _Union":
+        """Items this run does not run: those with a result, and with `keep_failures` those that failed."""
+        if not self.keep_failures:
+            return self.done
+        return _Union(self.done, {i for i in self.failures if i not in self.done})
+
+    def earlier_attempts(self, index: int) -> int:
+        """Failed attempts journaled for an item by earlier runs."""
+        entry = self.failures.get(index)
+        return entry[1] if entry is not None else 0
+
+    def replay(self) -> Iterator[dict]:
+        """The settled entries of earlier runs: each result (and with `keep_failures` each item's
+        last failure), in input order for an ordered run, else in the order they were written."""
+        indices, offsets = self.finished_index, self.finished_offset
+        if self.keep_failures:
+            kept = [(i, offset) for i, (offset, _) in self.failures.items() if i not in self.done]
+            if kept:
+                indices, offsets = array("q", indices), array("q", offsets)
+                indices.extend(i for i, _ in kept)
+                offsets.extend(offset for _, offset in kept)
+        if not offsets:
+            return
+        keys = indices if self.ordered else offsets
+        if any(keys[k] > keys[k + 1] for k in range(len(keys) - 1)):  # a resumed run's entries follow
+            order = sorted(range(len(keys)), key=keys.__getitem__)
+            offsets = array("q", (offsets[k] for k in order))
+        with open(self.path, "rb") as stream:
+            position = None
+            for offset in offsets:
+                if offset != position:
+                    stream.seek(offset)
+                line = stream.readline()
+                position = offset + len(line)
+                yield json.loads(line)
+
+    # ---- writing ----------------------------------------------------------------------------
+    def record(self, index: int, line: str | None, error: str | None = None, record: str | None = None,
+               attempts: int = 1) -> None:
+        if error is None:
+            entry = {"i": index, "out": line}
+        else:
+            entry = {"i": index, "error": error, "record": record}
+            if attempts != 1:
+                entry["attempts"] = attempts
+        text = json.dumps(entry, ensure_ascii=False)
+        try:
+            data = (text + "\n").encode()
+        except UnicodeEncodeError:  # bytes a command printed that are not UTF-8: \\u escapes keep them
+            data = (json.dumps(entry) + "\n").encode()
+        self.buffer.append(data)
         if len(self.buffer) >= self.FLUSH_ITEMS or time.monotonic() - self.last_flush >= self.FLUSH_SECONDS:
             self.flush()
 
@@ -174,3 +246,17 @@ class Journal:
             self.flush()
             os.close(self.fd)
             self.fd = None
+
+
+class _Union:
+    """Membership in either of two sets (results, and failures kept as they are)."""
+
+    def __init__(self, first, second):
+        self.first = first
+        self.second = second
+
+    def __contains__(self, n: int) -> bool:
+        return n in self.first or n in self.second
+
+    def __len__(self) -> int:
+        return len(self.first) + len(self.second)

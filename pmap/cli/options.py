@@ -145,3 +145,38 @@ def gevent_patch() -> None:
     except ImportError:
         raise UsageError("--gevent-patch needs gevent: pip install gevent") from None
     monkey.patch_all()
+
+
+class Halt:
+    """`--halt [now,|soon,]fail=N` or `fail=N%`: stop once N items failed, or once N% of the items
+    finished in this run failed (judged from the third finished item on). `now` (the default)
+    stops at once and kills running commands; `soon` reads no further items and lets the ones
+    already started finish."""
+
+    MIN_FINISHED_FOR_PERCENT = 3
+
+    def __init__(self, text: str):
+        self.text = text
+        when, comma, rule = text.partition(",")
+        if not comma:
+            when, rule = "now", text
+        name, equals, value = rule.partition("=")
+        percent = value.endswith("%")
+        number = value[:-1] if percent else value
+        if when not in ("now", "soon") or name != "fail" or not equals or not number.isdigit() \
+                or int(number) < 1 or (percent and int(number) > 100):
+            raise UsageError(f"--halt takes fail=N or fail=N% (optionally after now, or soon,), such as "
+                             f"fail=5 or soon,fail=10%, got {text!r}")
+        self.when = when
+        self.count = None if percent else int(number)
+        self.percent = int(number) if percent else None
+
+    def reached(self, failed: int, finished: int) -> bool:
+        if self.count is not None:
+            return failed >= self.count
+        return finished >= self.MIN_FINISHED_FOR_PERCENT and failed * 100 >= self.percent * finished
+
+    def describe(self, failed: int, finished: int) -> str:
+        if self.count is not None:
+            return f"--halt {self.text}: {failed} item(s) failed"
+        return f"--halt {self.text}: {failed} of {finished} finished item(s) failed"

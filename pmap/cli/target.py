@@ -6,6 +6,7 @@ import importlib
 import importlib.util
 import os
 import sys
+import time
 from typing import Callable
 
 from .common import UsageError
@@ -107,22 +108,24 @@ def load_target(target: str, what: str = "function") -> Callable:
 class Call:
     """Applies the user's function to one item: a JSON array is spread as positional
     arguments and an object as keyword arguments when `star` is set. With `indexed`,
-    items arrive as (index, item) and results leave as (index, result), so the index
-    survives unordered output, skipped failures and resumed runs. With `render`, the result
-    leaves as its output line, made in the worker: a result that cannot be written (not
-    JSON, or a line break in text mode) fails its own item, with the item's index and value."""
+    items arrive as (index, item) and results leave as (index, output line, extras), so the
+    index survives unordered output, skipped failures and resumed runs. The line is made by
+    `render` in the worker: a result that cannot be written (not JSON, or a line break in text
+    mode) fails its own item, with the item's index and value. With `timed`, extras hold the
+    job log's record of the call (start, seconds, worker)."""
 
-    __slots__ = ("func", "star", "indexed", "render")
+    __slots__ = ("func", "star", "indexed", "render", "timed")
 
     def __init__(self, func: Callable, star: bool = False, indexed: bool = False,
-                 render: Callable | None = None):
+                 render: Callable | None = None, timed: bool = False):
         self.func = func
         self.star = star
         self.indexed = indexed
         self.render = render
+        self.timed = timed
 
     def __reduce__(self):
-        return (type(self), (self.func, self.star, self.indexed, self.render))
+        return (type(self), (self.func, self.star, self.indexed, self.render, self.timed))
 
     def _apply(self, item):
         if self.star:
@@ -132,13 +135,23 @@ class Call:
                 return self.func(**item)
         return self.func(item)
 
-    def _leave(self, index, result):
-        return index, (result if self.render is None else self.render(index, result))
+    def _leave(self, index, item, result, clock):
+        line = result if self.render is None else self.render(index, item, result)
+        if clock is None:
+            return index, line, None
+        from .command import worker_name
+        started_at, started = clock
+        return index, line, {"attempts": [{"start": started_at, "seconds": time.perf_counter() - started,
+                                           "outcome": "ok", "worker": worker_name()}]}
+
+    def _clock(self):
+        return (time.time(), time.perf_counter()) if self.timed else None
 
     def __call__(self, item):
         if self.indexed:
             index, item = item
-            return self._leave(index, self._apply(item))
+            clock = self._clock()
+            return self._leave(index, item, self._apply(item), clock)
         return self._apply(item)
 
 
@@ -150,13 +163,15 @@ class AsyncCall(Call):
     async def __call__(self, item):
         if self.indexed:
             index, item = item
-            return self._leave(index, await self._apply(item))
+            clock = self._clock()
+            return self._leave(index, item, await self._apply(item), clock)
         return await self._apply(item)
 
 
-def make_call(func: Callable, star: bool, indexed: bool, render: Callable | None = None) -> Callable:
+def make_call(func: Callable, star: bool, indexed: bool, render: Callable | None = None,
+              timed: bool = False) -> Callable:
     from .._worker import is_async
-    return (AsyncCall if is_async(func) else Call)(func, star, indexed, render)
+    return (AsyncCall if is_async(func) else Call)(func, star, indexed, render, timed)
 
 
 # ---- remote backends: a target's own file travels by value --------------------------------
