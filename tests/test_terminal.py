@@ -166,3 +166,37 @@ def test_the_bar_does_not_stop_auto_from_forking(job_dir):
     assert "other threads run" not in plan, plan
     if " processes" in plan:  # auto chose processes (not on one core): fork, since no thread runs
         assert "fork is safe here (no other threads)" in plan, plan
+
+
+@pytest.mark.timeout(90)
+def test_a_command_run_shows_the_bar_and_each_command_s_stderr_on_its_own_line(job_dir):
+    out = job_dir / "out.txt"
+    with open(out, "wb") as handle:
+        term = Terminal(["-m", "pmap", "run", "--cmd", "echo note {} >&2; echo {}", "--range", "12", "-j", "2",
+                         "--desc", "cmds"], cwd=job_dir, stdout=handle)
+        assert term.finish() == 0
+    assert out.read_text().splitlines() == [str(i) for i in range(12)]
+    assert last_frame(term.screen).startswith("cmds: 100% |")
+    for value in range(12):
+        # the bar's line is cleared before a command's stderr is written, so no note is glued to it
+        assert f"\r\x1b[Knote {value}\r\n".encode() in term.screen
+
+
+@pytest.mark.timeout(90)
+def test_bad_usage_at_a_terminal_is_one_line(job_dir):
+    term = Terminal(["-m", "pmap", "run", "--cmd", "echo {}", "a", "--halt", "fail=lots"], cwd=job_dir,
+                    stdout="terminal")
+    assert term.finish() == 2
+    shown = term.screen.decode().replace("\r\n", "\n")
+    assert shown == ("pmap: error: --halt takes fail=N or fail=N% (optionally after now, or soon,), such as "
+                     "fail=5 or soon,fail=10%, got 'fail=lots'\n")
+
+
+@pytest.mark.timeout(90)
+def test_dry_run_at_a_terminal_prints_the_commands_and_runs_none(job_dir):
+    term = Terminal(["-m", "pmap", "run", "--cmd", "touch {}", "--dry-run", "--", "a b", "-c"], cwd=job_dir,
+                    stdout="terminal")
+    assert term.finish() == 0
+    shown = term.screen.decode().replace("\r\n", "\n").splitlines()
+    assert "  0: touch 'a b'" in shown and "  1: touch -c" in shown
+    assert not (job_dir / "a b").exists()
