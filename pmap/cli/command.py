@@ -192,6 +192,9 @@ class Template:
 # ---- running one item ----------------------------------------------------------------------
 _RUNNING: dict = {}          # pid -> Popen of every command running in this process
 _RUNNING_LOCK = threading.Lock()
+_STOPPING = False            # set by kill_running_commands: no command starts after it
+_STARTING = 0                # commands being started (in Popen) and not yet in _RUNNING
+STOP_WAIT_SECONDS = 2.0      # how long kill_running_commands waits for those being started
 _WORKER_NAME: tuple = (None, "")
 
 
@@ -205,9 +208,22 @@ def worker_name() -> str:
     return _WORKER_NAME[1] if thread is threading.main_thread() else f"{_WORKER_NAME[1]}/{thread.name}"
 
 
+def allow_commands() -> None:
+    """A run starts: commands may start (again, in a process that ran an earlier run)."""
+    global _STOPPING
+    with _RUNNING_LOCK:
+        _STOPPING = False
+
+
 def kill_running_commands() -> int:
-    """Kill the process group of every command this process is running (Ctrl-C, --halt now).
-    Returns how many groups were signalled."""
+    """Kill the process group of every command this process is running (Ctrl-C, --halt now), and
+    keep any command from starting after it. Returns how many groups were signalled."""
+    global _STOPPING
+    with _RUNNING_LOCK:
+        _STOPPING = True
+    deadline = time.monotonic() + STOP_WAIT_SECONDS
+    while _STARTING and time.monotonic() < deadline:  # a command in Popen now is in _RUNNING soon
+        time.sleep(0.005)
     with _RUNNING_LOCK:
         running = list(_RUNNING.values())
     for process in running:
@@ -283,17 +299,33 @@ class CommandRunner:
             attempts.append({"start": started_at, "seconds": time.perf_counter() - started, "outcome": outcome,
                              "exit": status, "attempt": attempt, "worker": worker, "command": shell_text,
                              "error": error})
+        global _STARTING
+        with _RUNNING_LOCK:
+            if _STOPPING:
+                record("cancelled", None, "not started: the run was stopping")
+                raise CommandFailed("not started: the run was stopping", None)
+            _STARTING += 1
         try:
             process = subprocess.Popen(argv if argv is not None else [SHELL, "-c", shell_text],
                                        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                        start_new_session=True)
         except OSError as exc:  # only without the shell: the program is missing or not executable
+            with _RUNNING_LOCK:
+                _STARTING -= 1
             status = 127 if isinstance(exc, FileNotFoundError) else 126
             message = f"{argv[0]}: {exc.strerror}"
             record("failed", status, message)
             raise CommandFailed(f"exit status {status}: {message}", status) from None
+        except BaseException:
+            with _RUNNING_LOCK:
+                _STARTING -= 1
+            raise
         with _RUNNING_LOCK:
+            _STARTING -= 1
             _RUNNING[process.pid] = process
+            stopping = _STOPPING
+        if stopping:  # started while the run was being stopped: it must not outlive the run
+            _kill_group(process, signal.SIGKILL)
         try:
             try:
                 stdout, stderr = process.communicate(timeout=self.timeout)

@@ -12,7 +12,7 @@ import typer
 
 from ..options import Options
 from ..progress import is_terminal
-from .command import CommandFailed, CommandRunner, Template, kill_running_commands
+from .command import CommandFailed, CommandRunner, Template, allow_commands, kill_running_commands
 from .common import EXIT_BROKEN_PIPE, EXIT_FAILED, EXIT_HALTED, EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USAGE, \
     InputError, UsageError, _error_exit, app
 from .complete import complete_backend, complete_format, complete_target
@@ -413,15 +413,16 @@ class _Run:
 
     def result(self, index: int, line: str, extras: dict | None) -> None:
         self.finished_now += 1
-        if self.journal is not None:  # journal first: a line written out is never missing from it
+        # The job log first (an attempt that ended is never missing from it, even if Ctrl-C lands
+        # here), then the journal (a line written out is never missing from it), then the output.
+        if extras and self.joblog is not None:
+            earlier = self.journal.earlier_attempts(index) if self.journal is not None else 0
+            for number, attempt in enumerate(extras.get("attempts", ()), 1):
+                self.joblog.attempt(index, self._item(index), attempt, attempt=earlier + number)
+        if self.journal is not None:
             self.journal.record(index, line)
-        if extras:
-            if self.joblog is not None:
-                earlier = self.journal.earlier_attempts(index) if self.journal is not None else 0
-                for number, attempt in enumerate(extras.get("attempts", ()), 1):
-                    self.joblog.attempt(index, self._item(index), attempt, attempt=earlier + number)
-            if extras.get("stderr"):
-                self._pass_stderr(extras["stderr"])
+        if extras and extras.get("stderr"):
+            self._pass_stderr(extras["stderr"])
         self.output.line(line)
 
     def _item(self, index: int):
@@ -439,11 +440,7 @@ class _Run:
         tries = exc.attempts if isinstance(exc, CommandFailed) else []
         attempts = max(1, len(tries), value.attempts or 1)
         record = render_failure(index, item, value, self.plan.renderer)
-        if self.journal is not None:
-            earlier = self.journal.earlier_attempts(index)
-            self.journal.record(index, None, error=message, record=record, attempts=attempts)
-        else:
-            earlier = 0
+        earlier = self.journal.earlier_attempts(index) if self.journal is not None else 0
         if self.joblog is not None:
             if tries:
                 for number, attempt in enumerate(tries, 1):
@@ -452,6 +449,8 @@ class _Run:
                 self.joblog.attempt(index, item, {"worker": _worker_label(value.worker)},
                                     outcome="failed" if value.kind == "error" else value.kind,
                                     attempt=earlier + attempts, error=f"{type(exc).__name__}: {exc}")
+        if self.journal is not None:
+            self.journal.record(index, None, error=message, record=record, attempts=attempts)
         return message
 
     def _pass_stderr(self, text: str) -> None:
@@ -498,6 +497,7 @@ def _stream(plan: Plan, journal: Journal | None, joblog: JobLog | None, output: 
         progress = is_terminal(sys.stderr)
 
     previous_sigterm = _catch_sigterm()
+    allow_commands()
     results = None
     got_result = False
     halted = None
@@ -601,6 +601,8 @@ def _stream(plan: Plan, journal: Journal | None, joblog: JobLog | None, output: 
             if halted is not None:
                 kill_running_commands()
             results.close()
+            if not ended or halted is not None:
+                kill_running_commands()  # one a worker thread started while the run was closing
         if run.bar is not None:
             run.bar.close()
         _restore_sigterm(previous_sigterm)
