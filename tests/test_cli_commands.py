@@ -199,3 +199,29 @@ def test_ctrl_c_mid_run_then_resume_runs_each_item_once(work):
     log = [line.split("\t") for line in lines((work / "jobs.tsv").read_text())]
     assert log[0][:3] == ["index", "item", "start"] and log.count(log[0]) == 1  # one header across runs
     assert {int(row[0]) for row in log[1:] if row[4] == "ok"} == set(range(60))
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("backend", ["thread", "fork", "process"])
+def test_ctrl_c_leaves_no_command_running_on_any_local_backend(work, backend):
+    marker = work / "started"
+    child = pmap_process("run", "--cmd", f"echo {{}} >> {marker}; sleep 60", "--range", "6", "-b", backend,
+                         "-j", "2", cwd=work, start_new_session=True)
+    while not marker.exists() or len(marker.read_text().split()) < 2:
+        assert child.poll() is None, child.communicate()
+    os.killpg(child.pid, signal.SIGINT)  # as a terminal's Ctrl-C: pmap and its workers, not the commands
+    _, err = child.communicate(timeout=60)
+    assert child.returncode == 130, err
+    left = [p for p in psutil.process_iter(["cmdline"]) if str(marker) in " ".join(p.info["cmdline"] or [])]
+    assert left == []
+
+
+@pytest.mark.timeout(120)
+def test_halt_now_kills_the_commands_still_running(work):
+    marker = work / "started"
+    result = invoke("run", "--cmd", f"echo {{}} >> {marker}; if [ {{}} = 3 ]; then exit 1; fi; sleep 60",
+                    "--range", "8", "-j", "4", "--halt", "now,fail=1", "--unordered")
+    assert result.exit_code == 3
+    assert "pmap: stopped by --halt now,fail=1: 1 item(s) failed" in result.stderr
+    left = [p for p in psutil.process_iter(["cmdline"]) if str(marker) in " ".join(p.info["cmdline"] or [])]
+    assert left == []
