@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable, Iterator
 from . import native
 from ._transfer import measure as measure_pickle
 from ._worker import is_async
-from .concurrency import Adaptive, ConcurrencyController
+from .concurrency import Adaptive
 from .backends.base import fork_supported, free_threaded, make_backend, open_backend, resolve_backend_class, usable_cpus
 from .backends.thread import ThreadBackend
 from .early_start import EarlyStart, can_start_early
@@ -327,26 +327,21 @@ def _probe_gil(source: Iterator, spec: RunSpec, stats: RunStats, offset: int):
 def _probe(spec: RunSpec, stats: RunStats, workers: int | None, inner_threads: int | None = None,
            initializer=None, initargs=(), start_early: bool = False):
     """Run the probe. Returns (probe results, the rest of the source, items used, plan, meter,
-    and (thread backend, tasks) of items that started early, or None). With `start_early`, IO
+    and the early start whose run goes on with the rest, or None). With `start_early`, IO
     items start on threads while the first item still waits (pmap.early_start)."""
     source = iter(spec.items)
     meter = Meter()
-    budget = Budgeted(source, meter, spec.total)
     early = None
     if start_early and workers is None and can_start_early(spec):
-        def threads_ahead(count):  # what an adaptive run starting from `count` wants ready
-            bounds = Adaptive(start=count, maximum=ThreadBackend.adaptive_maximum)
-            return ConcurrencyController(bounds, 0.0).workers_wanted
-
         def make_threads():
             return make_backend("thread", ThreadBackend.adaptive_maximum, initializer, initargs,
                                 inner_threads=inner_threads)
-        early = EarlyStart(spec, budget, meter, _early_count, make_threads, threads_ahead)
+        early = EarlyStart(spec, stats, meter, _early_count, make_threads)
     try:
-        return _measure_and_decide(spec, stats, workers, inner_threads, source, meter, budget, early)
+        return _measure_and_decide(spec, stats, workers, inner_threads, source, meter, early)
     except BaseException:
         if early is not None:
-            early.finish()
+            early.stop()
             early.close(kill=True)
         raise
 
@@ -355,17 +350,6 @@ def _early_count(elapsed: float, cpu: float) -> int:
     """Threads for items started early, from the first item's time and CPU so far."""
     work = _Work(items_left=ASSUMED_UNKNOWN_ITEMS, wall=elapsed, cpu=cpu, item_bytes=0, gil_released=None)
     return _thread_workers(work, usable_cpus(), 1)
-
-
-def _collect_early(backend, tasks: tuple, spec: RunSpec, stats: RunStats, next_index: int) -> list:
-    """The results of the items that started early, when the run goes on elsewhere."""
-    workers = stats.workers  # the run reports its plan's workers, not these threads
-    try:
-        return _flat(execute(backend, replace(spec, items=[], start_index=next_index, adopted=tasks,
-                                              concurrency=None), stats))
-    finally:
-        backend.close()
-        stats.workers = workers
 
 
 def _serial_probe(spec: RunSpec, stats: RunStats, budget: Budgeted, first_index: int) -> list:
@@ -384,37 +368,46 @@ def _surely_waiting(meter: Meter, early: EarlyStart) -> bool:
     return meter.cpu < CPU_BOUND_SHARE * shortest
 
 
-def _measure_and_decide(spec, stats, workers, inner_threads, source, meter, budget, early):
+def _drain(early: EarlyStart, source: Iterator) -> tuple[list, int]:
+    """The results of the items that started early, when the run goes on elsewhere, and how
+    many items the run has used so far (the source is moved past them)."""
+    results = early.drain()
+    taken = early.gate.position - 1  # the probe read the first item from the source
+    next(itertools.islice(source, taken, taken), None)
+    return results, early.gate.position
+
+
+def _measure_and_decide(spec, stats, workers, inner_threads, source, meter, early):
+    budget = Budgeted(source, meter, spec.total, watch=early)
     results = _serial_probe(spec, stats, budget, spec.start_index)
-    meter.stop(budget.given, early.threads() if early is not None else ())
-    started_early = early.finish() if early is not None else None
+    meter.stop(budget.given)
+    early_run = early.finish() if early is not None else None
     if results and budget.given:
         meter.size(budget.first, results[0])
     used = meter.calls
-    in_flight = early_items = 0
-    if started_early is not None:
-        backend, tasks = started_early
-        early_items = len(tasks)
-        used += early_items
-        if _surely_waiting(meter, early):
-            in_flight = early_items
-        else:  # it computed after its wait, while the early items held the GIL: measure one alone
-            results.extend(_collect_early(backend, tasks, spec, stats, used))
-            started_early = None
-            if not budget.exhausted:
-                meter = Meter()
-                budget = Budgeted(source, meter, spec.total - used if spec.total is not None else None)
-                more = _serial_probe(spec, stats, budget, used)
-                meter.stop(budget.given)
-                if more and budget.given:
-                    meter.size(budget.first, more[0])
-                results.extend(more)
-                used += meter.calls
+    exhausted = budget.exhausted
+    early_items = early.items if early_run is not None else 0
+    if early_run is not None and not _surely_waiting(meter, early):
+        # it computed after its wait, while the early items held the GIL: measure one alone
+        more, used = _drain(early, source)
+        results.extend(more)
+        early_run = None
+        exhausted = used >= len(spec.items)
+        if not exhausted:
+            meter = Meter()
+            budget = Budgeted(source, meter, spec.total - used)
+            more = _serial_probe(spec, stats, budget, used)
+            meter.stop(budget.given)
+            if more and budget.given:
+                meter.size(budget.first, more[0])
+            results.extend(more)
+            used += meter.calls
+            exhausted = budget.exhausted
     probed = meter.calls
     gil_released = limited_cpu = None
     wall = meter.wall / meter.calls if meter.calls else 0.0
     cpu_bound = meter.calls and meter.cpu >= CPU_BOUND_SHARE * meter.wall
-    if (not budget.exhausted and cpu_bound and wall >= GIL_PROBE_MIN_ITEM and usable_cpus() > 1
+    if (not exhausted and cpu_bound and wall >= GIL_PROBE_MIN_ITEM and usable_cpus() > 1
             and not free_threaded()):
         more, consumed, overlap, limited_cpu = _probe_gil(source, spec, stats, used)
         if overlap is not None:
@@ -424,22 +417,22 @@ def _measure_and_decide(spec, stats, workers, inner_threads, source, meter, budg
         used += len(consumed)
         probed += len(consumed)
         if len(consumed) < 2:
-            budget.exhausted = True
-    remaining = in_flight if budget.exhausted else (spec.total - used + in_flight if spec.total is not None else None)
+            exhausted = True
+    # with an early run going on, every item after the first is still to do
+    remaining = 0 if exhausted else (spec.total - used if spec.total is not None else None)
     plan = decide(meter, remaining, spec.fn, workers, gil_released, limited_cpu)
     plan.probed_items = probed
     plan.early_items = early_items
-    if started_early is not None:
-        backend, tasks = started_early
+    if early_run is not None:
         if plan.backend == "thread" and plan.concurrency is not None:
-            bounds = plan.concurrency  # as many as run already
-            plan.concurrency = replace(bounds, start=min(bounds.maximum, max(bounds.start, len(tasks))))
-        else:  # another plan after all: these items finish here, the rest goes there
-            results.extend(_collect_early(backend, tasks, spec, stats, used))
-            started_early = None
+            plan.concurrency = early.bounds  # the run that goes on follows its own bounds
+        else:  # another plan after all: the items started finish here, the rest goes there
+            more, used = _drain(early, source)
+            results.extend(more)
+            early = None
     if plan.backend in ("thread", "process", "fork"):
         plan.inner_threads = native.threads_per_worker(plan.workers, inner_threads)[0]
-    return results, source, used, plan, meter, started_early
+    return results, source, used, plan, meter, early if early_run is not None else None
 
 
 def start_auto_run(spec: RunSpec, stats: RunStats, *, workers=None, initializer=None, initargs=(),
@@ -455,26 +448,26 @@ def start_auto_run(spec: RunSpec, stats: RunStats, *, workers=None, initializer=
         if initializer is not None:  # the probe runs in this thread, so the initializer does too
             initializer(*initargs)
         probe_started = time.perf_counter()
-        results, source, used, plan, meter, started_early = _probe(spec, stats, workers, inner_threads,
-                                                                   initializer, initargs, start_early=True)
-        adopted = ()
-        if started_early is not None:
-            holder.backend, adopted = started_early
+        results, source, used, plan, meter, early = _probe(spec, stats, workers, inner_threads,
+                                                           initializer, initargs, start_early=True)
+        if early is not None:
+            holder.backend = early.backend
         stats.probe_seconds = time.perf_counter() - probe_started
         stats.plan = plan
         if results:
             yield results
-        if started_early is None:
-            # the initializer already ran in this thread for the probe; a serial rest needs no second run
-            holder.backend = _open_planned(plan, None if plan.backend == "serial" else initializer, initargs,
-                                           inner_threads)
-        rest_backend = holder.backend
+        if early is not None:  # the items after the first began on threads: the run goes on there
+            yield from early.run
+            return
+        # the initializer already ran in this thread for the probe; a serial rest needs no second run
+        holder.backend = _open_planned(plan, None if plan.backend == "serial" else initializer, initargs,
+                                       inner_threads)
         # a list or tuple is handed on whole, to be sliced; the probe used its first `used` entries
         sliced = type(spec.items) in SLICED_TYPES
         rest = replace(spec, items=spec.items if sliced else source, items_offset=used if sliced else 0,
                        start_index=used, measured=(meter.calls, meter.wall) if meter.calls else None,
-                       concurrency=plan.concurrency, adopted=adopted)
-        yield from execute(rest_backend, rest, stats)
+                       concurrency=plan.concurrency)
+        yield from execute(holder.backend, rest, stats)
 
     return run(), holder
 

@@ -45,7 +45,6 @@ class RunSpec:
     measured: tuple | None = None        # (items, seconds) already measured, seeds chunk sizes
     chunk_seconds: float = TARGET_CHUNK_SECONDS  # what adaptive chunks aim at
     concurrency: Adaptive | None = None  # items in flight follow measured throughput (resizable backends)
-    adopted: tuple = ()                  # (task, item index, when) from submit_ahead, before start_index
     # The engine's time for timeouts, backoff, deadlines and the concurrency controller. A backend's
     # Started times must come from the same clock (every built-in backend uses time.monotonic).
     clock: Callable[[], float] = time.monotonic
@@ -175,21 +174,17 @@ class _Flight:
         self.worker = None
 
 
-def submit_ahead(backend: Backend, fn: Any, items: list, first_index: int) -> tuple:
-    """Submit one task per item before the run's engine exists (auto starts IO work while its
-    probe still measures the first item); the run takes them over as `RunSpec.adopted`."""
-    tasks = []
-    for offset, item in enumerate(items):
-        task = Task(next(_TASK_IDS), fn, [item])
-        backend.submit(task)
-        tasks.append((task, first_index + offset, time.monotonic()))
-    return tuple(tasks)
-
-
-def execute(backend: Backend, spec: RunSpec, stats: RunStats | None = None) -> Iterator[list]:
+def execute(backend: Backend, spec: RunSpec, stats: RunStats | None = None,
+            dispatch_now: bool = False) -> Iterator[list]:
     """Yield the results of `spec.fn` over `spec.items` on an opened backend, in batches
-    (non-empty lists): per-item work stays in C when the caller flattens them."""
-    return _Engine(backend, spec, stats or RunStats()).run()
+    (non-empty lists): per-item work stays in C when the caller flattens them.
+
+    `dispatch_now`: the first tasks are handed to the backend before this returns, and the run
+    goes on when it is iterated, which may be in another thread (auto's early start)."""
+    run = _Engine(backend, spec, stats or RunStats()).run(dispatch_now)
+    if dispatch_now:
+        next(run)
+    return run
 
 
 class _Engine:
@@ -205,8 +200,7 @@ class _Engine:
         self.source_error: BaseException | None = None
         self.exhausted = False
         self.next_index = spec.start_index
-        # ordered mode: first index not yet yielded (adopted tasks come before start_index)
-        self.emit_index = min([index for _, index, _ in spec.adopted], default=spec.start_index)
+        self.emit_index = spec.start_index  # ordered mode: first index not yet yielded
         self.blocks: dict[int, _Block] = {}
         self.flights: dict[int, _Flight] = {}
         self.requeued: list = []  # heap of (ready_at, seq, _Rerun)
@@ -221,9 +215,7 @@ class _Engine:
         self.controller = None
         self.stragglers = 0
         if spec.concurrency is not None:
-            # adopted tasks are this run's first: its measurements start with them
-            since = min([submitted for _, _, submitted in spec.adopted], default=self.clock())
-            self.controller = ConcurrencyController(spec.concurrency, since,
+            self.controller = ConcurrencyController(spec.concurrency, self.clock(),
                                                     cpu_lanes=usable_cpus() if free_threaded() else 1)
             stats.concurrency = self.controller.trajectory
             stats.workers = self.controller.limit
@@ -231,17 +223,18 @@ class _Engine:
             backend.set_concurrency(self.workers_wanted)
 
     # ---- the loop -------------------------------------------------------------------
-    def run(self) -> Iterator:
+    def run(self, dispatch_now: bool = False) -> Iterator:
         started = time.perf_counter()
         self.started = started
         sent0, received0 = self.backend.bytes_sent, self.backend.bytes_received
         self.fn = self.backend.prepare(self.spec.fn, self.spec.timeout)
         self.stats.startup_seconds += time.perf_counter() - started
         self.stats.native_threads = getattr(self.backend, "native_limits", None)
-        for task, index, _ in self.spec.adopted:
-            self._adopt(task, index)
         ordered = self.spec.ordered
         try:
+            if dispatch_now:
+                self._dispatch()
+                yield []
             while True:
                 if ordered:
                     yield from self._emit_ordered()
@@ -339,13 +332,6 @@ class _Engine:
             self._record_failure(flight, 0, exc, "", "error", worker=None, retryable=False)
             return
         self._track(flight)
-
-    def _adopt(self, task: Task, index: int) -> None:
-        """Take over a task submitted before this engine existed (`submit_ahead`)."""
-        block = None
-        if self.spec.ordered:
-            block = self.blocks[index] = _Block(len(task.items))
-        self._track(_Flight(task, block, 0, index, 0))
 
     def _track(self, flight: _Flight) -> None:
         task = flight.task

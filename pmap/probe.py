@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from typing import Callable, Iterator
+from typing import Iterator
 
 try:
     import resource
@@ -90,13 +90,11 @@ class Meter:
         """Seconds this thread waited for a core since start(): not the probe's own time."""
         return _run_queue_seconds() - self.queued_at_start
 
-    def stop(self, calls: int, helpers=()) -> None:
-        """`helpers`: native ids of threads that ran meanwhile for the run, not for the item
-        (an early start's): their CPU is not the item's native threads'."""
+    def stop(self, calls: int) -> None:
         self.calls = calls
         if not calls:
             return
-        self.cpu, self.process_cpu = native.CpuClocks().since(self.clocks, helpers)
+        self.cpu, self.process_cpu = native.CpuClocks().since(self.clocks)
         self.wall = max(self.cpu, self.elapsed() - self.queued())
         blocked = _voluntary_switches()
         if blocked is not None and self.blocked_at_start is not None and blocked == self.blocked_at_start:
@@ -133,33 +131,22 @@ def _run_queue_seconds() -> float:
 
 
 class Budgeted:
-    """Hands the probe items from the shared iterator until its budget is spent: PROBE_SECONDS,
-    or with a known length a small share of the estimated serial time, so that tiny work is
-    not probed longer than it takes. Time spent waiting for a core does not count. Items go
-    out in small batches, so the clock is read per batch, not per item."""
+    """Hands the probe items from the iterator until its budget is spent: PROBE_SECONDS, or
+    with a known length a small share of the estimated serial time, so that tiny work is not
+    probed longer than it takes. Time spent waiting for a core does not count. Items go out in
+    small batches, so the clock is read per batch, not per item.
 
-    def __init__(self, source: Iterator, meter: Meter, total: int | None):
+    `watch` (auto's early start) learns when the first item begins (`began()`) and is asked
+    before any item after it is read (`ended()`): True ends the probe there."""
+
+    def __init__(self, source: Iterator, meter: Meter, total: int | None, watch=None):
         self.source = source
         self.meter = meter
         self.total = total
+        self.watch = watch
         self.exhausted = False
         self.given = 0
         self.first = None
-        self.lock = threading.Lock()           # the probe and an early start read the one source
-        self.handed_over = False               # an early start took the next items: the probe ends
-        self.first_given = threading.Event()   # the first item is out, and the meter started
-
-    def hand_over(self, count: int, still_first: Callable[[], bool]) -> list | None:
-        """The next `count` items for an early start, and the probe takes no more; None when
-        the probe is already past its first item or `still_first()` says no."""
-        with self.lock:
-            if self.given != 1 or self.handed_over or self.exhausted or not still_first():
-                return None
-            self.handed_over = True
-            items = list(itertools.islice(self.source, count))
-            if len(items) < count:
-                self.exhausted = True
-            return items
 
     def _over(self, spent: float) -> bool:
         if not self.given:
@@ -181,22 +168,22 @@ class Budgeted:
     def _batches(self):
         meter = self.meter
         meter.start()  # from the first item on: the engine's set-up is not the function's cost
+        if self.watch is not None:
+            self.watch.began()
         step = 1
         while True:
             spent = meter.elapsed()
             # read the run queue only once the clock says stop: preemption is not the probe's time
             if self._over(spent) and self._over(spent - meter.queued()):
                 return
-            with self.lock:
-                if self.handed_over:
-                    return
-                batch = list(itertools.islice(self.source, step))
-                if not self.given and batch:
-                    self.first = batch[0]
-                self.given += len(batch)
-                if len(batch) < step:
-                    self.exhausted = True
-            self.first_given.set()
+            if self.given == 1 and self.watch is not None and self.watch.ended():
+                return
+            batch = list(itertools.islice(self.source, step))
+            if not self.given and batch:
+                self.first = batch[0]
+            self.given += len(batch)
+            if len(batch) < step:
+                self.exhausted = True
             yield batch
             if self.exhausted:
                 return

@@ -8,7 +8,6 @@ import pytest
 import pmap
 from pmap.early_start import can_start_early
 from pmap.engine import RunSpec
-from workloads import cpu_loop
 
 PROCESS_BACKENDS = {"fork", "process"}
 
@@ -35,7 +34,7 @@ def test_io_items_start_while_the_first_one_still_waits():
 
     def fetch(item):
         started = time.perf_counter()
-        time.sleep(0.2 if item == 0 else 0.02)  # the probe's first item waits long
+        time.sleep(0.3 if item == 0 else 0.02)  # the probe's first item waits long
         spans.record(item, started)
         return item * 2
 
@@ -50,20 +49,43 @@ def test_io_items_start_while_the_first_one_still_waits():
     assert sorted(spans.spans) == list(range(150))
 
 
-def _wait_then_compute(n):
-    time.sleep(0.012)  # waiting when the watcher looks (at 2, 4 or 8 ms, late on a busy machine)...
-    return cpu_loop(n)  # ...then pure Python, holding the GIL: about 60% of the item
+def spin(seconds):
+    """Pure Python for `seconds` of this thread's CPU time, however busy the machine is."""
+    deadline = time.thread_time() + seconds
+    while time.thread_time() < deadline:
+        pass
+
+
+def wait_then_compute(item):
+    if item == 0:  # waiting when the watcher looks (at 2, 4 or 8 ms, late on a busy machine)...
+        time.sleep(0.1)
+        spin(0.06)  # ...then pure Python, holding the GIL: no IO item computes this long
+    else:
+        spin(0.005)
+    return item * 3
 
 
 def test_a_first_wait_then_pure_python_still_goes_to_processes():
-    # the early threads compete for the GIL with the first item, which stretches its wall time:
-    # the probe takes their CPU off it, so the item still reads as CPU-bound
-    out = pmap.pmap(_wait_then_compute, [300_000] * 80)
+    # The early threads take the GIL from the first item, which stretches its wall time: auto
+    # lets them finish, measures another item alone, and picks processes for the CPU-bound rest.
+    spans = Spans()
+
+    def recorded(item):
+        started = time.perf_counter()
+        value = wait_then_compute(item)
+        spans.record(item, started)  # in a forked worker this records nothing the test sees
+        return value
+
+    out = pmap.pmap(recorded, list(range(100)))
     plan = out.stats.plan
     assert plan.early_items > 0, "the watcher did not start early: this test no longer tests it"
     assert plan.backend in PROCESS_BACKENDS, str(plan)
-    assert out == [cpu_loop(300_000)] * 80
+    assert out == [x * 3 for x in range(100)]
     assert out.stats.workers == plan.workers, "the early threads are reported as the run's workers"
+    assert out.stats.concurrency == [], "the early threads' trajectory is reported as the run's"
+    ran_here = sorted(spans.spans)
+    assert ran_here[:1 + plan.early_items] == list(range(1 + plan.early_items)), \
+        "the first item and those started early did not all run here, once each"
 
 
 def test_a_generator_is_not_read_from_another_thread():
@@ -94,8 +116,8 @@ def test_explain_runs_only_the_probe():
 
 
 def test_an_input_shorter_than_the_early_start_finishes_there():
-    out = pmap.pmap(lambda s: time.sleep(s) or s, [0.05] + [0.01] * 5)
-    assert out == [0.05] + [0.01] * 5
+    out = pmap.pmap(lambda s: time.sleep(s) or s, [0.3] + [0.01] * 5)
+    assert out == [0.3] + [0.01] * 5
     assert out.stats.plan.early_items == 5
 
 
@@ -120,7 +142,7 @@ def test_the_first_item_failing_ends_the_early_threads():
 
 def test_an_early_item_failing_is_reported_with_its_index():
     def fail_seventh(x):
-        time.sleep(0.1 if x == 0 else 0.01)
+        time.sleep(0.3 if x == 0 else 0.01)
         if x == 7:
             raise ValueError("seventh")
         return x
@@ -129,3 +151,53 @@ def test_an_early_item_failing_is_reported_with_its_index():
     assert out.stats.plan.early_items > 7
     assert isinstance(out[7], pmap.Failure) and out[7].index == 7 and out[7].item == 7
     assert [x for x in out if not isinstance(x, pmap.Failure)] == [x for x in range(50) if x != 7]
+
+
+def test_the_run_that_began_early_is_the_run_that_goes_on():
+    # one adaptive thread run from the early start to the end: its controller's trajectory
+    # starts at the early start, and every item runs once
+    spans = Spans()
+
+    def fetch(item):
+        started = time.perf_counter()
+        time.sleep(0.3 if item == 0 else 0.01)
+        spans.record(item, started)
+        return item
+
+    seen = []
+    out = pmap.pmap(fetch, list(range(300)), progress=lambda done, total: seen.append((done, total)))
+    assert out == list(range(300))
+    plan = out.stats.plan
+    assert plan.early_items > 0 and out.stats.backend == "thread"
+    assert plan.concurrency is not None and plan.concurrency.start >= plan.early_items
+    assert out.stats.concurrency and out.stats.concurrency[0][1] == plan.concurrency.start
+    assert sorted(spans.spans) == list(range(300))
+    assert seen[-1] == (300, 300) and [done for done, _ in seen] == sorted(done for done, _ in seen)
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+def test_imap_over_an_early_start_yields_every_item(ordered):
+    def fetch(item):
+        time.sleep(0.3 if item == 0 else 0.005)
+        return item
+
+    with pmap.imap(fetch, list(range(120)), ordered=ordered) as results:
+        got = list(results)
+        plan = results.stats.plan
+    assert plan.early_items > 0
+    assert (got if ordered else sorted(got)) == list(range(120))
+
+
+def test_an_early_item_raising_ends_the_run_with_its_error():
+    def fail_ninth(x):
+        time.sleep(0.3 if x == 0 else 0.01)
+        if x == 9:
+            raise KeyError("ninth")
+        return x
+
+    with pytest.raises(KeyError, match="ninth"):
+        pmap.pmap(fail_ninth, list(range(80)))
+    deadline = time.monotonic() + 5
+    while _pmap_threads() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not _pmap_threads()

@@ -51,15 +51,12 @@ class ThreadBackend(Backend):
         while len(self.threads) < self.wanted:
             self._spawn()
 
-    def set_concurrency(self, tasks: int, background: bool = True) -> None:
+    def set_concurrency(self, tasks: int) -> None:
         # Threads are added as the limit grows; when it falls, the spare ones wait idle on the
         # queue (the engine sends no more tasks than the limit), ready for the next rise.
         self.wanted = max(1, min(tasks, self.workers))
         if not self.threads:
             return  # not open yet: open() starts them
-        if not background:  # the caller has nothing better to do meanwhile
-            self._grow()
-            return
         with self.lock:
             if self.spawner is not None and self.spawner.is_alive():
                 return
