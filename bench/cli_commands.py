@@ -125,6 +125,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="xargs -P and pmap -j")
     parser.add_argument("--output", help="also write the table to this markdown file")
     args = parser.parse_args()
+    load_before = os.getloadavg()[0]
     scratch = tempfile.mkdtemp(prefix="pmap-bench-cmd-")
     env = environment(os.path.join(scratch, "pycache"))
     try:
@@ -143,8 +144,9 @@ def main() -> None:
             "\"pmap start-up\" is a one-item `pmap run --cmd true x`; \"per file beyond xargs\" is "
             "(pmap - start-up - xargs) / files.",
             "",
-            f"Machine: {machine()}; Python {platform.python_version()}; "
-            f"{time.strftime('%Y-%m-%d')}.",
+            f"Machine: {machine()}; Python {platform.python_version()}; {time.strftime('%Y-%m-%d')}; "
+            f"load average {load_before:.1f} before and {os.getloadavg()[0]:.1f} after (other work on the "
+            "machine widens the spread).",
             "",
             "| files | xargs | pmap | pmap / xargs | pmap start-up | per file beyond xargs |",
             "|---|---|---|---|---|---|",
