@@ -91,14 +91,10 @@ class EarlyStart:
 
     def ended(self) -> bool:
         """The first item is over: True when the items after it started early (the probe ends
-        there), once they are all dispatched."""
+        there). Wakes no thread: the probe's time is not the watcher's."""
         with self.lock:
             self.first_over = True
-            started = self.backend is not None
-        if not started:
-            self.stopping.set()
-        self.watcher.join()
-        return started
+            return self.backend is not None
 
     # ---- what auto does with it -------------------------------------------------------------
     def finish(self) -> Iterator | None:
@@ -109,8 +105,10 @@ class EarlyStart:
         return self.run
 
     def stop(self) -> None:
-        self.first_began.set()  # wakes a watcher still waiting for the first item
         self.ended()
+        self.stopping.set()
+        self.first_began.set()  # wakes a watcher still waiting for the first item
+        self.watcher.join()
 
     def drain(self) -> list:
         """Start no more items: those started finish here. Their results, in order."""
@@ -142,8 +140,8 @@ class EarlyStart:
         self.first_began.wait()
         look_at = EARLY_WATCH_SECONDS
         while True:  # looks at 2, 4, 8... ms: a first connection's set-up may cost CPU at first
-            if self.stopping.wait(max(0.0, meter.started + look_at - time.perf_counter())):
-                return  # the probe ended first
+            if self.stopping.wait(max(0.0, meter.started + look_at - time.perf_counter())) or self.first_over:
+                return  # the first item ended first
             elapsed = time.perf_counter() - meter.started
             cpu = time.clock_gettime(self.caller_clock) - meter.clocks.thread
             # Time the caller's thread spent waiting for a core is not the item's waiting. Only
