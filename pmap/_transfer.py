@@ -1,6 +1,15 @@
-"""Big objects between the caller and its worker processes.
+"""Everything that crosses between the caller and its worker processes, and how big objects do.
 
-Tasks and results are pickled with protocol 5. Buffers of `THRESHOLD` bytes or more (numpy
+One way to pickle (`pack`, and `dumps`/`Channel.dumps` for whole messages; `unpack`/`loads`
+undo them), one fallback order for tasks, functions, results and exceptions, both ways: plain
+pickle (fast, and it names importable functions and classes), and only where that fails,
+cloudpickle keeping file names (lambdas, closures, local classes). With `main_by_value`
+(always for functions and initializers; for items when the workers were not forked from the
+caller) plain pickle may not name a function or class of `__main__` or of a module registered
+with `cloudpickle.register_pickle_by_value`: the worker may not have it, so it goes by value.
+`_outcome` builds the task and result formats on these.
+
+Messages are pickled with protocol 5. Buffers of `THRESHOLD` bytes or more (numpy
 arrays, bytearrays, pandas' blocks) are taken out of band and written to one shared-memory
 segment per message; only a small header crosses the pipe, and the receiver maps the segment
 instead of copying it. A function's big buffers go to a segment every worker maps read-only,
@@ -58,6 +67,9 @@ import cloudpickle
 from .errors import ItemNotPicklable, warn_user
 
 THRESHOLD = 1 << 20          # buffers from this size on go through shared memory
+# A part packed to nest in a message leaves buffers from this size on to the message, which
+# copies them once (into its segment, or its pickle) instead of once per level of nesting.
+NESTED_THRESHOLD = 1 << 10
 PROTOCOL = 5
 PREFIX = "pmap-"
 MAGIC = b"PMP\x05"           # a plain pickle starts with b"\x80"; this one with a segment header
@@ -120,22 +132,67 @@ class cloudpickle_keeping_paths:
             return file.getvalue()
 
 
-# ---- encoding -------------------------------------------------------------------------
-def _pickle_out_of_band(obj, module) -> tuple[bytes, list]:
-    """(pickle, big buffers): the buffers of THRESHOLD bytes or more are left out of the pickle."""
-    big: list = []
-
-    def keep_in_band(buffer: pickle.PickleBuffer) -> bool:
-        try:
-            raw = buffer.raw()
-        except BufferError:  # not contiguous: pickle copies it in band
-            return True
-        if raw.nbytes < THRESHOLD and _shared_reference(raw) is None:
-            return True
-        big.append(raw)
+# ---- pickling: one fallback order ------------------------------------------------------
+def _module_goes_by_value(module) -> bool:
+    """Whether a worker may lack `module`, so that what lives in it must be sent by value."""
+    if not isinstance(module, str):
         return False
+    if module == "__main__":
+        return True
+    return any(module == name or module.startswith(name + ".")
+               for name in cloudpickle.list_registry_pickle_by_value())
 
-    return module.dumps(obj, protocol=PROTOCOL, buffer_callback=keep_in_band), big
+
+class _PlainPicklerMainByValue(pickle.Pickler):
+    """Plain pickle that refuses to name a function or class of a module a worker may lack
+    (see `_module_goes_by_value`): a function run from __main__, a notebook or `pmap run
+    file.py` then goes by value instead of by a name the worker cannot look up."""
+
+    def reducer_override(self, obj):
+        if isinstance(obj, (types.FunctionType, type)) and _module_goes_by_value(getattr(obj, "__module__", None)):
+            raise pickle.PicklingError(f"{obj!r} lives in {obj.__module__}, which a worker may not have")
+        return NotImplemented  # everything else as plain pickle does it
+
+
+def picklers(main_by_value: bool = False) -> tuple:
+    """The one fallback order, as Pickler classes to try in turn: plain pickle, then
+    cloudpickle keeping file names. The only place that says how pmap pickles."""
+    return (_PlainPicklerMainByValue if main_by_value else pickle.Pickler, _PathKeepingPickler)
+
+
+def _dump(pickler, obj, buffer_callback) -> bytes:
+    if pickler is pickle.Pickler:
+        return pickle.dumps(obj, PROTOCOL, buffer_callback=buffer_callback)  # the same, a little faster
+    with io.BytesIO() as file:
+        pickler(file, PROTOCOL, buffer_callback=buffer_callback).dump(obj)
+        return file.getvalue()
+
+
+def _pickle_out_of_band(obj, main_by_value: bool = False, out_of_band: bool = True,
+                        threshold: int = THRESHOLD) -> tuple[bytes, list]:
+    """(pickle, big buffers) of `obj`, trying each of `picklers` in turn; the buffers of
+    `threshold` bytes or more, and those in shared arrays, are left out of the pickle (all
+    stay in band without `out_of_band`). Raises what the last one raised."""
+    error: Exception | None = None
+    for pickler in picklers(main_by_value):
+        big: list = []
+
+        def keep_in_band(buffer: pickle.PickleBuffer) -> bool:
+            try:
+                raw = buffer.raw()
+            except BufferError:  # not contiguous: pickle copies it in band
+                return True
+            if raw.nbytes < threshold and _shared_reference(raw) is None:
+                return True
+            big.append(raw)
+            return False
+
+        try:
+            return _dump(pickler, obj, keep_in_band if out_of_band else None), big
+        except Exception as exc:  # this way cannot pickle it: the next one may
+            error = exc
+    assert error is not None
+    raise error
 
 
 def _write_segment(name: str, buffers: list) -> tuple:
@@ -162,14 +219,14 @@ def _write_segment(name: str, buffers: list) -> tuple:
         os.close(fd)
 
 
-def encode(obj, channel: str | None, segment: str | None, shared: bool = False, module=pickle,
-           always_header: bool = False) -> bytes:
+def encode(obj, channel: str | None, segment: str | None, shared: bool = False, always_header: bool = False,
+           main_by_value: bool = False) -> bytes:
     """Pickle `obj`; with a channel and big buffers, those go to segment `segment` and the
     message starts with a header naming it (`always_header`: even without, so the receiver
     learns the channel). Without a channel (nobody would release a segment) all is in band."""
     if channel is None:
-        return module.dumps(obj, protocol=PROTOCOL)
-    data, big = _pickle_out_of_band(obj, module)
+        return _pickle_out_of_band(obj, main_by_value, out_of_band=False)[0]
+    data, big = _pickle_out_of_band(obj, main_by_value)
     # Arrays already in shared memory travel by name when the channel's caller made them: it
     # keeps them while the run lasts. Any other (a worker's own, gone once it returns) is copied.
     lender = _owner_pid(channel)
@@ -184,10 +241,17 @@ def encode(obj, channel: str | None, segment: str | None, shared: bool = False, 
             own_layout = iter(_write_segment(segment, own))
             layout = tuple(reference or next(own_layout) for reference in references)
         except OSError:  # shared memory full or unavailable: the pipe still works
-            data, segment, layout = module.dumps(obj, protocol=PROTOCOL), None, ()
+            data, segment, layout = _pickle_out_of_band(obj, main_by_value, out_of_band=False)[0], None, ()
     if not layout and not always_header:
         return data
     return _with_header((channel, segment, layout, shared), data)
+
+
+def dumps(obj, main_by_value: bool = False) -> bytes:
+    """`obj` as one message without a channel (everything in band), for `loads`; a function
+    or an initializer with `main_by_value` (see the module's docstring). Raises what pickling
+    raises."""
+    return encode(obj, None, None, main_by_value=main_by_value)
 
 
 def _with_header(fields: tuple, data: bytes) -> bytes:
@@ -196,10 +260,11 @@ def _with_header(fields: tuple, data: bytes) -> bytes:
     return b"".join((_HEAD.pack(MAGIC, len(meta)), meta, data))
 
 
-def pack(obj, module=pickle) -> tuple[bytes, list]:
-    """(pickle, big buffers) of `obj`, to nest in a message: the buffers are PickleBuffers, so
-    the message's own `encode` sends them through its segment (in band without a channel)."""
-    data, big = _pickle_out_of_band(obj, module)
+def pack(obj, main_by_value: bool = False) -> tuple[bytes, list]:
+    """(pickle, big buffers) of `obj`, a part its receiver rebuilds on its own (items, values,
+    an exception): the buffers are PickleBuffers, so the message it travels in sends them
+    through its segment (in band without a channel). Raises what pickling raises."""
+    data, big = _pickle_out_of_band(obj, main_by_value, threshold=NESTED_THRESHOLD)
     return data, [pickle.PickleBuffer(raw) for raw in big]
 
 
@@ -310,16 +375,13 @@ class Channel:
         _open_channels.add(self.name)
 
     def dumps(self, obj) -> bytes:
-        """A task: plain pickle first, cloudpickle for lambdas and __main__ objects."""
+        """A task, big buffers through a segment of this channel."""
         segment = f"{self.name}-t{next(self.counter)}"
         try:
             message = encode(obj, self.name, segment, always_header=True)
-        except Exception:
-            try:
-                message = encode(obj, self.name, segment, module=cloudpickle_keeping_paths, always_header=True)
-            except Exception as exc:
-                raise ItemNotPicklable(f"cannot pickle the task to send it to a worker: "
-                                       f"{type(exc).__name__}: {exc}") from exc
+        except Exception as exc:  # neither way could pickle it: the caller reports the items
+            raise ItemNotPicklable(f"cannot pickle the task to send it to a worker: "
+                                   f"{type(exc).__name__}: {exc}") from exc
         self.traffic.add("items", len(message))
         return message
 
@@ -329,7 +391,7 @@ class Channel:
         import hashlib
         self.release_function()
         segment = f"{self.name}-f{next(self.counter)}"
-        data = encode(fn, self.name, segment, shared=True, module=cloudpickle_keeping_paths)
+        data = encode(fn, self.name, segment, shared=True, main_by_value=True)
         key = hashlib.blake2b(data, digest_size=12).hexdigest()
         split = _split(data)
         if split is not None:
@@ -681,26 +743,32 @@ class _CountingWriter:
         return n
 
 
-def measure(obj, module=pickle) -> tuple[int, int]:
+def measure(obj, module=None, main_by_value: bool = False) -> tuple[int, int]:
     """(bytes that would cross a pipe, bytes that would go through shared memory) for `obj`,
-    pickled into a counter: nothing is kept, so a big object costs no second copy. Raises
-    what pickling raises."""
-    writer = _CountingWriter()
-    big = [0]
+    pickled into a counter by each of `picklers` in turn (only cloudpickle's way when `module`
+    is cloudpickle): nothing is kept, so a big object costs no second copy. Raises what
+    pickling raises."""
+    error: Exception | None = None
+    for pickler in picklers(main_by_value)[1:] if module is cloudpickle else picklers(main_by_value):
+        writer = _CountingWriter()
+        big = [0]
 
-    def out_of_band(buffer: pickle.PickleBuffer) -> bool:
+        def out_of_band(buffer: pickle.PickleBuffer) -> bool:
+            try:
+                raw = buffer.raw()
+            except BufferError:
+                return True
+            if _shared_reference(raw) is not None:
+                return False  # already in shared memory: nothing to move
+            if raw.nbytes < THRESHOLD:
+                return True
+            big[0] += raw.nbytes
+            return False
+
         try:
-            raw = buffer.raw()
-        except BufferError:
-            return True
-        if _shared_reference(raw) is not None:
-            return False  # already in shared memory: nothing to move
-        if raw.nbytes < THRESHOLD:
-            return True
-        big[0] += raw.nbytes
-        return False
-
-    pickler = (_PathKeepingPickler if module is cloudpickle else pickle.Pickler)(
-        writer, protocol=PROTOCOL, buffer_callback=out_of_band)
-    pickler.dump(obj)
-    return writer.bytes, big[0]
+            pickler(writer, protocol=PROTOCOL, buffer_callback=out_of_band).dump(obj)
+            return writer.bytes, big[0]
+        except Exception as exc:  # this way cannot pickle it: the next one may
+            error = exc
+    assert error is not None
+    raise error
