@@ -580,7 +580,7 @@ def _remove(path: str) -> None:
             shutil.rmtree(path, ignore_errors=True)
         else:
             os.unlink(path)
-    except OSError:
+    except OSError:  # gone already, or another user's: nothing left for us to remove
         pass
 
 

@@ -5,7 +5,8 @@ An ordinary array passed to process, pool or fork workers is copied once per run
 memory (and once more back if it is returned). An array made here is never copied: a message
 that holds it, a slice of it, or a function whose closure or `functools.partial` holds it
 carries only its name, and each worker maps the same memory. What a worker writes into it the
-caller sees, so workers can fill one output array, each its own part.
+caller sees, so workers can fill one output array, each its own part. An array a worker makes
+here is that worker's own: returned, it reaches the caller as a copy, like any array.
 """
 from __future__ import annotations
 
@@ -27,11 +28,12 @@ def _numpy():
 
 def shared_array(shape: int | tuple[int, ...], dtype: Any = float):
     """A zero-filled numpy array in shared memory. Process, pool and fork workers that receive
-    it (in an item, in the function's closure or `functools.partial` arguments, or as a
-    result) map the same memory, with no copy; threads, greenlets and asyncio see it as any
-    array; dask and manager workers, which may run on other hosts, get a copy. Contiguous
-    slices travel the same way; a non-contiguous slice is copied. The memory is freed when the
-    caller's last array over it is dropped, or when the caller ends."""
+    it (in an item, in the function's closure or `functools.partial` arguments) map the same
+    memory, with no copy, and so does the caller when a worker returns it; threads, greenlets
+    and asyncio see it as any array; dask and manager workers, which may run on other hosts,
+    get a copy. Contiguous slices travel the same way; a non-contiguous slice is copied. The
+    memory is freed when the caller's last array over it is dropped, or when the caller ends.
+    Made inside a worker, it is that worker's: returned, it reaches the caller as a copy."""
     numpy = _numpy()
     dtype = numpy.dtype(dtype)
     if dtype.hasobject:
