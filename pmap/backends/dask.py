@@ -10,7 +10,12 @@ which grows only from queued work). Each future's outcome is fetched by a corout
 own in the client's event loop, errors included, and `wait` also reads the futures' own
 status, so no outcome goes unreported. Items and results travel as pickled bytes made by
 pmap, so an item or result that cannot be pickled fails alone, as on the other process
-backends. A task whose worker died is reported by dask as `KilledWorker` (at the first death
+backends; each task carries its item count, so a worker that cannot rebuild its items still
+answers for each of them. The initializer runs in each worker process before its first task
+of the run; one that raises (SystemExit included) stops the run with one `InitializerError`.
+One that ends its worker process (os._exit) cannot be told from an item doing so: dask reports
+it as `KilledWorker`, and the items fail as crashes. A task whose worker died is reported by
+dask as `KilledWorker` (at the first death
 on pmap's own LocalCluster; as often as the cluster's `allowed-failures` allows elsewhere),
 and by pmap as a crash naming it, retried under `retries`.
 
@@ -27,16 +32,18 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import pickle
 import queue
 import socket
 import threading
 import time
+import traceback
 import uuid
 
-from .._outcome import encode_result
+from .._outcome import SentException, encode_result
 from .._worker import WORKER_CATCH, cached_function, dumps, every_item_failed, loads, run_items
 from ..engine import AHEAD_CHUNKS_PER_SLOT
-from ..errors import BackendUnavailable, PmapError, TaskTimeout
+from ..errors import BackendUnavailable, InitializerError, ItemNotPicklable, PmapError, RemoteTraceback, TaskTimeout
 from ._options import positive_seconds
 from ._pooled import pickle_function
 from .base import Backend, Done, Fatal, Lost, Started
@@ -68,26 +75,43 @@ CLOSE_SECONDS = 10.0
 _INITIALIZED: set = set()
 _INIT_LOCK = threading.Lock()
 
+# What run_chunk returns: (worker label, one of these, its data).
+RESULT = "result"                  # the encoded outcome of every item
+SPLIT = "split"                    # the items did not unpickle here: the reason (each then runs alone)
+INITIALIZER_FAILED = "initializer-failed"  # pickled (exception, traceback text)
 
-def run_chunk(fn_key: str, fn_bytes: bytes, init_key, init_bytes, payload: bytes,
+
+def run_chunk(fn_key: str, fn_bytes: bytes, init_key, init_bytes, payload: bytes, n_items: int,
               start_topic=None, task_id=None) -> tuple:
-    """One pmap task on a dask worker: returns (worker label, encoded result)."""
+    """One pmap task of `n_items` items on a dask worker: returns (worker label, kind, data).
+    The count travels beside the payload, so a payload that does not unpickle here is still
+    answered item for item."""
     label = f"{socket.gethostname()}:{os.getpid()}"
     if start_topic is not None:
         _report_start(start_topic, task_id, label)
-    items = []
-    try:
-        if init_bytes is not None and init_key not in _INITIALIZED:
-            with _INIT_LOCK:  # a worker with several threads runs the initializer once
-                if init_key not in _INITIALIZED:
+    if init_bytes is not None and init_key not in _INITIALIZED:
+        with _INIT_LOCK:  # a worker with several threads runs the initializer once
+            if init_key not in _INITIALIZED:
+                try:
                     initializer, initargs = loads(init_bytes)
                     initializer(*initargs)
-                    _INITIALIZED.add(init_key)
+                except BaseException as exc:  # noqa: B036  (SystemExit too: every other backend reports it)
+                    report = pickle.dumps((SentException(exc), traceback.format_exc()))
+                    return label, INITIALIZER_FAILED, report
+                _INITIALIZED.add(init_key)
+    try:
         items = loads(payload)
+    except Exception as exc:  # a class or module an item needs is missing on this worker
+        if n_items > 1:  # the backend has each item run alone: only those that do not load fail
+            return label, SPLIT, (f"one of its {n_items} items could not be rebuilt in the worker: "
+                                  f"{type(exc).__name__}: {exc}")
+        error = ItemNotPicklable(f"the item could not be rebuilt in the worker: {type(exc).__name__}: {exc}")
+        return label, RESULT, encode_result(None, *every_item_failed(n_items, error), 0.0)
+    try:
         fn = cached_function(fn_key, lambda: fn_bytes)
     except Exception as exc:  # e.g. a module the function needs is missing on this worker
-        return label, encode_result(None, *every_item_failed(len(items), exc), 0.0)
-    return label, encode_result(None, *run_items(fn, items, catch=WORKER_CATCH))
+        return label, RESULT, encode_result(None, *every_item_failed(n_items, exc), 0.0)
+    return label, RESULT, encode_result(None, *run_items(fn, items, catch=WORKER_CATCH))
 
 
 def _report_start(topic, task_id, label) -> None:
@@ -337,7 +361,7 @@ class DaskBackend(Backend):
     def submit(self, task) -> None:
         payload = dumps(task.items)
         key = f"pmap-{self.run_prefix}-{task.id}"
-        future = self.client.submit(run_chunk, *self.fn_args, *self.init_args, payload,
+        future = self.client.submit(run_chunk, *self.fn_args, *self.init_args, payload, len(task.items),
                                     self.start_topic, task.id, key=key, pure=False)
         self.watches[task.id] = _Watch(future, len(task.items), time.monotonic())
         self._fetch_soon(task.id, future)
@@ -396,15 +420,39 @@ class DaskBackend(Backend):
         future = watch.future
         status = future.status
         if status == "finished" and isinstance(result, tuple):
-            label, data = result
-            _, values, failures, elapsed = loads(data)
-            return Done(task_id, label, values, failures, elapsed)
+            return self._finished(task_id, watch, *result)
         if status in ("error", "cancelled"):
             return self._failed(task_id, watch, _future_error(future) or result)
         # Still pending or lost (recomputed after its result was lost with its worker).
         watch.fetches += 1
         self._fetch_soon(task_id, future)
         return None
+
+    def _finished(self, task_id, watch, label, kind, data):
+        """The event for what run_chunk returned."""
+        if kind == SPLIT:  # an item did not unpickle on the worker: the engine runs each alone
+            return Lost(task_id, label, None, data, blame=False)
+        if kind == INITIALIZER_FAILED:
+            return Fatal(self._initializer_error(label, data))
+        try:
+            _, values, failures, elapsed = loads(data)
+        except Exception as exc:  # a result type this process cannot import
+            return Done(task_id, label, *every_item_failed(watch.n_items, exc), 0.0)
+        return Done(task_id, label, values, failures, elapsed)
+
+    def _initializer_error(self, label, report) -> InitializerError:
+        """The one error every backend gives for a failed initializer, naming it and the worker."""
+        try:
+            cause, tb = loads(report)
+        except Exception as exc:  # an exception type this process cannot import
+            cause, tb = exc, ""
+        if tb:
+            cause.__cause__ = RemoteTraceback(tb)
+        name = getattr(self.initializer, "__qualname__", None) or type(self.initializer).__name__
+        error = InitializerError(f"the initializer {name} failed in worker {label} of backend 'dask': "
+                                 f"{type(cause).__name__}: {cause}")
+        error.__cause__ = cause
+        return error
 
     def _failed(self, task_id, watch, error):
         from distributed import KilledWorker
