@@ -168,7 +168,7 @@ def test_sigkilled_worker_host_loses_nothing(key_file, worker_commands, marker_d
     finished_by = dict(out)
     assert any(finished_by[item] not in victim_pids for item in killed_mid_task), \
         "no item the victim had started was finished by the survivor"
-    assert out.stats.crashed_workers == 0 and out.stats.retried == 0  # re-queued by the broker
+    assert out.stats.crashed_workers == 0 and out.stats.retried == 0  # lost unblamed: the engine ran them again
     _, alive = psutil.wait_procs(victim_procs, timeout=10)
     assert not alive, "the killed worker's processes outlived it"
     assert survivor.wait(HANG_GUARD) == 0  # the driver ended: the survivor exits cleanly
@@ -326,8 +326,11 @@ def test_a_function_a_worker_cannot_load_fails_every_item_of_its_task():
 
 
 def test_initializer_failure_reaches_the_caller():
-    with pytest.raises(RuntimeError, match="initializer refuses"):
+    # It used to arrive as the initializer's own RuntimeError; every backend gives one InitializerError.
+    with pytest.raises(pmap.InitializerError, match="initializer refuses") as info:
         pmap.pmap(square, range(4), backend="manager", workers=1, initializer=fail_initializer)
+    assert "fail_initializer" in str(info.value) and "'manager'" in str(info.value)
+    assert isinstance(info.value.__cause__, RuntimeError)
 
 
 CTRL_C_SCRIPT = textwrap.dedent("""
@@ -389,24 +392,27 @@ def test_worker_command_explains_a_missing_authkey_file(tmp_path):
 
 # ---- the broker's bookkeeping, without processes -------------------------------------------
 
-def test_broker_first_result_wins_after_a_lease_expires():
-    broker = Broker(lease_seconds=0.2, prefetch=0, initializer_bytes=None)  # no janitor: reaped by hand
+def test_broker_reports_an_expired_lease_lost_and_refuses_its_late_result():
+    """The broker decides no retry: a host silent past its lease loses its task (reported
+    unblamed, for the engine to run again), nothing goes back to the queue, and the silent
+    worker's late result is refused. (It used to re-queue the task itself.)"""
+    broker = Broker(lease_seconds=10, prefetch=0, initializer_bytes=None)  # no janitor: reaped by hand
     slow_host, _ = broker.hello_host({"name": "slow"})
     slow_worker, _ = broker.hello_worker(slow_host, 101)
-    broker.put(7, "fn", b"payload")
-    assert [t[0] for t in broker.lease(slow_worker, 1, 0)] == [7]
+    broker.put(7, "fn", b"payload", n_items=3)
+    assert broker.lease(slow_worker, 1, 0) == [(7, "fn", 3, b"payload")]
     fast_host, _ = broker.hello_host({"name": "fast"})
     fast_worker, _ = broker.hello_worker(fast_host, 202)
     broker.reap()                          # within the lease: nothing changes
-    assert broker.lease(fast_worker, 1, 0) == []
-    time.sleep(0.3)
-    broker.supervise(fast_host, 0)         # the fast host heart-beats; the slow one went quiet
-    broker.reap()                          # past its lease: task 7 goes back to the queue
-    assert [t[0] for t in broker.lease(fast_worker, 1, 0)] == [7]
-    broker.complete(fast_worker, [(7, b"first")])
-    broker.complete(slow_worker, [(7, b"late duplicate")])
-    done = [e for e in broker.take_events(0) if isinstance(e, tuple) and e[0] == "done"]
-    assert done == [("done", 7, "fast:202", b"first")]
+    assert not any(isinstance(e, Lost) for e in broker.take_events(0))
+    broker.hosts[slow_host].last_seen -= 11  # the slow host went quiet for longer than its lease
+    broker.reap()                          # past its lease: task 7 is lost, not re-queued
+    lost = [e for e in broker.take_events(0) if isinstance(e, Lost)]
+    assert [(e.task_id, e.worker, e.blame) for e in lost] == [(7, "slow:101", False)]
+    assert "stopped heart-beating" in lost[0].reason
+    assert list(broker.queue) == [] and broker.lease(fast_worker, 1, 0) == []
+    broker.complete(slow_worker, [(7, b"late")])
+    assert broker.take_events(0) == [] and broker.refused_results == 1
 
 
 def test_broker_blames_only_the_task_a_dead_worker_was_running():
@@ -418,9 +424,54 @@ def test_broker_blames_only_the_task_a_dead_worker_was_running():
     assert [t[0] for t in broker.lease(worker, 2, 0)] == [1, 2]  # 1 runs, 2 is prefetched
     broker.worker_exited(host, 5, -9)
     events = broker.take_events(0)
-    assert [type(e) for e in events] == [Started, Lost]
+    assert [type(e) for e in events] == [Started, Lost, Lost]
     assert events[1].task_id == 1 and events[1].blame and events[1].exitcode == -9
-    assert list(broker.queue) == [2]  # the prefetched task goes back unblamed
+    # the prefetched task is lost unblamed (it used to go back to the queue by the broker's own rule)
+    assert events[2].task_id == 2 and not events[2].blame
+    assert list(broker.queue) == []
+
+
+def _broker_with_a_leased_task():
+    broker = Broker(lease_seconds=10, prefetch=0, initializer_bytes=None)
+    host, _ = broker.hello_host({"name": "h"})
+    holder, _ = broker.hello_worker(host, 1)
+    other, _ = broker.hello_worker(host, 2)
+    broker.put(1, "fn", b"a")
+    broker.put(2, "fn", b"b")
+    assert [t[0] for t in broker.lease(holder, 1, 0)] == [1]
+    broker.take_events(0)
+    return broker, holder, other
+
+
+def test_broker_delivers_a_result_only_from_the_worker_holding_the_lease(caplog):
+    broker, holder, other = _broker_with_a_leased_task()
+    with caplog.at_level(logging.WARNING, logger="pmap.manager"):
+        broker.complete(9999, [(1, b"forged")])   # a worker id never registered
+        broker.complete(other, [(1, b"forged")])  # registered, but task 1 is leased to `holder`
+        broker.complete(holder, [(2, b"forged")])  # task 2 was never leased to anyone
+        broker.complete(other, [(424242, b"forged")])  # no such task
+    assert broker.take_events(0) == []
+    assert broker.refused_results == 4
+    assert list(broker.queue) == [2] and 1 in broker.tasks  # nothing it held changed
+    refusals = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert len(refusals) == 1 and "never registered" in refusals[0]  # said once, counted after
+    broker.complete(holder, [(1, b"real")])
+    assert [e for e in broker.take_events(0) if isinstance(e, tuple)] == [("done", 1, "h:1", b"real")]
+
+
+def test_broker_refuses_an_initializer_report_from_a_worker_not_starting():
+    broker, holder, other = _broker_with_a_leased_task()
+    broker.fatal(9999, b"forged")
+    broker.fatal(holder, b"forged")  # it already asked for work: its initializer ran
+    assert broker.take_events(0) == [] and broker.refused_results == 2
+
+
+def test_broker_drops_quietly_the_result_of_a_task_the_driver_cancelled(caplog):
+    broker, holder, _ = _broker_with_a_leased_task()
+    broker.cancel(1)  # a timeout: the driver expects nothing more of it
+    with caplog.at_level(logging.WARNING, logger="pmap.manager"):
+        broker.complete(holder, [(1, b"too late")])
+    assert broker.take_events(0) == [] and broker.refused_results == 0 and not caplog.records
 
 
 def test_broker_does_not_let_a_busy_worker_prefetch_what_an_idle_one_waits_for():
@@ -586,3 +637,54 @@ def test_without_workers_the_driver_says_how_to_join_and_a_timeout_still_holds(k
     assert "no manager worker started" in str(out[0].exception)
     err = capfd.readouterr().err
     assert "no workers; join with: pmap worker" in err and key_file in err
+
+
+# ---- results only from the lease holder, losses reported to the engine -------------------------
+
+def test_forged_results_over_the_network_are_refused_and_the_run_stays_right(key_file, worker_commands, caplog):
+    """A key holder sends results for queued tasks: under a worker id never registered, and
+    under a registered one that holds no lease. Neither is delivered; the real worker's are."""
+    from pmap._outcome import encode_result
+    from pmap.backends.manager.wire import connect, read_authkey_file
+    backend = remote_only_driver(key_file)
+    forger = connect(backend.address, read_authkey_file(key_file))
+    host_id, _ = forger.hello_host({"name": "forger"})
+    registered, _ = forger.hello_worker(host_id, 424242)
+    with caplog.at_level(logging.WARNING, logger="pmap.manager"), ThreadPoolExecutor(1) as pool:
+        run = pool.submit(pmap.pmap, square, range(6), backend=backend, chunksize=3)
+        wait_until(lambda: len(backend.broker.tasks) == 2, "both tasks to wait for a worker")
+        for task_id, record in list(backend.broker.tasks.items()):
+            forged = encode_result(task_id, [-1] * record.n_items, [], 0.0)
+            forger.complete(9999, [(task_id, forged)])
+            forger.complete(registered, [(task_id, forged)])
+        worker_commands(backend.address, key_file)
+        out = run.result(timeout=HANG_GUARD)
+    assert out == [i * i for i in range(6)]
+    assert backend.broker.refused_results == 4
+    assert sum("refused a result" in r.getMessage() for r in caplog.records) == 1
+
+
+@pytest.mark.timeout(HANG_GUARD * 2)
+def test_an_expired_lease_ends_in_a_loss_the_engine_runs_again(key_file, worker_commands, marker_dir):
+    """A host frozen mid-task (SIGSTOP: its connection stays open, its heartbeats stop) loses
+    its lease; the broker reports the task lost, unblamed, and the engine runs it on the other
+    host. Nothing waits on the frozen host."""
+    backend = remote_only_driver(key_file, lease_seconds=1.0)
+    frozen = worker_commands(backend.address, key_file)
+    wait_until(lambda: backend.broker.live_workers() == 1, "the first worker to join")
+    frozen_family = [frozen.pid] + worker_children(frozen)
+    items = [(i, 0.5, str(marker_dir)) for i in range(6)]
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            run = pool.submit(pmap.pmap, note_start_then_sleep, items, backend=backend, chunksize=1)
+            wait_until(lambda: markers(marker_dir), "the first worker to start an item")
+            for pid in frozen_family:
+                os.kill(pid, signal.SIGSTOP)
+            worker_commands(backend.address, key_file)
+            out = run.result(timeout=HANG_GUARD)
+    finally:
+        for pid in frozen_family:
+            os.kill(pid, signal.SIGCONT)
+    assert [item for item, _ in out] == list(range(6))  # none lost, none twice, in order
+    assert not {pid for _, pid in out} & set(frozen_family)
+    assert out.stats.crashed_workers == 0  # a lost host blames none of its items

@@ -5,9 +5,11 @@ a supervisor (`pmap worker HOST:PORT`, or the local one the driver starts itself
 starts worker processes, heart-beats for them, reports their deaths at once and kills one
 on request (a timeout). Worker processes lease tasks, run them, and complete them.
 
-Delivery is at-least-once: a task whose host stops heart-beating (its lease expires) goes
-back to the queue under the same task id, and the first result to arrive for a task id
-wins; a later duplicate is dropped. Functions should therefore be idempotent.
+The broker decides no policy: a task whose worker process dies, or whose host stops
+heart-beating (its lease expires) or disconnects, is reported lost to the engine, which runs
+its items again under its own rules. Delivery is therefore at-least-once (a lost host may have
+run part of the work): functions should be idempotent. A result is accepted only from the
+worker holding the task's lease; any other is refused and counted (`Broker.refused_results`).
 
 The broker handles bytes only: functions, items and results travel pickled (cloudpickle
 where plain pickle cannot) and are unpickled by the workers and by the driver's backend,

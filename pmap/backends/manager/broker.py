@@ -1,4 +1,9 @@
-"""The broker: lives in the driver, leases tasks to workers and tracks hosts; it handles bytes only."""
+"""The broker: lives in the driver, leases tasks to workers and tracks hosts; it handles bytes only.
+
+It decides nothing about retries: a task whose worker died or whose host went silent is
+reported `Lost` (blamed only when it was running on a worker process that died), and the
+engine decides whether its items run again. It accepts a result only from the worker that
+holds the task's lease."""
 from __future__ import annotations
 
 import collections
@@ -7,18 +12,24 @@ import time
 
 from .._procutil import describe_exit
 from ..base import Lost, Started
-from .wire import (FUNCTIONS_KEPT, MAX_LEASE_EXPIRIES)
+from .wire import FUNCTIONS_KEPT, logger
+
+# What a worker process is doing, as far as the broker knows.
+STARTING = "starting"   # joined; fetching and running the initializer, no lease asked yet
+SERVING = "serving"     # asked for a lease: its initializer (if any) ran
+FAILED = "failed"       # reported its initializer's failure
 
 
 class _TaskRecord:
-    __slots__ = ("fn_key", "payload", "holder", "started", "expiries")
+    __slots__ = ("fn_key", "payload", "n_items", "holder", "started")
 
-    def __init__(self, fn_key, payload):
+    def __init__(self, fn_key, payload, n_items):
         self.fn_key = fn_key
         self.payload = payload
+        self.n_items = n_items  # travels with the lease: a worker that cannot unpickle the
+        # payload still knows how many items to report
         self.holder = None      # worker id holding the lease, None while queued
         self.started = False
-        self.expiries = 0
 
 
 class _HostRecord:
@@ -36,7 +47,7 @@ class _HostRecord:
 
 
 class _WorkerRecord:
-    __slots__ = ("id", "host", "pid", "label", "held", "doomed")
+    __slots__ = ("id", "host", "pid", "label", "held", "doomed", "state")
 
     def __init__(self, worker_id, host, pid, label):
         self.id = worker_id
@@ -45,6 +56,7 @@ class _WorkerRecord:
         self.label = label
         self.held: collections.deque = collections.deque()  # leased task ids, run in this order
         self.doomed = False     # a kill was ordered: its head was cancelled, nothing more starts
+        self.state = STARTING
 
 
 class Broker:
@@ -69,6 +81,7 @@ class Broker:
         self.events: list = []
         self.idle_waiting = 0   # lease calls waiting from workers that hold nothing
         self.next_id = 0
+        self.refused_results = 0  # results (and reports) not from the worker holding the lease
         self.stopped = threading.Event()
 
     def start_janitor(self) -> None:
@@ -93,9 +106,10 @@ class Broker:
             while len(self.functions) > FUNCTIONS_KEPT:
                 self.functions.popitem(last=False)
 
-    def put(self, task_id: int, fn_key: str, payload: bytes) -> None:
+    def put(self, task_id: int, fn_key: str, payload: bytes, n_items: int = 1) -> None:
+        """Queue a task of `n_items` items, pickled in `payload`."""
         with self.lock:
-            self.tasks[task_id] = _TaskRecord(fn_key, payload)
+            self.tasks[task_id] = _TaskRecord(fn_key, payload, n_items)
             self.queue.append(task_id)
             self.work_ready.notify_all()
 
@@ -132,11 +146,11 @@ class Broker:
                     if (h := self.hosts.get(w.host)) is not None and h.token == token]
 
     def host_gone(self, token: str) -> None:
-        """The driver saw its local supervisor die: take its tasks back now."""
+        """The driver saw its local supervisor die: its tasks are lost now."""
         with self.lock:
             for host in list(self.hosts.values()):
                 if host.token == token:
-                    self._drop_host(host, count_expiry=True, reason="the local worker supervisor died")
+                    self._drop_host(host, reason="the local worker supervisor died")
 
     def stop(self) -> None:
         self.stopped.set()
@@ -185,19 +199,20 @@ class Broker:
                     self._drop_worker(worker, exitcode)
 
     def connection_lost(self, host_id: int) -> None:
-        """A host's heartbeat connection closed: it died or lost the network. Its tasks go back
-        now rather than when its lease runs out, so an ordered run does not stall on them."""
+        """A host's heartbeat connection closed: it died or lost the network. Its tasks are
+        reported lost now rather than when its lease runs out, so an ordered run does not
+        stall on them."""
         with self.lock:
             host = self.hosts.get(host_id)
             if host is not None and not host.expired and not self.stopped.is_set():
-                self._drop_host(host, count_expiry=True, reason=f"its host {host.name} closed its connection")
+                self._drop_host(host, reason=f"its host {host.name} closed its connection")
 
     def leave(self, host_id: int) -> None:
-        """A supervisor stopping on its own (Ctrl-C): its tasks go back at once, unblamed."""
+        """A supervisor stopping on its own (Ctrl-C): its tasks are reported lost at once."""
         with self.lock:
             host = self.hosts.get(host_id)
             if host is not None:
-                self._drop_host(host, count_expiry=False, reason="its host left")
+                self._drop_host(host, reason=f"its host {host.name} left")
                 del self.hosts[host_id]
 
     # ---- worker side (over the network) ----------------------------------------------
@@ -222,14 +237,15 @@ class Broker:
             return self.functions.get(key)
 
     def lease(self, worker_id: int, n: int, wait: float):
-        """Up to `n` tasks as (task_id, fn_key, payload); [] when none came in `wait` seconds;
-        None when the worker should exit. A worker that already holds work gets more (its
-        prefetch) only while the queue holds more than the idle workers waiting for it."""
+        """Up to `n` tasks as (task_id, fn_key, n_items, payload); [] when none came in `wait`
+        seconds; None when the worker should exit. A worker that already holds work gets more
+        (its prefetch) only while the queue holds more than the idle workers waiting for it."""
         deadline = time.monotonic() + min(wait, 5.0)
         with self.lock:
             worker = self.workers.get(worker_id)
-            if worker is None or self.stopped.is_set() or worker.doomed:
+            if worker is None or self.stopped.is_set() or worker.doomed or worker.state == FAILED:
                 return None
+            worker.state = SERVING  # it asks for work only once its initializer ran
             idle = not worker.held
             if idle:
                 self.idle_waiting += 1
@@ -260,40 +276,65 @@ class Broker:
                 record = self.tasks[task_id]
                 record.holder = worker_id
                 worker.held.append(task_id)
-                granted.append((task_id, record.fn_key, record.payload))
+                granted.append((task_id, record.fn_key, record.n_items, record.payload))
             self._start_head(worker)
             if self.queue:
                 self.work_ready.notify_all()
             return granted
 
     def complete(self, worker_id: int, results: list) -> None:
-        """Results as (task_id, result_bytes). The first result for a task id wins."""
+        """Results as (task_id, result_bytes). One is delivered only when `worker_id` is a
+        registered worker holding the task's current lease; a result for a task the driver
+        cancelled meanwhile is dropped quietly, any other is refused: counted, never delivered."""
+        refusals = []
         with self.lock:
             worker = self.workers.get(worker_id)
-            touched = set()
             for task_id, data in results:
-                if worker is not None and task_id in worker.held:
+                held = worker is not None and task_id in worker.held
+                record = self.tasks.get(task_id) if held else None
+                if held and record is None:  # cancelled by the driver while it ran
                     worker.held.remove(task_id)
-                    touched.add(worker)
-                record = self.tasks.pop(task_id, None)
-                if record is None:
-                    continue  # a duplicate, or a task the driver cancelled
-                if record.holder is None:
-                    self.queue.remove(task_id)
-                elif record.holder != worker_id:
-                    other = self.workers.get(record.holder)
-                    if other is not None and task_id in other.held:
-                        other.held.remove(task_id)
-                        touched.add(other)
-                self.events.append(("done", task_id, self.labels.get(worker_id, "?"), data))
-            for each in touched:
-                self._start_head(each)
+                elif record is not None and record.holder == worker_id:
+                    worker.held.remove(task_id)
+                    del self.tasks[task_id]
+                    self.events.append(("done", task_id, worker.label, data))
+                else:
+                    refusals.append(f"a result for task {task_id!r} {self._not_holding(worker_id, task_id)}")
+            if worker is not None:
+                self._start_head(worker)
             self.events_ready.notify_all()
+        self._refused(refusals)
 
     def fatal(self, worker_id: int, error_bytes: bytes) -> None:
+        """A worker's initializer failed: `error_bytes` pickle (exception, traceback text)."""
         with self.lock:
-            self.events.append(("fatal", error_bytes))
-            self.events_ready.notify_all()
+            worker = self.workers.get(worker_id)
+            accepted = worker is not None and worker.state == STARTING
+            if accepted:
+                worker.state = FAILED
+                self.events.append(("initializer-failed", worker.label, error_bytes))
+                self.events_ready.notify_all()
+        if not accepted:
+            self._refused([f"an initializer failure from worker id {worker_id!r}, which is not starting"])
+
+    def _not_holding(self, worker_id, task_id) -> str:
+        """Why `worker_id` does not hold `task_id`'s lease (lock held)."""
+        if worker_id in self.workers:
+            return f"from worker {self.labels[worker_id]}, which does not hold its lease"
+        if worker_id in self.labels:
+            return f"from worker {self.labels[worker_id]}, dropped since (its process or host was lost)"
+        return f"from worker id {worker_id!r}, which never registered"
+
+    def _refused(self, refusals: list) -> None:
+        """Count refused reports; log the first one this broker refuses (called without the lock)."""
+        if not refusals:
+            return
+        with self.lock:
+            first = self.refused_results == 0
+            self.refused_results += len(refusals)
+        if first:
+            logger.warning("pmap manager: refused %s; a worker's result is accepted only from the worker "
+                           "holding the task's lease (later refusals are counted, not logged)", refusals[0])
 
     # ---- bookkeeping (lock held) --------------------------------------------------------
     def _touch(self, host: _HostRecord) -> None:
@@ -310,58 +351,48 @@ class Broker:
             self.events.append(Started(worker.held[0], worker.label, time.monotonic()))
             self.events_ready.notify_all()
 
-    def _requeue(self, task_ids, count_expiry: bool, label, reason: str) -> None:
-        for task_id in reversed(task_ids):
-            record = self.tasks.get(task_id)
+    def _lose_held(self, worker: _WorkerRecord, exitcode, reason: str, blame_running: bool) -> None:
+        """Report every task `worker` held as Lost; with `blame_running`, the one it was running
+        is blamed (its process died: the task may be the cause). Nothing goes back to the
+        queue: whether the items run again is the engine's decision."""
+        for position, task_id in enumerate(worker.held):
+            record = self.tasks.pop(task_id, None)
             if record is None:
-                continue
-            if count_expiry and record.started:  # a task that never started cannot be the cause
-                record.expiries += 1
-                if record.expiries >= MAX_LEASE_EXPIRIES:
-                    del self.tasks[task_id]
-                    self.events.append(Lost(task_id, label, None,
-                                            f"{reason}, {record.expiries} times", blame=True))
-                    continue
-            record.holder = None
-            record.started = False
-            self.queue.appendleft(task_id)
-        self.work_ready.notify_all()
+                continue  # cancelled by the driver, which expects nothing more of it
+            blame = blame_running and position == 0 and record.started
+            why = reason if position == 0 and record.started else f"{reason}, before it started this task"
+            self.events.append(Lost(task_id, worker.label, exitcode, why, blame=blame))
+        worker.held.clear()
         self.events_ready.notify_all()
 
     def _drop_worker(self, worker: _WorkerRecord, exitcode) -> None:
-        """A worker process died: its running task is lost (blamed), the others go back."""
+        """A worker process died: its running task is lost (blamed), the others it held are
+        lost unblamed. One that died before asking for work died in its initializer."""
         self.workers.pop(worker.id, None)
         host = self.hosts.get(worker.host)
         if host is not None:
             host.workers.discard(worker.id)
-        held = list(worker.held)
-        worker.held.clear()
-        if held and not worker.doomed:
-            record = self.tasks.get(held[0])
-            if record is not None and record.started:
-                del self.tasks[held[0]]
-                self.events.append(Lost(held[0], worker.label, exitcode, describe_exit(exitcode), blame=True))
-                held = held[1:]
-        self._requeue(held, count_expiry=False, label=worker.label, reason="")
+        if worker.state == STARTING:
+            self.events.append(("died-starting", worker.label, exitcode))
+        self._lose_held(worker, exitcode, describe_exit(exitcode), blame_running=True)
 
-    def _drop_host(self, host: _HostRecord, count_expiry: bool, reason: str) -> None:
+    def _drop_host(self, host: _HostRecord, reason: str) -> None:
+        """A host is gone (silent past its lease, disconnected, or left): every task its workers
+        held is lost, unblamed (a host is not lost by one of its items)."""
         host.expired = True
         for worker_id in list(host.workers):
             worker = self.workers.pop(worker_id, None)
-            if worker is None:
-                continue
-            held = list(worker.held)
-            worker.held.clear()
-            self._requeue(held, count_expiry, worker.label, reason)
+            if worker is not None:
+                self._lose_held(worker, None, reason, blame_running=False)
         host.workers.clear()
 
     def reap(self, now: float | None = None, stalled: bool = False) -> None:
-        """Re-queue the tasks of hosts whose lease ran out (they stopped heart-beating)."""
+        """Report lost the tasks of hosts whose lease ran out (they stopped heart-beating)."""
         now = time.monotonic() if now is None else now
         with self.lock:
             for host in self.hosts.values():
                 if stalled:
                     host.last_seen = max(host.last_seen, now)
                 elif not host.expired and now - host.last_seen > self.lease_seconds:
-                    self._drop_host(host, count_expiry=True,
-                                    reason=f"its host {host.name} stopped heart-beating")
+                    self._drop_host(host, reason=f"its host {host.name} stopped heart-beating "
+                                                 f"for {self.lease_seconds:g}s")

@@ -18,13 +18,13 @@ from multiprocessing.managers import BaseManager
 
 from ... import _logs, native
 from ..._worker import dumps, every_item_failed, loads
-from ...errors import PmapError, RemoteTraceback, TaskTimeout
+from ...errors import InitializerError, PmapError, RemoteTraceback, TaskTimeout
 from .._options import positive_seconds
 from .._pooled import pickle_function
 from .._procutil import describe_exit, end_process_group
 from ..base import Backend, Done, Fatal, Lost, Started
 from .wire import (DEFAULT_LEASE_SECONDS, DEFAULT_PREFETCH, EXIT_ERROR, HANDSHAKE_SECONDS, HEARTBEAT_THREAD,
-                   LOCAL_RESTARTS, MAX_HANDSHAKES, REFUSAL_LOG_SECONDS, START_WAIT_SECONDS, STOP_GRACE,
+                   LOCAL_RESTARTS, MAX_HANDSHAKES, REFUSAL_LOG_SECONDS, SPLIT, START_WAIT_SECONDS, STOP_GRACE,
                    WORKER_METHODS, WORKER_NOTICE_SECONDS, _Deadline, _close_quietly, _is_loopback,
                    _key_bytes, _no_delay, _say, format_address, logger, parse_address, read_authkey_file,
                    write_authkey_file)
@@ -45,8 +45,8 @@ class ManagerBackend(Backend):
     name = "manager"
     kind = "remote"
     reports_start = True
-    guarantees = ("workers on any host join with `pmap worker`; leases and heartbeats re-queue the work "
-                  "of a lost host (at-least-once); hard timeout; authkey required")
+    guarantees = ("workers on any host join with `pmap worker`; leases and heartbeats report the work "
+                  "of a lost host, which runs again (at-least-once); hard timeout; authkey required")
 
     def __init__(self, workers=None, initializer=None, initargs=(), address=None, authkey=None,
                  authkey_file=None, local_workers=None, prefetch=DEFAULT_PREFETCH,
@@ -186,7 +186,7 @@ class ManagerBackend(Backend):
         self.inflight[task.id] = len(task.items)
         if self.timeout is not None:
             self.unstarted[task.id] = time.monotonic()
-        self.broker.put(task.id, task.fn, payload)
+        self.broker.put(task.id, task.fn, payload, n_items=len(task.items))
 
     def wait(self, timeout):
         events = self._watch_local()
@@ -204,10 +204,10 @@ class ManagerBackend(Backend):
                 n_items = self.inflight.pop(task_id, None)
                 if n_items is not None:
                     events.append(self._decode_done(task_id, label, data, n_items))
-            elif event[0] == "fatal":
-                error, tb = loads(event[1])
-                error.__cause__ = RemoteTraceback(tb)
-                events.append(Fatal(error))
+            elif not any(type(e) is Fatal for e in events):  # the run stops at one: the first is enough
+                fatal = self._initializer_fatal(event)
+                if fatal is not None:
+                    events.append(fatal)
         now = time.monotonic()
         if self.unstarted:
             events.extend(self._never_started(now))
@@ -243,12 +243,40 @@ class ManagerBackend(Backend):
             _say(f"pmap: manager at {format_address(self.address)} has tasks waiting and no workers; "
                  f"join with: {self.join_command()}")
 
+    def _initializer_fatal(self, event) -> Fatal | None:
+        """The broker's word that an initializer failed, as the one InitializerError every
+        backend gives; None for a worker that died starting when there is no initializer."""
+        if self.initializer is None:  # only pmap's own set-up (log forwarding) ran
+            name = "(pmap's worker set-up)"
+        else:
+            name = getattr(self.initializer, "__qualname__", None) or type(self.initializer).__name__
+        if event[0] == "initializer-failed":
+            _, label, report = event
+            try:
+                cause, tb = loads(report)
+            except Exception as exc:  # an exception type this process cannot import
+                cause, tb = exc, ""
+            if tb:
+                cause.__cause__ = RemoteTraceback(tb)
+            error = InitializerError(f"the initializer {name} failed in worker {label} of backend 'manager': "
+                                     f"{type(cause).__name__}: {cause}")
+            error.__cause__ = cause
+            return Fatal(error)
+        if event[0] == "died-starting" and self.initializer is not None:
+            _, label, exitcode = event
+            return Fatal(InitializerError(f"the initializer {name} ended worker {label} of backend 'manager' "
+                                          f"({describe_exit(exitcode)}) before it could run anything"))
+        return None
+
     @staticmethod
-    def _decode_done(task_id, label, data, n_items) -> Done:
+    def _decode_done(task_id, label, data, n_items) -> Done | Lost:
         try:
-            _, values, failures, elapsed = loads(data)
+            decoded = loads(data)
         except Exception as exc:  # a result type this process cannot import
             return Done(task_id, label, *every_item_failed(n_items, exc), 0.0)
+        if decoded[0] == SPLIT:  # an item did not unpickle in the worker: the engine runs each alone
+            return Lost(task_id, label, None, decoded[1], blame=False)
+        _, values, failures, elapsed = decoded
         return Done(task_id, label, values, failures, elapsed)
 
     def cancel(self, task_id) -> None:

@@ -20,10 +20,10 @@ from ... import _logs, native
 from ..._outcome import encode_result
 from ..._worker import (WORKER_CATCH, become_worker_process, cached_function, every_item_failed, loads,
                         remember_initializer_globals, run_items)
-from ...errors import PmapError, portable_exception
+from ...errors import ItemNotPicklable, PmapError, portable_exception
 from .._procutil import describe_exit, end_process_group
 from .wire import (CHILD_START_FAILURES, DRIVER_SILENCE_SECONDS, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK,
-                   EXIT_USAGE, HEARTBEAT_THREAD, JoinError, LEASE_POLL_SECONDS, _CONNECTION_LOST,
+                   EXIT_USAGE, HEARTBEAT_THREAD, JoinError, LEASE_POLL_SECONDS, SPLIT, _CONNECTION_LOST,
                    _close_quietly, _say, connect, format_address, parse_address, read_authkey_file)
 
 
@@ -339,21 +339,29 @@ class _WorkerProcess:
             with self.room:
                 while not self.inbox:
                     self.room.wait()
-                task_id, fn_key, payload = self.inbox.popleft()
+                task_id, fn_key, n_items, payload = self.inbox.popleft()
                 self.busy = 1
-            result = self._run(task_id, fn_key, payload)
+            result = self._run(task_id, fn_key, n_items, payload)
             self.broker.complete(self.worker_id, [(task_id, result)])
             with self.room:
                 self.busy = 0
                 self.room.notify_all()
 
-    def _run(self, task_id, fn_key, payload) -> bytes:
-        items = []
+    def _run(self, task_id, fn_key, n_items, payload) -> bytes:
+        """The encoded outcome of one task of `n_items` items (the count the lease carried,
+        so a payload that does not unpickle here is still answered item for item)."""
         try:
             items = loads(payload)
+        except Exception as exc:  # a class or module an item needs is missing on this host
+            if n_items > 1:  # the driver has each item run alone: only those that do not load fail
+                return pickle.dumps((SPLIT, f"one of its {n_items} items could not be rebuilt in the worker: "
+                                            f"{type(exc).__name__}: {exc}"))
+            error = ItemNotPicklable(f"the item could not be rebuilt in the worker: {type(exc).__name__}: {exc}")
+            return encode_result(task_id, *every_item_failed(n_items, error), 0.0)
+        try:
             fn = cached_function(fn_key, lambda: self._function_bytes(fn_key), self.functions)
         except Exception as exc:  # e.g. a module the user's code needs is missing on this host
-            return encode_result(task_id, *every_item_failed(len(items), exc), 0.0)
+            return encode_result(task_id, *every_item_failed(n_items, exc), 0.0)
         return encode_result(task_id, *run_items(fn, items, catch=WORKER_CATCH))
 
     def _function_bytes(self, key) -> bytes:

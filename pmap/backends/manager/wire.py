@@ -16,9 +16,8 @@ from ...errors import PmapError
 
 
 DEFAULT_HOST = "127.0.0.1"
-DEFAULT_LEASE_SECONDS = 10.0   # a host silent this long is presumed gone and its tasks re-queued
+DEFAULT_LEASE_SECONDS = 10.0   # a host silent this long is presumed gone and its tasks reported lost
 DEFAULT_PREFETCH = 1           # tasks a worker holds beyond the one it runs
-MAX_LEASE_EXPIRIES = 3         # a task re-queued this often is reported lost, so no item loops forever
 LEASE_POLL_SECONDS = 0.5       # longest a worker's lease call waits at the broker for work
 CONNECT_PATIENCE = 5.0         # a worker retries a refused connection this long (driver starting)
 DRIVER_SILENCE_SECONDS = 30.0  # a supervisor that cannot reach its driver this long gives up
@@ -32,6 +31,10 @@ HANDSHAKE_SECONDS = 5.0        # a peer must complete the authkey handshake with
 MAX_HANDSHAKES = 32            # connections the driver authenticates at once; more are closed at once
 REFUSAL_LOG_SECONDS = 10.0     # the driver logs refused connections at most this often
 HEARTBEAT_THREAD = "pmap-heartbeat-"  # + host id: the connection whose loss means the host is gone
+# A worker's result for a task whose items it could not unpickle: ("pmap-split", reason) in
+# place of an encoded result. The driver reports the task lost, unblamed, so that the engine
+# runs each item alone and only the one that cannot be rebuilt fails.
+SPLIT = "pmap-split"
 
 logger = logging.getLogger("pmap.manager")
 
