@@ -57,7 +57,7 @@ class Meter:
         self.bytes = 0
         self.unpicklable: str | None = None  # why a process backend could not take the items
         self.started = self.queued_at_start = 0.0
-        self.blocked_at_start = None
+        self.switches_at_start: tuple[int, int] | None = None
 
     def size(self, item, result) -> None:
         """Transfer cost: what a process backend would pickle for one item and its result, in
@@ -77,7 +77,7 @@ class Meter:
 
     def start(self) -> None:
         self.queued_at_start = _run_queue_seconds()
-        self.blocked_at_start = _voluntary_switches()
+        self.switches_at_start = _context_switches()
         self.started, self.clocks = time.perf_counter(), native.CpuClocks()  # last: the reads above are not the function's
 
     def elapsed(self) -> float:
@@ -88,6 +88,9 @@ class Meter:
 
     def queued(self) -> float:
         """Seconds this thread waited for a core since start(): not the probe's own time."""
+        switches = _context_switches()
+        if switches is not None and switches == self.switches_at_start:
+            return 0.0  # it never left its core (and the read below costs more than tiny items)
         return _run_queue_seconds() - self.queued_at_start
 
     def stop(self, calls: int) -> None:
@@ -95,10 +98,11 @@ class Meter:
         if not calls:
             return
         self.cpu, self.process_cpu = native.CpuClocks().since(self.clocks)
-        self.wall = max(self.cpu, self.elapsed() - self.queued())
-        blocked = _voluntary_switches()
-        if blocked is not None and self.blocked_at_start is not None and blocked == self.blocked_at_start:
+        switches = _context_switches()
+        if switches is not None and self.switches_at_start is not None and switches[0] == self.switches_at_start[0]:
             self.wall = self.cpu  # the thread never blocked: it waited on nothing, whatever the clock says
+        else:
+            self.wall = max(self.cpu, self.elapsed() - self.queued())
 
 
 def _pickled_size(obj) -> tuple[int, int]:
@@ -117,12 +121,14 @@ def ran_native_threads(meter: Meter) -> bool:
             and meter.process_cpu >= NATIVE_THREADS_SHARE * meter.cpu and extra >= NATIVE_CPU_SHARE * meter.wall)
 
 
-def _voluntary_switches() -> int | None:
-    """How often this thread gave up its core by blocking (Linux); None where unknown."""
+def _context_switches() -> tuple[int, int] | None:
+    """How often this thread gave up its core by blocking, and by being preempted (Linux);
+    None where unknown."""
     try:
-        return resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw
+        usage = resource.getrusage(resource.RUSAGE_THREAD)
     except (NameError, AttributeError, OSError):  # NameError: no resource module (Windows)
         return None
+    return usage.ru_nvcsw, usage.ru_nivcsw
 
 
 def _run_queue_seconds() -> float:
@@ -136,8 +142,8 @@ class Budgeted:
     probed longer than it takes. Time spent waiting for a core does not count. Items go out in
     small batches, so the clock is read per batch, not per item.
 
-    `watch` (auto's early start) learns when the first item begins (`began()`) and is asked
-    before any item after it is read (`ended()`): True ends the probe there."""
+    `watch` (auto's early start) is asked before any item after the first is read
+    (`watch.ended()`): True ends the probe there."""
 
     def __init__(self, source: Iterator, meter: Meter, total: int | None, watch=None):
         self.source = source
@@ -168,8 +174,6 @@ class Budgeted:
     def _batches(self):
         meter = self.meter
         meter.start()  # from the first item on: the engine's set-up is not the function's cost
-        if self.watch is not None:
-            self.watch.began()
         step = 1
         while True:
             spent = meter.elapsed()
