@@ -13,6 +13,7 @@ lists, tuples and ranges: the run reads them by position, which has no side effe
 thread (a database cursor, say, may not be read from another thread)."""
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -36,6 +37,23 @@ def can_start_early(spec: RunSpec) -> bool:
             and hasattr(time, "pthread_getcpuclockid"))
 
 
+def _blocked(stat_path: str) -> bool:
+    """The thread is asleep (S) or in uninterruptible sleep (D), not running or waiting for a
+    core (R); True where its state cannot be read."""
+    try:
+        fd = os.open(stat_path, os.O_RDONLY)
+    except OSError:
+        return True
+    try:
+        stat = os.read(fd, 512)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    state = stat[stat.rfind(b")") + 2:][:1]  # after the command name, which may hold spaces
+    return state in (b"S", b"D")
+
+
 class Gate:
     """The items of a sequence from `position` on, one by one, until closed."""
 
@@ -56,8 +74,8 @@ class Gate:
 
 
 class EarlyStart:
-    """Watches the probe's first item (see the module's docstring). The probe calls `began()`
-    once that item is out and the meter runs, and `ended()` before it reads past it.
+    """Watches the probe's first item (see the module's docstring), from the moment the probe's
+    meter starts; the probe calls `ended()` before it reads past that item.
     `count(elapsed, cpu)` says how many items to start from the first item's time so far and
     its CPU; `make_threads()` makes the (unopened) thread backend they run on."""
 
@@ -69,10 +87,10 @@ class EarlyStart:
         self.count = count
         self.make_threads = make_threads
         self.caller_clock = time.pthread_getcpuclockid(threading.get_ident())
-        self.caller_schedstat = f"/proc/self/task/{threading.get_native_id()}/schedstat"
+        task = f"/proc/self/task/{threading.get_native_id()}"
+        self.caller_schedstat, self.caller_stat = f"{task}/schedstat", f"{task}/stat"
         self.lock = threading.Lock()  # the first item's end against the early start
         self.first_over = False
-        self.first_began = threading.Event()
         self.stopping = threading.Event()
         self.gate = Gate(spec.items, 1)
         self.backend: ThreadBackend | None = None
@@ -86,9 +104,6 @@ class EarlyStart:
         self.watcher.start()
 
     # ---- what the probe tells it ----------------------------------------------------------
-    def began(self) -> None:
-        self.first_began.set()
-
     def ended(self) -> bool:
         """The first item is over: True when the items after it started early (the probe ends
         there). Wakes no thread: the probe's time is not the watcher's."""
@@ -107,7 +122,6 @@ class EarlyStart:
     def stop(self) -> None:
         self.ended()
         self.stopping.set()
-        self.first_began.set()  # wakes a watcher still waiting for the first item
         self.watcher.join()
 
     def drain(self) -> list:
@@ -137,11 +151,14 @@ class EarlyStart:
 
     def _start_if_waiting(self) -> None:
         meter = self.meter
-        self.first_began.wait()
         look_at = EARLY_WATCH_SECONDS
         while True:  # looks at 2, 4, 8... ms: a first connection's set-up may cost CPU at first
-            if self.stopping.wait(max(0.0, meter.started + look_at - time.perf_counter())) or self.first_over:
+            # the meter's clocks are set last when the probe starts; until then, wait from now
+            began = meter.started if meter.clocks is not None else time.perf_counter()
+            if self.stopping.wait(max(0.0, began + look_at - time.perf_counter())) or self.first_over:
                 return  # the first item ended first
+            if meter.clocks is None or time.perf_counter() - meter.started < look_at:
+                continue  # the probe began after this thread: look at the item's own time
             elapsed = time.perf_counter() - meter.started
             cpu = time.clock_gettime(self.caller_clock) - meter.clocks.thread
             # Time the caller's thread spent waiting for a core is not the item's waiting. Only
@@ -149,7 +166,9 @@ class EarlyStart:
             # as IO to the probe too, and other threads' CPU says nothing of the item.
             queued = (native.schedstat_seconds(self.caller_schedstat, native.SCHEDSTAT_WAITING) or 0.0) \
                 - meter.queued_at_start
-            if cpu < EARLY_IO_SHARE * (elapsed - queued):
+            # A thread waiting for a core right now has not counted that wait yet: only a
+            # blocked one is waiting on something.
+            if cpu < EARLY_IO_SHARE * (elapsed - queued) and _blocked(self.caller_stat):
                 break
             look_at *= 2
         count = self.count(elapsed, cpu)
