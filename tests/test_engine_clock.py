@@ -128,3 +128,58 @@ def test_a_retry_that_is_not_due_yet_waits_without_blocking_the_others():
     assert out == [2, 4, 6]
     assert [items for _, items in backend.submitted] == [[1], [2], [3], [1]]
     assert backend.submitted[-1][0] == 1010.0
+
+
+class Latency(Backend):
+    """Every task takes `latency` fake seconds from its submission, however many run at once
+    (a server far from its knee); `wait` moves the clock to the next completion."""
+
+    name = "latency"
+    kind = "thread"
+    adaptive_maximum = 64
+
+    def __init__(self, clock: FakeClock, latency: float):
+        super().__init__(workers=64)
+        self.clock = clock
+        self.latency = latency
+        self.running = []  # (done at, started at, task)
+        self.wanted = []
+
+    def set_concurrency(self, tasks):
+        self.wanted.append(tasks)
+
+    def capacity(self):
+        return 64 - len(self.running)
+
+    def submit(self, task):
+        self.running.append((self.clock() + self.latency, self.clock(), task))
+
+    def wait(self, timeout):
+        if self.running and min(done for done, _, _ in self.running) > self.clock():
+            self.clock.now = min(self.clock() + timeout, min(done for done, _, _ in self.running))
+        due = [entry for entry in self.running if entry[0] <= self.clock()]
+        events = []
+        for entry in due:
+            self.running.remove(entry)
+            _, started, task = entry
+            events += [Started(task.id, "w", started), Done(task.id, "w", [x * 2 for x in task.items], [],
+                                                             self.latency)]
+        if not due and not self.running:
+            self.clock.now += timeout
+        return events
+
+
+def test_an_adaptive_run_grows_on_the_fake_clock():
+    clock = FakeClock()
+    backend = Latency(clock, latency=1.0)
+    spec = RunSpec(double, list(range(300)), total=300, chunksize=1, clock=clock,
+                   concurrency=pmap.Adaptive(start=2, maximum=64))
+    stats = RunStats()
+    out = [value for batch in execute(backend, spec, stats) for value in batch]
+    assert out == [2 * x for x in range(300)]
+    limits = [limit for _, limit, _ in stats.concurrency]
+    assert limits[0] == 2 and max(limits) == 64, stats.concurrency
+    assert limits == sorted(limits), "a server with no knee never made the limit fall"
+    # slow start on fake seconds: one rise per latency, and the whole run in a few latencies
+    assert [when for when, _, _ in stats.concurrency[:4]] == [0.0, 1.0, 2.0, 3.0], stats.concurrency
+    assert clock.now - 1000.0 < 15.0, stats.concurrency
