@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 from ._outcome import split_undecoded
-from .backends.base import Backend, Done, Fatal, Lost, Started, Task, free_threaded, usable_cpus
+from .backends.base import AHEAD_CHUNKS_PER_SLOT, Backend, Done, Fatal, Lost, Started, Task, free_threaded, usable_cpus
 from .chunking import TARGET_CHUNK_SECONDS, ChunkSizer
 from .concurrency import Adaptive, ConcurrencyController
 from .errors import Failure, ItemNotPicklable, PmapError, TaskTimeout, WorkerCrashed, raise_failure
@@ -18,7 +18,6 @@ _SKIP = object()              # a slot whose item failed under on_error="skip"
 _PENDING = object()           # a slot still being computed
 _TASK_IDS = itertools.count()  # unique across runs, so a Pool tells its runs' events apart
 WAIT_SLICE = 0.5              # longest single wait, so liveness and deadlines are rechecked
-AHEAD_CHUNKS_PER_SLOT = 4     # how far dispatch may run ahead of the reader, in chunks per worker
 MAX_AHEAD_ITEMS = 100_000     # and in items: many workers times big chunks must not read far ahead
 MAX_RECORDED_CHUNKS = 1000    # stats keep this many chunk sizes, so memory stays flat
 SLICED_TYPES = (list, tuple)  # input read by slicing; anything else is iterated

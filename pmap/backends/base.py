@@ -15,6 +15,11 @@ from typing import Any, Callable, ClassVar, NamedTuple
 from ..errors import BackendUnavailable
 
 
+# The engine reads input ahead of the slowest unfinished item by this many chunks per worker, so a
+# backend that wants more tasks in flight than workers (a remote queue) reports `workers` to match.
+AHEAD_CHUNKS_PER_SLOT = 4
+
+
 @dataclass(eq=False)
 class Task:
     """A chunk of items for one worker. `fn` is whatever `Backend.prepare` returned."""

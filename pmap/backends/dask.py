@@ -42,11 +42,10 @@ import uuid
 
 from .._outcome import SentException, encode_result
 from .._worker import WORKER_CATCH, cached_function, dumps, every_item_failed, loads, run_items
-from ..engine import AHEAD_CHUNKS_PER_SLOT
 from ..errors import BackendUnavailable, InitializerError, ItemNotPicklable, PmapError, RemoteTraceback, TaskTimeout
 from ._options import positive_seconds
 from ._pooled import pickle_function
-from .base import Backend, Done, Fatal, Lost, Started
+from .base import AHEAD_CHUNKS_PER_SLOT, Backend, Done, Fatal, Lost, Started
 
 MISSING = "needs the distributed package: pip install 'pmap-parallel[dask]'"
 # One future per worker thread. Dask's scheduler queues only large task groups; a smaller
