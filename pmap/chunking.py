@@ -5,6 +5,7 @@ TARGET_CHUNK_SECONDS = 0.1      # within the 50-200 ms band: long enough to hide
 CHUNKS_PER_WORKER = 8           # with a known length, keep at least this many chunks per worker (balance)
 MAX_CHUNK = 50_000              # without a known length, bound the items one chunk holds
 PER_ITEM_OVERHEAD = 2e-6        # seconds of engine and transfer cost per item, on top of the call
+GROWTH = 4                      # a chunk is at most this many times the one before
 TAIL_WORKER_SHARES = 2          # near the end, a chunk holds at most remaining / (2 x workers) items...
 TAIL_MIN_SECONDS = 0.005        # ...when a chunk that size would take longer than this (else no matter)
 
@@ -12,9 +13,10 @@ TAIL_MIN_SECONDS = 0.005        # ...when a chunk that size would take longer th
 class ChunkSizer:
     """Chooses the size of the next chunk.
 
-    An explicit `chunksize` is returned as is. Otherwise the first chunks are single items
-    (quick first results, and a measurement), then the size follows the measured mean
-    time per item, doubling at most per step so one fast item does not make a huge chunk.
+    An explicit `chunksize` is returned as is. Otherwise the first chunk is a single item
+    (a quick first result, and a measurement), then the size follows the measured mean time
+    per item, growing at most GROWTH times per step so one fast item does not make a huge
+    chunk.
     """
 
     __slots__ = ("fixed", "workers", "cap", "items_seen", "seconds_seen", "current", "target")
@@ -50,4 +52,4 @@ class ChunkSizer:
         self.seconds_seen += elapsed
         per_item = self.seconds_seen / self.items_seen + PER_ITEM_OVERHEAD
         ideal = int(self.target / per_item)
-        self.current = max(1, min(ideal, self.cap, max(self.current * 4, 2)))
+        self.current = max(1, min(ideal, self.cap, max(self.current * GROWTH, 2)))
