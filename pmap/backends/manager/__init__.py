@@ -11,9 +11,10 @@ its items again under its own rules. Delivery is therefore at-least-once (a lost
 run part of the work): functions should be idempotent. A result is accepted only from the
 worker holding the task's lease; any other is refused and counted (`Broker.refused_results`).
 
-The broker handles bytes only: functions, items and results travel pickled (cloudpickle
-where plain pickle cannot) and are unpickled by the workers and by the driver's backend,
-never by the broker. The authkey lets its holder run code in the driver and the workers,
+The broker handles bytes only: functions, items, results and exceptions travel pickled the
+one way every process backend uses (`pmap._transfer`, formats in `pmap._outcome`; what the
+caller's `__main__` defines goes by value) and are unpickled by the workers and by the
+driver's backend, never by the broker. The authkey lets its holder run code in the driver and the workers,
 and the traffic is not encrypted: across an untrusted network use an SSH or WireGuard tunnel.
 """
 from .broker import Broker

@@ -16,8 +16,9 @@ from multiprocessing import AuthenticationError
 from multiprocessing.connection import answer_challenge, deliver_challenge
 from multiprocessing.managers import BaseManager
 
-from ... import _logs, native
-from ..._worker import dumps, every_item_failed, loads
+from ... import _logs, _transfer, native
+from ..._outcome import pack_items
+from ..._worker import every_item_failed
 from ...errors import InitializerError, PmapError, RemoteTraceback, TaskTimeout
 from .._options import positive_seconds
 from .._pooled import pickle_function
@@ -182,7 +183,8 @@ class ManagerBackend(Backend):
         return slots * (1 + self.prefetch) - len(self.inflight)
 
     def submit(self, task) -> None:
-        payload = dumps(task.items)
+        # By value what the caller's __main__ defines: a worker's own __main__ is not the caller's.
+        payload = _transfer.dumps(pack_items(task.items, main_by_value=True))
         self.inflight[task.id] = len(task.items)
         if self.timeout is not None:
             self.unstarted[task.id] = time.monotonic()
@@ -253,8 +255,8 @@ class ManagerBackend(Backend):
         if event[0] == "initializer-failed":
             _, label, report = event
             try:
-                cause, tb = loads(report)
-            except Exception as exc:  # an exception type this process cannot import
+                cause, tb = _transfer.loads(report)  # a cause that cannot be rebuilt here is an UnpicklableError
+            except Exception as exc:  # the report itself does not load: say so rather than lose the failure
                 cause, tb = exc, ""
             if tb:
                 cause.__cause__ = RemoteTraceback(tb)
@@ -271,8 +273,8 @@ class ManagerBackend(Backend):
     @staticmethod
     def _decode_done(task_id, label, data, n_items) -> Done | Lost:
         try:
-            decoded = loads(data)
-        except Exception as exc:  # a result type this process cannot import
+            decoded = _transfer.loads(data)
+        except Exception as exc:  # the message itself does not load (values and exceptions load per item)
             return Done(task_id, label, *every_item_failed(n_items, exc), 0.0)
         if decoded[0] == SPLIT:  # an item did not unpickle in the worker: the engine runs each alone
             return Lost(task_id, label, None, decoded[1], blame=False)

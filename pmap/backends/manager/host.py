@@ -14,13 +14,11 @@ import time
 import traceback
 from multiprocessing.connection import wait as wait_for_handles
 
-import cloudpickle
-
-from ... import _logs, native
-from ..._outcome import encode_result
-from ..._worker import (WORKER_CATCH, become_worker_process, cached_function, every_item_failed, loads,
+from ... import _logs, _transfer, native
+from ..._outcome import SentException, SplitTask, encode_result, unpack_items
+from ..._worker import (WORKER_CATCH, become_worker_process, cached_function, every_item_failed,
                         remember_initializer_globals, run_items)
-from ...errors import ItemNotPicklable, PmapError, portable_exception
+from ...errors import PmapError
 from .._procutil import describe_exit, end_process_group
 from .wire import (CHILD_START_FAILURES, DRIVER_SILENCE_SECONDS, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK,
                    EXIT_USAGE, HEARTBEAT_THREAD, JoinError, LEASE_POLL_SECONDS, SPLIT, _CONNECTION_LOST,
@@ -325,13 +323,13 @@ class _WorkerProcess:
         init = self.broker.initializer()
         if init is not None:
             try:
-                initializer, initargs, log_level = loads(init)
+                initializer, initargs, log_level = _transfer.loads(init)
                 _logs.forward_from_here(log_level)
                 if initializer is not None:
                     initializer(*initargs)
                     remember_initializer_globals(initializer)
             except BaseException as exc:
-                report = cloudpickle.dumps((portable_exception(exc), traceback.format_exc()))
+                report = _transfer.dumps((SentException(exc), traceback.format_exc()))  # as dask reports it
                 self.broker.fatal(self.worker_id, report)
                 return EXIT_ERROR
         threading.Thread(target=self._fetch_guarded, name="pmap-worker-lease", daemon=True).start()
@@ -351,13 +349,11 @@ class _WorkerProcess:
         """The encoded outcome of one task of `n_items` items (the count the lease carried,
         so a payload that does not unpickle here is still answered item for item)."""
         try:
-            items = loads(payload)
-        except Exception as exc:  # a class or module an item needs is missing on this host
-            if n_items > 1:  # the driver has each item run alone: only those that do not load fail
-                return pickle.dumps((SPLIT, f"one of its {n_items} items could not be rebuilt in the worker: "
-                                            f"{type(exc).__name__}: {exc}"))
-            error = ItemNotPicklable(f"the item could not be rebuilt in the worker: {type(exc).__name__}: {exc}")
-            return encode_result(task_id, *every_item_failed(n_items, error), 0.0)
+            items = unpack_items(_transfer.loads(payload))
+        except SplitTask as exc:  # the driver has each item run alone: only those that do not load fail
+            return _transfer.dumps((SPLIT, str(exc)))
+        except Exception as exc:  # ItemNotPicklable: the task's one item does not load on this host
+            return encode_result(task_id, *every_item_failed(n_items, exc), 0.0)
         try:
             fn = cached_function(fn_key, lambda: self._function_bytes(fn_key), self.functions)
         except Exception as exc:  # e.g. a module the user's code needs is missing on this host

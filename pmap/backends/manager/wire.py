@@ -31,8 +31,8 @@ HANDSHAKE_SECONDS = 5.0        # a peer must complete the authkey handshake with
 MAX_HANDSHAKES = 32            # connections the driver authenticates at once; more are closed at once
 REFUSAL_LOG_SECONDS = 10.0     # the driver logs refused connections at most this often
 HEARTBEAT_THREAD = "pmap-heartbeat-"  # + host id: the connection whose loss means the host is gone
-# A worker's result for a task whose items it could not unpickle: ("pmap-split", reason) in
-# place of an encoded result. The driver reports the task lost, unblamed, so that the engine
+# A worker's result for a task of several items one of which it could not unpickle
+# (`_outcome.SplitTask`): ("pmap-split", reason) in place of an encoded result. The driver reports the task lost, unblamed, so that the engine
 # runs each item alone and only the one that cannot be rebuilt fails.
 SPLIT = "pmap-split"
 
