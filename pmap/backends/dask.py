@@ -8,10 +8,11 @@ loopback, no dashboard) and closed with it. `cluster_options` go to that LocalCl
 Futures are kept in a bounded window (one per worker thread; more on an adaptive cluster,
 which grows only from queued work). Each future's outcome is fetched by a coroutine of pmap's
 own in the client's event loop, errors included, and `wait` also reads the futures' own
-status, so no outcome goes unreported. Items and results travel as pickled bytes made by
-pmap, so an item or result that cannot be pickled fails alone, as on the other process
-backends; each task carries its item count, so a worker that cannot rebuild its items still
-answers for each of them. The initializer runs in each worker process before its first task
+status, so no outcome goes unreported. Items, results and exceptions travel as bytes pickled
+the one way every process backend uses (`pmap._transfer`, `pmap._outcome`; what the caller's
+`__main__` defines goes by value), so an item or result that cannot be pickled fails alone;
+each task carries its item count, so a worker that cannot rebuild its items still answers for
+each of them. The initializer runs in each worker process before its first task
 of the run; one that raises (SystemExit included) stops the run with one `InitializerError`.
 One that ends its worker process (os._exit) cannot be told from an item doing so: dask reports
 it as `KilledWorker`, and the items fail as crashes. A task whose worker died is reported by
@@ -32,7 +33,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import pickle
 import queue
 import socket
 import threading
@@ -40,9 +40,10 @@ import time
 import traceback
 import uuid
 
-from .._outcome import SentException, encode_result
-from .._worker import WORKER_CATCH, cached_function, dumps, every_item_failed, loads, run_items
-from ..errors import BackendUnavailable, InitializerError, ItemNotPicklable, PmapError, RemoteTraceback, TaskTimeout
+from .. import _transfer
+from .._outcome import SentException, SplitTask, encode_result, pack_items, unpack_items
+from .._worker import WORKER_CATCH, cached_function, every_item_failed, run_items
+from ..errors import BackendUnavailable, InitializerError, PmapError, RemoteTraceback, TaskTimeout
 from ._options import positive_seconds
 from ._pooled import pickle_function
 from .base import AHEAD_CHUNKS_PER_SLOT, Backend, Done, Fatal, Lost, Started
@@ -92,20 +93,18 @@ def run_chunk(fn_key: str, fn_bytes: bytes, init_key, init_bytes, payload: bytes
         with _INIT_LOCK:  # a worker with several threads runs the initializer once
             if init_key not in _INITIALIZED:
                 try:
-                    initializer, initargs = loads(init_bytes)
+                    initializer, initargs = _transfer.loads(init_bytes)
                     initializer(*initargs)
                 except BaseException as exc:  # noqa: B036  (SystemExit too: every other backend reports it)
-                    report = pickle.dumps((SentException(exc), traceback.format_exc()))
+                    report = _transfer.dumps((SentException(exc), traceback.format_exc()))
                     return label, INITIALIZER_FAILED, report
                 _INITIALIZED.add(init_key)
     try:
-        items = loads(payload)
-    except Exception as exc:  # a class or module an item needs is missing on this worker
-        if n_items > 1:  # the backend has each item run alone: only those that do not load fail
-            return label, SPLIT, (f"one of its {n_items} items could not be rebuilt in the worker: "
-                                  f"{type(exc).__name__}: {exc}")
-        error = ItemNotPicklable(f"the item could not be rebuilt in the worker: {type(exc).__name__}: {exc}")
-        return label, RESULT, encode_result(None, *every_item_failed(n_items, error), 0.0)
+        items = unpack_items(_transfer.loads(payload))
+    except SplitTask as exc:  # the backend has each item run alone: only those that do not load fail
+        return label, SPLIT, str(exc)
+    except Exception as exc:  # ItemNotPicklable: the task's one item does not load on this worker
+        return label, RESULT, encode_result(None, *every_item_failed(n_items, exc), 0.0)
     try:
         fn = cached_function(fn_key, lambda: fn_bytes)
     except Exception as exc:  # e.g. a module the function needs is missing on this worker
@@ -358,7 +357,8 @@ class DaskBackend(Backend):
         return window - len(self.watches)
 
     def submit(self, task) -> None:
-        payload = dumps(task.items)
+        # By value what the caller's __main__ defines: a worker's own __main__ is not the caller's.
+        payload = _transfer.dumps(pack_items(task.items, main_by_value=True))
         key = f"pmap-{self.run_prefix}-{task.id}"
         future = self.client.submit(run_chunk, *self.fn_args, *self.init_args, payload, len(task.items),
                                     self.start_topic, task.id, key=key, pure=False)
@@ -434,16 +434,16 @@ class DaskBackend(Backend):
         if kind == INITIALIZER_FAILED:
             return Fatal(self._initializer_error(label, data))
         try:
-            _, values, failures, elapsed = loads(data)
-        except Exception as exc:  # a result type this process cannot import
+            _, values, failures, elapsed = _transfer.loads(data)
+        except Exception as exc:  # the message itself does not load (values and exceptions load per item)
             return Done(task_id, label, *every_item_failed(watch.n_items, exc), 0.0)
         return Done(task_id, label, values, failures, elapsed)
 
     def _initializer_error(self, label, report) -> InitializerError:
         """The one error every backend gives for a failed initializer, naming it and the worker."""
         try:
-            cause, tb = loads(report)
-        except Exception as exc:  # an exception type this process cannot import
+            cause, tb = _transfer.loads(report)  # a cause that cannot be rebuilt here is an UnpicklableError
+        except Exception as exc:  # the report itself does not load: say so rather than lose the failure
             cause, tb = exc, ""
         if tb:
             cause.__cause__ = RemoteTraceback(tb)
