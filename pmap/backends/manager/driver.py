@@ -151,6 +151,7 @@ class ManagerBackend(Backend):
             stdin=subprocess.PIPE, close_fds=True,
             env={**os.environ, **native.worker_env(self)})  # its workers inherit the native thread limits
         # The pipe stays open: the supervisor exits when it reads EOF (this process ended).
+        # pmap's own settings, builtins only (no user object): plain pickle, read as a stream.
         self.local_proc.stdin.write(pickle.dumps(config))
         self.local_proc.stdin.flush()
 

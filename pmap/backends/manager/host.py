@@ -247,7 +247,7 @@ class _Supervisor:
             stdin=subprocess.PIPE, pass_fds=(ready_w,), close_fds=True,
             env=native.child_environ(self.processes))  # this host's CPUs; variables already set win
         os.close(ready_w)
-        proc.stdin.write(pickle.dumps(config))
+        proc.stdin.write(pickle.dumps(config))  # pmap's own settings, builtins only: plain pickle
         proc.stdin.flush()  # left open: the worker exits when it reads EOF (this process ended)
         self.children[proc.pid] = _Child(proc, ready_r)
 
