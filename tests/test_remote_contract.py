@@ -148,6 +148,38 @@ def test_failing_initializer_stops_the_run_with_one_initializer_error(on_remote,
         assert "SystemExit" in message
 
 
+
+def _rebuild_error_only_in(pid, text):
+    if os.getpid() != pid:
+        raise LookupError("this exception cannot be rebuilt outside the worker")
+    return RaisedOnlyInTheWorker(text)
+
+
+class RaisedOnlyInTheWorker(Exception):
+    """An exception the caller cannot rebuild, as one of a module only the worker has."""
+
+    def __reduce__(self):
+        return (_rebuild_error_only_in, (os.getpid(), str(self)))
+
+
+def initializer_raising_what_the_caller_cannot_rebuild():
+    raise RaisedOnlyInTheWorker("the worker's own error")
+
+
+@pytest.mark.parametrize("backend", REMOTE)
+def test_an_initializer_error_the_caller_cannot_rebuild_is_named_with_its_message(on_remote, backend):
+    """Manager and dask send an initializer's exception the same way (`_outcome.SentException`):
+    one the caller cannot rebuild still arrives, by its type's name and its message."""
+    with pytest.raises(pmap.InitializerError) as info:
+        on_remote(ten_times, range(10), chunksize=5, on_error="return",
+                  initializer=initializer_raising_what_the_caller_cannot_rebuild)
+    cause = info.value.__cause__
+    assert isinstance(cause, pmap.UnpicklableError), repr(cause)
+    assert "RaisedOnlyInTheWorker: the worker's own error" in str(cause)
+    assert "cannot be rebuilt outside the worker" in str(cause)
+    assert f"backend {backend!r}" in str(info.value) and "UnpicklableError" in str(info.value)
+    assert "initializer_raising_what_the_caller_cannot_rebuild" in str(cause.__cause__)  # the worker's traceback
+
 def test_an_initializer_that_ends_its_manager_worker_stops_the_run_with_one_initializer_error():
     with pytest.raises(pmap.InitializerError) as info:
         pmap.pmap(ten_times, range(10), backend="manager", workers=2, chunksize=5, on_error="return",
