@@ -30,11 +30,15 @@ EARLY_WATCH_SECONDS = 0.002   # a first item still running this long (then twice
 EARLY_IO_SHARE = 0.25         # ...if its CPU so far (the probe's bookkeeping included) is below this share
 FIRST_THREADS = 4             # started before the first tasks are queued; the run's controller starts the rest
 EARLY_INPUT_TYPES = (list, tuple, range)
+# An early start saves at most one item's latency; an IO run of more items than this lasts at
+# least 40 latencies even on ThreadBackend.adaptive_maximum threads, and a run this long (or
+# one of tiny items) gains less than the watcher thread costs to start (0.06 to 0.3 ms).
+EARLY_MAX_ITEMS = 10_000
 
 
 def can_start_early(spec: RunSpec) -> bool:
-    return (type(spec.items) in EARLY_INPUT_TYPES and len(spec.items) > 1 and sys.platform.startswith("linux")
-            and hasattr(time, "pthread_getcpuclockid"))
+    return (type(spec.items) in EARLY_INPUT_TYPES and 1 < len(spec.items) <= EARLY_MAX_ITEMS
+            and sys.platform.startswith("linux") and hasattr(time, "pthread_getcpuclockid"))
 
 
 def _blocked(stat_path: str) -> bool:

@@ -6,7 +6,7 @@ import time
 import pytest
 
 import pmap
-from pmap.early_start import can_start_early
+from pmap.early_start import EARLY_MAX_ITEMS, can_start_early
 from pmap.engine import RunSpec
 
 PROCESS_BACKENDS = {"fork", "process"}
@@ -201,3 +201,12 @@ def test_an_early_item_raising_ends_the_run_with_its_error():
     while _pmap_threads() and time.monotonic() < deadline:
         time.sleep(0.01)
     assert not _pmap_threads()
+
+
+def test_long_inputs_start_no_watcher():
+    # one item's latency is a small share of a run this long: not worth a thread per call
+    assert can_start_early(RunSpec(abs, list(range(EARLY_MAX_ITEMS))))
+    assert not can_start_early(RunSpec(abs, list(range(EARLY_MAX_ITEMS + 1))))
+    names = []
+    pmap.pmap(lambda x: names.append([t.name for t in threading.enumerate()]) or x, range(EARLY_MAX_ITEMS + 1))
+    assert not any("pmap-early-start" in seen for seen in names[:1])
