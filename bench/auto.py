@@ -3,6 +3,7 @@
     python bench/auto.py                  # every workload, 5 runs each; writes bench/results/auto.md
     python bench/auto.py --quick          # a smoke run at tiny sizes (bench/results/quick/auto.md)
     python bench/auto.py --only cpu,sleep --repeat 3
+    python bench/auto.py --only sleep --runners auto,"thread x64","thread x256" --output auto-sleep.md
 
 Each workload runs in its own child process, where serial, thread, process, pool, fork and
 auto take turns (the start rotates each round); the table shows medians. The fixed backends
@@ -47,11 +48,11 @@ def joblib_runner(workers: int) -> Runner:
     return Runner("joblib", "peer", run)
 
 
-def child(name: str, scale: float, repeat: int, patched: bool) -> None:
+def child(name: str, scale: float, repeat: int, patched: bool, wanted: set | None) -> None:
     import pmap
     workload = workloads.WORKLOADS[name]
     if patched:
-        runners = [pmap_runner("greenlet", label="greenlet")]
+        runners = [pmap_runner("greenlet", label="greenlet")] if wanted is None or "greenlet" in wanted else []
     else:
         runners = [pmap_runner(backend, label=backend) for backend in FIXED]
         if workload.kind == "io":  # serial takes n x wait here: once is enough
@@ -60,10 +61,12 @@ def child(name: str, scale: float, repeat: int, patched: bool) -> None:
         runners.append(pmap_runner("auto", label="auto"))
         if workload.kind == "native":  # numpy and pandas users compare with joblib (issue 14)
             runners.append(joblib_runner(common.usable_cpus()))
+        if wanted is not None:
+            runners = [runner for runner in runners if runner.name in wanted]
     with workloads.prepared(workload, scale) as items:
         records = common.measure(runners, workload.func, items, repeat,
                                  progress=lambda line: common.log(f"  {name}: {line}"), reset=common.shut_down_loky,
-                                 fast_runs=common.FAST_RUNS if scale == 1.0 else 0)
+                                 fast_runs=common.FAST_RUNS if scale == 1.0 else 0) if runners else []
         plan = None
         if not patched:
             common.shut_down_loky()
@@ -71,13 +74,14 @@ def child(name: str, scale: float, repeat: int, patched: bool) -> None:
     common.emit({"workload": name, "items": len(items), "records": common.as_json(records), "plan": plan})
 
 
-def run_all(names, scale, repeat, limit) -> dict:
+def run_all(names, scale, repeat, limit, runners: str | None = None) -> dict:
     results = {}
     for name in names:
         workload = workloads.WORKLOADS[name]
         common.log(f"{name}: {workload.title}")
         result = {"records": [], "plan": None, "items": None}
-        for run in common.run_workload_children(__file__, name, scale, repeat, limit):
+        extra = ["--runners", runners] if runners else []
+        for run in common.run_workload_children(__file__, name, scale, repeat, limit, extra):
             result["records"] += run.output["records"]
             result["plan"] = result["plan"] or run.output["plan"]
             result["items"] = run.output["items"]
@@ -114,12 +118,14 @@ def report(results: dict, repeat: int, header: list[str]) -> list[str]:
         auto = by_name.get("auto")
         auto_cell = ("-" if auto is None else f"failed: {auto.error}" if auto.error
                      else f"{common.seconds_text(auto.median)} ({auto.note})")
+        auto_range = (f"{common.seconds_text(min(auto.seconds))} - {common.seconds_text(max(auto.seconds))}"
+                      if auto is not None and auto.seconds else "-")
         greenlet = by_name.get("greenlet")
         versus_greenlet = (common.ratio_text(auto.median / greenlet.median)
                            if auto and auto.median and greenlet and greenlet.median else "-")
         target = f"<= {TARGET_VS_BEST}x best" + (f", <= {TARGET_TINY_VS_SERIAL}x serial" if name == "tiny" else "")
         # three decimals: the targets sit at 1.1 and 1.15, where two would hide the verdict
-        rows.append([name] + cells + [auto_cell, best or "-", common.ratio_text(versus_best, 3),
+        rows.append([name] + cells + [auto_cell, auto_range, best or "-", common.ratio_text(versus_best, 3),
                                       common.ratio_text(versus_serial, 3), versus_greenlet,
                                       f"{'met' if met else '**missed**' if met is False else '-'} ({target})"])
         if result["plan"]:
@@ -134,7 +140,7 @@ def report(results: dict, repeat: int, header: list[str]) -> list[str]:
         "counted as the best fixed backend; 'auto / greenlet' shows how far it is. Targets (issue 3): "
         f"auto within {TARGET_VS_BEST}x the best fixed backend, and on tiny work within "
         f"{TARGET_TINY_VS_SERIAL}x serial.", ""]
-    lines += common.markdown_table(["workload"] + columns + ["auto (choice)", "best fixed", "auto / best",
+    lines += common.markdown_table(["workload"] + columns + ["auto (choice)", "auto range", "best fixed", "auto / best",
                                                              "auto / serial", "auto / greenlet", "target"], rows)
     lines += ["", "## What auto chose, and why (`pmap.explain` on the same input)", ""] + plans
     return lines
@@ -142,15 +148,19 @@ def report(results: dict, repeat: int, header: list[str]) -> list[str]:
 
 def main() -> None:
     parser = common.workload_parser(__doc__.splitlines()[0], WORKLOAD_NAMES)
+    parser.add_argument("--runners", help="comma-separated runners to time (default all): "
+                        + ", ".join(COUNTED + ("auto", "greenlet", "joblib")))
+    parser.add_argument("--output", default="auto.md", help="results file name under bench/results")
     args = common.parse_workload_args(parser, WORKLOAD_NAMES)
+    wanted = {name.strip() for name in args.runners.split(",")} if args.runners else None
     if args.child:
-        return child(args.child, args.scale, args.repeat, args.gevent_patch)
+        return child(args.child, args.scale, args.repeat, args.gevent_patch, wanted)
 
     common.install_signal_handlers()
     header = common.header_lines("auto.py")
-    results = run_all(args.chosen, QUICK_SCALE if args.quick else 1.0, args.repeat, args.limit)
+    results = run_all(args.chosen, QUICK_SCALE if args.quick else 1.0, args.repeat, args.limit, args.runners)
     lines = report(results, args.repeat, header)
-    path = common.write_results("auto.md", lines, args.quick)
+    path = common.write_results(args.output, lines, args.quick)
     print("\n".join(lines))
     print(f"\nwritten: {os.path.relpath(path)}", file=sys.stderr)
 

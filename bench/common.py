@@ -298,14 +298,16 @@ class ChildResult:
     left_behind: int               # tagged processes alive after the child ended (then ended)
 
 
-def run_workload_children(script: str, name: str, scale: float, repeat: int, limit: float) -> list:
-    """Run a script's `--child NAME` in a fresh process, and once more patched by gevent when the
-    workload can cooperate with it; log the runs that fail and return the others' results."""
+def run_workload_children(script: str, name: str, scale: float, repeat: int, limit: float,
+                          extra_args: tuple[str, ...] | list[str] = ()) -> list:
+    """Run a script's `--child NAME` (with `extra_args`) in a fresh process, and once more patched
+    by gevent when the workload can cooperate with it; log the runs that fail and return the
+    others' results."""
     import workloads
     runs = []
     for patched in (False, True) if workloads.WORKLOADS[name].gevent_cooperative else (False,):
         child = run_child([os.path.abspath(script), "--child", name, "--scale", str(scale),
-                           "--repeat", str(repeat)], limit=limit, patched=patched)
+                           "--repeat", str(repeat), *extra_args], limit=limit, patched=patched)
         if child.output is None:
             log(f"  {name}{' (patched)' if patched else ''} failed:\n{child.stderr[-2000:]}")
             continue

@@ -1,0 +1,105 @@
+"""What pmap costs on work too small to parallelise: 200,000 calls of `x + 1`, as `list(map(...))`,
+the serial backend and auto (issue 24: auto within 1.1x of list(map)).
+
+    python bench/tiny.py                    # 21 rounds; prints a markdown table
+    python bench/tiny.py --rounds 41 --items 200000
+    python bench/tiny.py --profile auto     # where auto's time goes (cProfile, cumulative)
+
+Each round runs the three once, in a rotating order, so a burst of load elsewhere falls on all
+of them alike; the results are freed after the clock stops, as a caller keeps them. Ratios are
+per round (pmap's time over list(map)'s in the same round), then the median and the spread
+(lowest to highest, and the middle half) over the rounds.
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import gc
+import os
+import pstats
+import statistics
+import sys
+import time
+
+import pmap
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402  (the bench directory, also when run from elsewhere)
+
+
+def plus_one(x):
+    return x + 1
+
+
+RUNNERS = {
+    "list(map)": lambda items: list(map(plus_one, items)),
+    "pmap serial": lambda items: pmap.pmap(plus_one, items, backend="serial"),
+    "pmap auto": lambda items: pmap.pmap(plus_one, items),
+}
+
+
+def measure(items: list, rounds: int) -> dict[str, list[float]]:
+    seconds: dict[str, list[float]] = {name: [] for name in RUNNERS}
+    names = list(RUNNERS)
+    expected = RUNNERS["list(map)"](items)
+    for name in names:  # warm up: imports, the backends' classes, the first allocation of a big list
+        assert RUNNERS[name](items) == expected, name
+    for round_number in range(rounds):
+        shift = round_number % len(names)
+        for name in names[shift:] + names[:shift]:
+            gc.collect()  # no collection left over from the runner before
+            start = time.perf_counter()
+            out = RUNNERS[name](items)
+            seconds[name].append(time.perf_counter() - start)
+            del out  # freed untimed: a caller keeps its results (as bench/common.measure does)
+    return seconds
+
+
+def quartiles(values: list[float]) -> tuple[float, float]:
+    q = statistics.quantiles(values, n=4)
+    return q[0], q[2]
+
+
+def report(seconds: dict[str, list[float]], items: int, rounds: int) -> list[str]:
+    reference = seconds["list(map)"]
+    rows = []
+    for name, times in seconds.items():
+        ratios = [t / r for t, r in zip(times, reference)]
+        low, high = quartiles(ratios)
+        rows.append([name, f"{statistics.median(times) * 1e3:.2f} ms",
+                     f"{min(times) * 1e3:.2f} - {max(times) * 1e3:.2f} ms",
+                     f"{statistics.median(ratios):.3f}x", f"{low:.3f} - {high:.3f}x",
+                     f"{min(ratios):.3f} - {max(ratios):.3f}x"])
+    header = common.header_lines("tiny.py")
+    return header + ["", f"{items:,} calls of `x + 1`; {rounds} rounds, each runner once per round in a "
+                     "rotating order; ratios per round against list(map) in the same round.", ""] + \
+        common.markdown_table(["runner", "median", "range", "ratio (median)", "ratio (middle half)",
+                               "ratio (range)"], rows)
+
+
+def profile(items: list, name: str, runs: int) -> None:
+    run = RUNNERS[name]
+    run(items)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(runs):
+        run(items)
+    profiler.disable()
+    pstats.Stats(profiler).sort_stats("cumulative").print_stats(30)
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(15)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--items", type=int, default=200_000)
+    parser.add_argument("--rounds", type=int, default=21)
+    parser.add_argument("--profile", choices=sorted(RUNNERS), help="profile this runner instead")
+    args = parser.parse_args()
+    items = list(range(args.items))
+    if args.profile:
+        return profile(items, args.profile, args.rounds)
+    print("\n".join(report(measure(items, args.rounds), args.items, args.rounds)))
+
+
+if __name__ == "__main__":
+    main()
