@@ -174,9 +174,19 @@ def test_a_whole_task_that_fails_to_load_keeps_its_item_count():
 
 
 # ---- exceptions -----------------------------------------------------------------------------
+def _refuse_rebuild(message):
+    raise TypeError(f"cannot rebuild {message!r}")
+
+
 class NeedsTwo(Exception):
+    """Pickles, but does not load again, whatever reducer another library installs for exceptions
+    (distributed installs tblib's, which would rebuild a plain one without calling __init__)."""
+
     def __init__(self, a, b):
         super().__init__(a)
+
+    def __reduce__(self):
+        return (_refuse_rebuild, (self.args[0],))
 
 
 def test_an_exception_that_cannot_be_rebuilt_is_named_with_its_message():
