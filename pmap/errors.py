@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import collections
 import os
-import pickle
 import reprlib
 import types
 from dataclasses import dataclass
@@ -77,15 +76,6 @@ class RemoteTraceback(Exception):
 class UnpicklableError(PmapError):
     """Stands in for a worker's exception or result that could not be sent back or rebuilt
     in the caller; its message names the worker-side type and text."""
-
-
-def portable_exception(exc: BaseException) -> BaseException:
-    """Return `exc` if it survives pickling, else a stand-in naming its type and message."""
-    try:
-        pickle.loads(pickle.dumps(exc))
-        return exc
-    except Exception:  # an exception type that does not survive pickling, for any reason: sent as text
-        return UnpicklableError(f"{type(exc).__module__}.{type(exc).__qualname__}: {exc}")
 
 
 @dataclass
