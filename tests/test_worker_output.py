@@ -101,3 +101,26 @@ def test_a_record_on_a_logger_with_its_own_file_is_written_once(tmp_path, backen
         logger.removeHandler(handler)
         handler.close()
     assert sorted(path.read_text().splitlines()) == [f"item {x}" for x in range(5)]
+
+
+class Breaks(logging.Handler):
+    def emit(self, record):
+        raise RuntimeError("this handler is broken")
+
+
+@pytest.mark.parametrize("backend", ["process", "pool", "fork"])
+def test_a_caller_handler_that_raises_is_reported_as_logging_does_and_the_run_goes_on(capsys, caplog, backend):
+    # the record belongs to no item once it is sent as written: Handler.handleError reports it,
+    # and the caller's other handlers still get it
+    caplog.set_level("INFO")
+    logger = logging.getLogger("pmap.test.worker")
+    broken = Breaks()
+    logger.addHandler(broken)
+    try:
+        pids = pmap.pmap(logs_its_item, range(4), backend=backend, workers=2)
+    finally:
+        logger.removeHandler(broken)
+    assert len(pids) == 4
+    assert sorted(r.getMessage() for r in caplog.records if r.name == "pmap.test.worker") == sorted(
+        f"item {x} from pid {pid}" for x, pid in enumerate(pids))
+    assert capsys.readouterr().err.count("RuntimeError: this handler is broken") == 4
