@@ -6,11 +6,13 @@ import inspect
 import os
 import pickle
 import signal
+import struct
 import sys
 import threading
 import time
 import traceback
 import weakref
+from multiprocessing.connection import Connection
 
 from . import _logs, _transfer
 from ._outcome import SplitTask, _SentException, encode_result, unpack_items
@@ -403,3 +405,67 @@ def run_pooled_task(payload: bytes) -> bytes:
             except OSError:
                 pass
     return os.getpid(), encode_result(task_id, *outcome)
+
+
+# ---- what a worker process tells its caller ---------------------------------------------------
+# Each worker process has a connection of its own to the backend that runs it: for fork, the
+# pipe it was forked with. No other process writes to it, so a worker that dies mid-message
+# costs only its own connection, and holds no lock anyone else needs.
+# A frame is one message: a kind byte, then its body.
+START = b"S"   # task id: the worker runs that task, and holds it until its RESULT arrives whole
+RESULT = b"R"  # task id, then the task's outcome (`_outcome.encode_result`)
+NEXT = b"N"    # a RESULT and the START of the next task at once: the two task ids, then the outcome
+SPLIT = b"X"   # task id, then why: an item did not unpickle here, so the caller runs each alone
+LOG = b"L"     # a pickled log record, sent as it is written (`_logs`)
+READY = b"I"   # fork: the initializer returned
+FAILED = b"F"  # fork: the initializer raised: (exception, traceback text), pickled
+NUMBER = struct.Struct("<q")  # a task id, or a pid
+
+
+class Link:
+    """This worker's end of its connection: whole frames, one thread at a time."""
+
+    __slots__ = ("conn", "lock")
+
+    def __init__(self, conn: Connection):
+        self.conn = conn
+        self.lock = threading.Lock()
+
+    def send(self, kind: bytes, body: bytes = b"") -> None:
+        with self.lock:
+            self.conn.send_bytes(kind + body)
+
+    def send_task(self, kind: bytes, task_id: int, body: bytes = b"") -> None:
+        with self.lock:
+            self.conn.send_bytes(b"".join((kind, NUMBER.pack(task_id), body)))
+
+    def send_result_and_start(self, task_id: int, next_task_id: int, outcome: bytes) -> None:
+        with self.lock:
+            self.conn.send_bytes(b"".join((NEXT, NUMBER.pack(task_id), NUMBER.pack(next_task_id), outcome)))
+
+    def send_log(self, record: bytes) -> None:
+        self.send(LOG, record)
+
+
+_own_link: Link | None = None  # a fork worker's: the pipe it was forked with
+
+
+def link_through(conn: Connection) -> Link:
+    """A fork worker's link: the connection it was forked with. Log records go there too."""
+    global _own_link
+    _own_link = Link(conn)
+    return _own_link
+
+
+def _drop_links_in_child() -> None:
+    """A process forked from a worker (by the function) is not that worker: it closes its copy
+    of the worker's link, so the caller sees it close when the worker dies, and nothing it
+    says reaches the caller as the worker's."""
+    global _own_link
+    if _own_link is not None:
+        _own_link.conn.close()
+    _own_link = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_drop_links_in_child)

@@ -1,11 +1,67 @@
-"""Helpers for process backends: ending a worker and its children, and describing its exit."""
+"""Helpers for process backends: what a worker says over its own connection and which task
+it holds (`Link`), ending a worker and its children, and describing its exit."""
 from __future__ import annotations
 
 import os
+import select
 import signal
 import time
 
+from .. import _logs
+from .._worker import FAILED, LOG, NEXT, NUMBER, READY, RESULT, START
+
 TERMINATE_GRACE = 0.2   # seconds a worker gets between SIGTERM and SIGKILL
+
+
+class Link:
+    """The caller's end of one worker process's own connection (see `_worker.Link`), and the
+    task that worker holds: from its START frame until the frame that ends the task (RESULT
+    or SPLIT) has arrived whole. So a worker that dies while it runs, pickles or writes a
+    result still holds its task, and no one has to guess which task that was. Log records
+    go to the caller's loggers as they arrive."""
+
+    __slots__ = ("conn", "pid", "task", "closed", "waiting")
+
+    def __init__(self, conn, pid: int | None = None):
+        self.conn = conn
+        self.pid = pid
+        self.task: int | None = None
+        self.closed = False  # the worker's end has closed: it exited or died
+        self.waiting = select.poll()  # whether bytes (or the end) wait: one call, where conn.poll() builds a selector
+        self.waiting.register(conn.fileno(), select.POLLIN)
+
+    def read(self) -> list[tuple[bytes, int | None, memoryview]]:
+        """The frames waiting, as (kind, task id or None, body); a frame still being written
+        is waited for. Sets `closed` once the worker's end has closed."""
+        frames: list = []
+        try:
+            while not self.closed and self.waiting.poll(0):
+                self._take(self.conn.recv_bytes(), frames)
+        except (EOFError, OSError):  # its end closed, perhaps in the middle of a frame
+            self.closed = True
+        return frames
+
+    def _take(self, message: bytes, frames: list) -> None:
+        kind, body = message[:1], memoryview(message)[1:]
+        if kind == LOG:
+            _logs.handle_sent(body)
+        elif kind in (READY, FAILED):
+            frames.append((kind, None, body))
+        elif kind == NEXT:
+            task_id, next_task_id = NUMBER.unpack_from(body)[0], NUMBER.unpack_from(body, NUMBER.size)[0]
+            self.task = next_task_id
+            frames += [(RESULT, task_id, body[2 * NUMBER.size:]), (START, next_task_id, body[:0])]
+        else:
+            task_id = NUMBER.unpack_from(body)[0]
+            if kind == START:
+                self.task = task_id
+            elif task_id == self.task:  # its RESULT or SPLIT: the task is over
+                self.task = None
+            frames.append((kind, task_id, body[NUMBER.size:]))
+
+    def close(self) -> None:
+        self.closed = True
+        self.conn.close()
 
 
 def end_process_group(pid: int, alive=None, grace: float = TERMINATE_GRACE) -> None:

@@ -1,4 +1,7 @@
-"""fork: our own os.fork workers, one pipe each. The function is inherited, not pickled."""
+"""fork: workers forked from the caller (multiprocessing's fork context), one pipe each. The
+function is inherited, not pickled. Tasks go down a worker's pipe; what the worker says comes
+back up it (`_worker.Link`): the task it starts, its log records as they are written, and the
+task's result, so the task a dead worker held is the one it last started."""
 from __future__ import annotations
 
 import gc
@@ -16,14 +19,12 @@ from collections import deque
 
 from .. import _logs, _transfer, native
 from .._outcome import SplitTask, _SentException, encode_result, pack_items, unpack_items
-from .._worker import WORKER_CATCH, become_worker_process, every_item_failed, loads, run_items
+from .._worker import (FAILED, READY, RESULT, SPLIT, START, WORKER_CATCH, become_worker_process, every_item_failed,
+                       link_through, loads, run_items)
 from ..errors import InitializerError, RemoteTraceback, warn_user
-from ._procutil import describe_exit, end_process_group
+from ._procutil import Link, describe_exit, end_process_group
 from .base import Backend, Done, Fatal, Lost, Started, fork_supported, threads_are_greenlets
 
-_FATAL = "fatal"   # the initializer failed: (kind, exception, traceback text)
-_READY = "ready"   # the initializer returned
-_SPLIT = "split"   # a task's items did not unpickle here: (kind, task id, reason)
 _JOIN_SECONDS = 1.0
 QUEUE_DEPTH = 2  # tasks a worker holds: the next one waits in the worker while it runs the first
 _warned_threads = False
@@ -31,43 +32,59 @@ _warned_threads = False
 
 def _worker_main(conn, functions, initializer, initargs, max_tasks, parent_pid, log_level):
     become_worker_process(parent_pid=parent_pid)
-    _logs.forward_from_here(log_level)
+    link = link_through(conn)
+    _logs.forward_from_here(log_level, send=link.send_log)
     if initializer is not None:
         try:
             initializer(*initargs)
         except BaseException as exc:
-            conn.send_bytes(pickle.dumps((_FATAL, _SentException(exc), traceback.format_exc())))
+            link.send(FAILED, pickle.dumps((_SentException(exc), traceback.format_exc())))
             return
-        conn.send_bytes(pickle.dumps((_READY,)))
-    next_message = _start_reader(conn) if not threads_are_greenlets() else _read_directly(conn)
+        link.send(READY)
+    next_message, waiting_message = _start_reader(conn) if not threads_are_greenlets() else _read_directly(conn)
+    upcoming = announced = None
     done = 0
     while True:
-        message = next_message()
+        message, upcoming = upcoming or _decoded(next_message()), None
         if message is None:
             return
-        kind, key, payload = loads(message)
+        kind, key, payload = message
         if kind == "fn":
             functions[key] = loads(payload)
             continue
         if kind == "stop":
             return
         task_id, packed = payload
+        if task_id != announced:
+            link.send_task(START, task_id)
         try:
             outcome = run_items(functions[key], unpack_items(packed), catch=WORKER_CATCH)
         except SplitTask as exc:
-            conn.send_bytes(pickle.dumps((_SPLIT, task_id, str(exc))))
+            link.send_task(SPLIT, task_id, str(exc).encode())
             continue
         except BaseException as exc:  # the single item could not be rebuilt here
             outcome = (*every_item_failed(packed[0], exc), 0.0)
-        conn.send_bytes(encode_result(task_id, *outcome))
+        encoded = encode_result(task_id, *outcome)
         done += 1
-        if max_tasks and done >= max_tasks:
-            return  # recycled: the parent starts a fresh worker
+        recycled = max_tasks and done >= max_tasks  # the parent then starts a fresh worker
+        upcoming = None if recycled else _decoded(waiting_message())
+        if upcoming is not None and upcoming[0] == "task":  # it starts now: one frame says both
+            announced = upcoming[2][0]
+            link.send_result_and_start(task_id, announced, encoded)
+        else:
+            link.send_task(RESULT, task_id, encoded)
+        if recycled:
+            return
+
+
+def _decoded(message):
+    return None if message is None else loads(message)
 
 
 def _start_reader(conn):
     """A reader thread takes the next task off the pipe while this one runs, so the parent
-    never blocks writing to a busy worker (and the two writes cannot deadlock)."""
+    never blocks writing to a busy worker (and the two writes cannot deadlock). Returns
+    (the next message, waited for; a message already here, or None)."""
     inbox: queue.SimpleQueue = queue.SimpleQueue()
 
     def read():
@@ -78,8 +95,14 @@ def _start_reader(conn):
                 inbox.put(None)  # the parent has gone
                 return
 
+    def waiting():
+        try:
+            return inbox.get_nowait()
+        except queue.Empty:
+            return None
+
     threading.Thread(target=read, name="pmap-fork-reader", daemon=True).start()
-    return inbox.get
+    return inbox.get, waiting
 
 
 def _read_directly(conn):
@@ -88,22 +111,29 @@ def _read_directly(conn):
             return conn.recv_bytes()
         except (EOFError, OSError):
             return None  # the parent has gone
-    return read
+
+    def waiting():
+        return read() if conn.poll() else None
+    return read, waiting
 
 
 class _Worker:
-    __slots__ = ("proc", "conn", "tasks", "tasks_done", "ready")
+    __slots__ = ("proc", "link", "tasks", "tasks_done", "ready")
 
     def __init__(self, proc, conn, ready):
         self.proc = proc
-        self.conn = conn
-        self.tasks: deque = deque()  # task ids sent, oldest (running) first
+        self.link = Link(conn, proc.pid)  # which of its tasks it runs: the one it last started
+        self.tasks: deque = deque()  # task ids sent to it and not over, in the order sent
         self.tasks_done = 0
         self.ready = ready           # its initializer (if any) has returned
 
     @property
     def pid(self):
         return self.proc.pid
+
+    @property
+    def conn(self):
+        return self.link.conn
 
 
 class ForkBackend(Backend):
@@ -165,7 +195,7 @@ class ForkBackend(Backend):
 
     def _retire(self, worker: _Worker) -> None:
         self.workers_list.remove(worker)
-        worker.conn.close()
+        worker.link.close()
         worker.proc.join(0)
 
     def _room(self, worker: _Worker) -> int:
@@ -222,8 +252,6 @@ class ForkBackend(Backend):
         self.bytes_sent += _transfer.wire_size(message)
         worker.tasks.append(task.id)
         self.by_task[task.id] = worker
-        if len(worker.tasks) == 1:
-            self.events.append(Started(task.id, worker.pid, time.monotonic()))
 
     def wait(self, timeout):
         events, self.events = self.events, []
@@ -241,39 +269,36 @@ class ForkBackend(Backend):
         dead = []
         for handle in ready:
             worker = handles[handle]
-            if handle is worker.conn:
-                try:
-                    events.extend(self._decode(worker, worker.conn.recv_bytes()))
-                except (EOFError, OSError):
-                    dead.append(worker)
-        for handle in ready:
-            worker = handles[handle]
-            if handle is worker.proc.sentinel and worker not in dead:
-                try:
-                    while worker.conn.poll():  # what it sent before exiting still counts
-                        events.extend(self._decode(worker, worker.conn.recv_bytes()))
-                except (EOFError, OSError):
-                    pass
+            if worker in dead:
+                continue
+            events.extend(self._read(worker))  # also on its end: what it sent before still counts
+            if handle is worker.proc.sentinel or worker.link.closed:
                 dead.append(worker)
         for worker in dead:
             events.extend(self._bury(worker))
         return events
 
-    def _decode(self, worker, message) -> list:
-        self.bytes_received += _transfer.wire_size(message)
-        decoded = self.channel.loads(message)
-        if decoded[0] == _READY:
-            worker.ready = True
-            return []
-        if decoded[0] == _FATAL:
-            _, exc, tb = decoded
-            exc.__cause__ = RemoteTraceback(tb)
-            return [Fatal(self._initializer_error(worker, f"{type(exc).__name__}: {exc}", exc))]
-        if decoded[0] == _SPLIT:
-            _, task_id, reason = decoded
-            return self._forget(worker, task_id, [Lost(task_id, worker.pid, None, reason, blame=False)])
-        task_id, values, failures, elapsed = decoded
-        return self._forget(worker, task_id, [Done(task_id, worker.pid, values, failures, elapsed)])
+    def _read(self, worker) -> list:
+        events = []
+        for kind, task_id, body in worker.link.read():
+            if kind == READY:
+                worker.ready = True
+            elif kind == FAILED:
+                exc, tb = pickle.loads(body)
+                exc.__cause__ = RemoteTraceback(tb)
+                events.append(Fatal(self._initializer_error(worker, f"{type(exc).__name__}: {exc}", exc)))
+            elif task_id not in worker.tasks:
+                continue  # a task cancelled meanwhile
+            elif kind == START:
+                events.append(Started(task_id, worker.pid, time.monotonic()))
+            elif kind == SPLIT:
+                events.append(self._forget(worker, task_id, Lost(task_id, worker.pid, None, bytes(body).decode(),
+                                                                 blame=False)))
+            elif kind == RESULT:
+                self.bytes_received += _transfer.wire_size(body)
+                _, values, failures, elapsed = self.channel.loads(body)
+                events.append(self._forget(worker, task_id, Done(task_id, worker.pid, values, failures, elapsed)))
+        return events
 
     def _initializer_error(self, worker, what, cause=None) -> InitializerError:
         name = getattr(self.initializer, "__qualname__", None) or type(self.initializer).__name__
@@ -281,29 +306,26 @@ class ForkBackend(Backend):
         error.__cause__ = cause
         return error
 
-    def _forget(self, worker, task_id, events) -> list:
-        """`task_id` is over on `worker`: the next task it holds starts."""
-        if worker.tasks and worker.tasks[0] == task_id:
-            worker.tasks.popleft()
+    def _forget(self, worker, task_id, event):
+        """`task_id` is over on `worker`."""
+        worker.tasks.remove(task_id)
         worker.tasks_done += 1
         self.by_task.pop(task_id, None)
-        if worker.tasks:  # the queued task starts now
-            events.append(Started(worker.tasks[0], worker.pid, time.monotonic()))
-        return events
+        return event
 
     def _bury(self, worker: _Worker, reason: str | None = None) -> list:
-        """A worker exited: its running task is lost (it may be the cause), a queued one was
-        never started; a replacement takes its place."""
+        """A worker exited: the task it held (the one it last started) is lost, and it may be
+        the cause; the others it was sent never started. A replacement takes its place."""
+        events = self._read(worker)  # what it sent before it ended still counts
         worker.proc.join(_JOIN_SECONDS)
         exitcode = worker.proc.exitcode
         self._retire(worker)
         if not worker.ready and reason is None:  # it died inside its initializer: no item is to blame
             return [Fatal(self._initializer_error(worker, f"its process ended ({describe_exit(exitcode)})"))]
-        events = []
-        for position, task_id in enumerate(worker.tasks):
+        for task_id in worker.tasks:
             self.by_task.pop(task_id, None)
             events.append(Lost(task_id, worker.pid, exitcode, reason or describe_exit(exitcode),
-                               blame=position == 0 and reason is None))
+                               blame=task_id == worker.link.task and reason is None))
         worker.tasks.clear()
         if len(self.workers_list) < self.workers and self.functions:
             self._fork()
@@ -333,7 +355,7 @@ class ForkBackend(Backend):
             if worker.proc.is_alive():
                 end_process_group(worker.pid, alive=worker.proc.is_alive, grace=0.05 if kill else 0.2)
             worker.proc.join(_JOIN_SECONDS)
-            worker.conn.close()
+            worker.link.close()
         self.by_task.clear()
         self.events = []
         self.channel.close()
