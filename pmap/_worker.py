@@ -6,6 +6,7 @@ import inspect
 import os
 import pickle
 import signal
+import socket
 import struct
 import sys
 import threading
@@ -380,38 +381,39 @@ def pooled_worker_init(initializer_bytes, driver_pid=None):
             pass
 
 
-def run_pooled_task(payload: bytes) -> bytes:
-    """Run one task. Its start is recorded in a file naming this worker's pid, so the
-    parent knows which process to end on a timeout and which task a dead worker held."""
-    task_id, key, fn_bytes, packed, start_dir = loads(payload)
-    marker = os.path.join(start_dir, str(task_id))
+def run_pooled_task(payload: bytes) -> None:
+    """Run one task of a pooled backend (process, pool). Its START, its log records and its
+    RESULT go over this worker's own connection to the backend; what the pool itself carries
+    back is None, so nothing this worker writes where other workers write is ever large."""
+    task_id, key, packed, run_dir = loads(payload)
+    link = link_to(os.path.join(run_dir, LINK_SOCKET))
+    if link is None:
+        return None  # the run that sent it was abandoned and its backend closed
+    _logs.send_with(link.send_log)  # records written from now on go to this task's caller
     try:
-        with open(marker, "w") as handle:
-            handle.write(str(os.getpid()))
-    except OSError:  # the run that sent it was abandoned and its directory removed: run it anyway
-        marker = None
-    try:
-        items = unpack_items(packed)
-        fn = cached_function(key, lambda: fn_bytes or _transfer.read_function(start_dir, key))  # once per worker
-        outcome = run_items(fn, items, catch=WORKER_CATCH)
-    except SplitTask:
-        raise
-    except BaseException as exc:  # the item or the function could not be rebuilt here
-        outcome = (*every_item_failed(packed[0], exc), 0.0)
-    finally:
-        if marker is not None:
-            try:
-                os.unlink(marker)
-            except OSError:
-                pass
-    return os.getpid(), encode_result(task_id, *outcome)
+        link.send_task(START, task_id)
+        try:
+            items = unpack_items(packed)
+            fn = cached_function(key, lambda: _transfer.read_function(run_dir, key))  # once per worker and run
+            outcome = run_items(fn, items, catch=WORKER_CATCH)
+        except SplitTask as exc:
+            link.send_task(SPLIT, task_id, str(exc).encode())
+            return None
+        except BaseException as exc:  # the item or the function could not be rebuilt here
+            outcome = (*every_item_failed(packed[0], exc), 0.0)
+        link.send_task(RESULT, task_id, encode_result(task_id, *outcome))
+    except OSError:  # the backend closed meanwhile: nobody waits for this result
+        _forget_link(link)
+    return None
 
 
 # ---- what a worker process tells its caller ---------------------------------------------------
 # Each worker process has a connection of its own to the backend that runs it: for fork, the
-# pipe it was forked with. No other process writes to it, so a worker that dies mid-message
-# costs only its own connection, and holds no lock anyone else needs.
+# pipe it was forked with; for pool and process, a Unix socket it opens to the run's folder on
+# its first task of that run (`link_to`). No other process writes to it, so a worker that dies
+# mid-message costs only its own connection, and holds no lock anyone else needs.
 # A frame is one message: a kind byte, then its body.
+HELLO = b"H"   # a pooled worker's first frame on a new connection: its pid
 START = b"S"   # task id: the worker runs that task, and holds it until its RESULT arrives whole
 RESULT = b"R"  # task id, then the task's outcome (`_outcome.encode_result`)
 NEXT = b"N"    # a RESULT and the START of the next task at once: the two task ids, then the outcome
@@ -420,6 +422,7 @@ LOG = b"L"     # a pickled log record, sent as it is written (`_logs`)
 READY = b"I"   # fork: the initializer returned
 FAILED = b"F"  # fork: the initializer raised: (exception, traceback text), pickled
 NUMBER = struct.Struct("<q")  # a task id, or a pid
+LINK_SOCKET = "link"  # the backend's listening socket, in the run's private folder
 
 
 class Link:
@@ -447,6 +450,7 @@ class Link:
         self.send(LOG, record)
 
 
+_links: dict[str, Link] = {}  # socket path -> this pooled worker's link to that backend
 _own_link: Link | None = None  # a fork worker's: the pipe it was forked with
 
 
@@ -457,13 +461,45 @@ def link_through(conn: Connection) -> Link:
     return _own_link
 
 
+def link_to(path: str) -> Link | None:
+    """This worker's link to the backend listening at `path`, made on its first task of that
+    backend's run; None when the backend has gone."""
+    link = _links.get(path)
+    if link is not None:
+        return link
+    for old in list(_links.values()):
+        if old.conn.poll():  # the backend never writes here: readable means it has closed
+            _forget_link(old)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(path)
+    except OSError:
+        sock.close()
+        return None
+    link = _links[path] = Link(Connection(sock.detach()))
+    try:
+        link.send(HELLO, NUMBER.pack(os.getpid()))
+    except OSError:
+        _forget_link(link)
+        return None
+    return link
+
+
+def _forget_link(link: Link) -> None:
+    for path, known in list(_links.items()):
+        if known is link:
+            del _links[path]
+    link.conn.close()
+
+
 def _drop_links_in_child() -> None:
-    """A process forked from a worker (by the function) is not that worker: it closes its copy
-    of the worker's link, so the caller sees it close when the worker dies, and nothing it
+    """A process forked from a worker (by the function) is not that worker: it closes its copies
+    of the worker's links, so the caller sees them close when the worker dies, and nothing it
     says reaches the caller as the worker's."""
     global _own_link
-    if _own_link is not None:
-        _own_link.conn.close()
+    for link in [*_links.values(), *([_own_link] if _own_link else [])]:
+        link.conn.close()
+    _links.clear()
     _own_link = None
 
 

@@ -85,6 +85,63 @@ def hold_pool_result_lock_on_zero(marker, x):
     time.sleep(3600)
 
 
+# ---- workers that die while their result leaves ---------------------------------------------
+
+class KillsItsWorkerWhenPickled:
+    """A result whose pickling kills the worker (as the OOM killer may, pickling a big result)."""
+
+    def __reduce__(self):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def dies_pickling_its_result_on_three(x):
+    return KillsItsWorkerWhenPickled() if x == 3 else x * 10
+
+
+class _StartsTheWatchWhenPickled:
+    """32 MB that pickle in band (one long frame to write); its pickling starts the watch."""
+
+    def __init__(self, started):
+        self.started = started
+
+    def __reduce__(self):
+        self.started.set()
+        return (bytes, (bytes(32 << 20),))
+
+
+def _kill_once_a_frame_is_being_written(started):
+    """SIGKILL this worker as soon as bytes wait in its connection to the caller, once the big
+    result's pickling has begun: that is, while the result is being written."""
+    import fcntl
+    import termios
+    from pmap import _worker
+    started.wait()
+    links = [*_worker._links.values(), *([_worker._own_link] if _worker._own_link else [])]
+    while True:
+        for link in links:
+            if fcntl.ioctl(link.conn.fileno(), termios.TIOCOUTQ, b"\0\0\0\0") != b"\0\0\0\0":
+                os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(0.0002)
+
+
+def killed_writing_its_result_on_three(x):
+    if x != 3:
+        return x * 10
+    import threading
+    started = threading.Event()
+    threading.Thread(target=_kill_once_a_frame_is_being_written, args=(started,), daemon=True).start()
+    return _StartsTheWatchWhenPickled(started)
+
+
+def sleep_then_exit_on_one(x):
+    """Item 0 runs for a while; item 1 ends its worker meanwhile."""
+    if x == 1:
+        time.sleep(0.3)
+        os._exit(5)
+    time.sleep(1.0 if x == 0 else 0.01)
+    return x * 10
+
+
 # ---- BaseExceptions, undecodable results and items, failing initializers -------------------
 
 class CustomBaseError(BaseException):

@@ -1,4 +1,5 @@
 """Nothing hangs, nothing is lost: real segfaults, exits, kills, hangs, Ctrl-C and driver death."""
+import collections
 import os
 import signal
 import subprocess
@@ -10,8 +11,9 @@ import psutil
 import pytest
 
 import pmap
-from faults import (count_attempts, exit_on_five, flaky_once, hang_on_seven, kill_self_on_four,
-                    pid_after_sleep, poison_on_two, segfault_on_three)
+from faults import (count_attempts, dies_pickling_its_result_on_three, exit_on_five, flaky_once, hang_on_seven,
+                    kill_self_on_four, killed_writing_its_result_on_three, pid_after_sleep, poison_on_two,
+                    segfault_on_three, sleep_then_exit_on_one)
 
 PROCESS_LIKE = ("fork", "pool", "process", "manager")
 COOPERATIVE = ("serial", "thread")
@@ -132,7 +134,10 @@ def test_poison_item_is_reported_after_retries_and_never_loops(pmap_backend):
 def test_max_tasks_per_worker_recycles_workers(pmap_backend):
     out = pmap.pmap(pid_after_sleep, range(40), backend=pmap_backend, workers=2, chunksize=1,
                     max_tasks_per_worker=5)
-    assert len(set(out)) >= 40 // 5
+    # loky cannot retire one worker: the process backend renews its executor after 2 * 5 tasks,
+    # which its workers share as they come (the one that starts first may run them all)
+    most = 2 * 5 if pmap_backend == "process" else 5
+    assert max(collections.Counter(out).values()) <= most
 
 
 # ---- Ctrl-C and driver death, in a real child process --------------------------------------
@@ -215,13 +220,23 @@ def test_timeouts_are_retried_whatever_retry_on(pmap_backend):
     assert out[1].kind == "timeout" and out[1].attempts == 2
 
 
-def test_workers_seen_dead_at_one_look_are_not_blamed_by_their_order():
-    # loky kills the survivors of a dead worker: when both deaths show at one wait, the order
-    # says nothing of which died first, and blaming the wrong one fails an innocent item
-    from pmap.backends.process import ProcessBackend
-    backend = ProcessBackend(workers=2)
-    backend.first_death.update({101: 5.0, 102: 5.0})
-    assert backend._culprit() is None
-    backend.first_death.clear()
-    backend.first_death.update({101: 5.0, 102: 4.0})
-    assert backend._culprit() == 102
+@pytest.mark.pmap_backends("process", "pool", "fork")
+@pytest.mark.parametrize("fn", [dies_pickling_its_result_on_three, killed_writing_its_result_on_three],
+                         ids=["killed-pickling", "killed-writing"])
+def test_a_worker_killed_while_its_result_leaves_costs_only_that_item(pmap_backend, fn):
+    # the task is held from its start until its result has arrived whole: a worker that dies
+    # on the way out still holds it (the pool backend used to wait for ever here)
+    out = pmap.pmap(fn, range(8), backend=pmap_backend, workers=2, chunksize=1, on_error="return")
+    assert ok_values(out) == expected(8, {3})
+    assert out[3].kind == "crash" and out[3].exception.exitcode == -signal.SIGKILL
+    assert out[3].attempts == 1
+
+
+@pytest.mark.pmap_backends("process", "pool", "fork")
+def test_a_crash_costs_its_own_item_not_the_one_its_sibling_was_running(pmap_backend):
+    # loky kills the other workers once one dies: the item that was running on the one it
+    # killed runs again and succeeds, and only the item whose worker died first fails
+    out = pmap.pmap(sleep_then_exit_on_one, range(4), backend=pmap_backend, workers=2, chunksize=1,
+                    on_error="return")
+    assert out[0] == 0 and out[2:] == [20, 30]
+    assert out[1].kind == "crash" and out[1].exception.exitcode == 5 and out[1].attempts == 1

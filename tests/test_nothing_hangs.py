@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 import pmap
-from faults import (BASE_EXCEPTIONS, NASTY_KINDS, RebuildsOnlyIn, base_exception_type, big_result,
+from faults import (BASE_EXCEPTIONS, NASTY_KINDS, RebuildsOnlyIn, base_exception_type, big_result, exit_on_three,
                     hold_pool_result_lock_on_zero, initializer_that, raise_base_on_three,
                     raise_base_on_three_async, times_ten, undecodable_outcomes)
 from pmap._worker import INIT_FAILED_EXIT, pooled_worker_init
@@ -415,6 +415,22 @@ def test_pool_terminates_while_its_workers_fill_the_result_pipe():
     pool.join()
     alive = [p for p in workers if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert not alive, [p.cmdline() for p in alive]
+
+
+@pytest.mark.timeout(HANG)
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors in /proc/self/fd (Linux)")
+def test_a_pool_replacing_crashed_workers_keeps_no_descriptor_of_theirs():
+    # each replaced worker used to leave its Process, and two pipe descriptors, behind
+    def descriptors():
+        return len(os.listdir("/proc/self/fd"))
+
+    with pmap.Pool("pool", workers=2) as pool:
+        assert pool.map(exit_on_three, range(3)) == [0, 1, 2]
+        before = descriptors()
+        for _ in range(20):
+            assert pool.map(exit_on_three, [3], on_error="return")[0].kind == "crash"
+        grown = descriptors() - before
+    assert grown < 10, f"{grown} more descriptors after 20 workers were replaced"
 
 
 # ---- nesting -----------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 import traceback
 
 import pytest
@@ -101,6 +102,29 @@ def test_a_record_on_a_logger_with_its_own_file_is_written_once(tmp_path, backen
         logger.removeHandler(handler)
         handler.close()
     assert sorted(path.read_text().splitlines()) == [f"item {x}" for x in range(5)]
+
+
+def last_words(arg):
+    how, x = arg
+    logging.getLogger("pmap.test.last_words").warning("item %d starts", x)
+    if x == 3:
+        if how == "dies":
+            os._exit(3)
+        time.sleep(3600)
+    return x
+
+
+@pytest.mark.parametrize("how", ["dies", "hangs"])
+@pytest.mark.parametrize("backend", ["process", "pool", "fork"])
+def test_a_record_written_just_before_a_worker_dies_or_hangs_reaches_the_caller(caplog, backend, how):
+    # records are sent as they are written, not with the task's result, which never comes
+    caplog.set_level("WARNING")
+    timeout = 2 if how == "hangs" else None
+    out = pmap.pmap(last_words, [(how, x) for x in range(6)], backend=backend, workers=2, chunksize=1,
+                    timeout=timeout, on_error="return")
+    assert out[3].kind == ("crash" if how == "dies" else "timeout")
+    messages = {r.getMessage() for r in caplog.records if r.name == "pmap.test.last_words"}
+    assert messages == {f"item {x} starts" for x in range(6)}
 
 
 class Breaks(logging.Handler):

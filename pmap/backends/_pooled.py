@@ -1,8 +1,11 @@
 """Shared machinery of the backends built on an existing process pool (loky, multiprocessing).
 
-Tasks travel as bytes; results come back through the pool's callbacks into a queue, and a
-pipe wakes `wait()`, which also watches the worker processes' sentinels so a death is seen
-at once. Each running task leaves a marker file naming its worker's pid.
+Tasks go through the pool. Everything a worker says comes back over a connection of its own
+to this backend, a Unix socket it opens to the run's private folder on its first task
+(`_worker.run_pooled_task`): the task it starts, its log records as they are written, and
+the task's result; what the pool itself carries back is None. `wait()` watches those
+connections, so the task a dead worker held is known from what it said (`_procutil.Link`),
+and a worker that dies while it writes a result leaves nothing behind that others wait on.
 """
 from __future__ import annotations
 
@@ -11,18 +14,18 @@ import multiprocessing.connection
 import os
 import queue
 import shutil
+import socket
 import tempfile
 import time
 
 from .. import _logs, _transfer, native
-from .._outcome import SplitTask, pack_items
-from .._worker import init_report_dir, loads
+from .._outcome import pack_items
+from .._worker import LINK_SOCKET, RESULT, SPLIT, init_report_dir, loads
 from ..errors import FunctionNotPicklable, InitializerError, RemoteTraceback
-from ._procutil import describe_exit, process_exists, end_process_group
+from ._procutil import Link, describe_exit, end_process_group, process_exists
 from .base import Backend, Done, Fatal, Lost, threads_are_greenlets
 
 _SHM = "/dev/shm"
-SWEEP_SECONDS = 0.5  # how often wait() double-checks that running tasks' workers exist
 
 
 def pickle_function(fn, backend_name: str, pickler=_transfer.cloudpickle_keeping_paths.dumps):
@@ -49,21 +52,21 @@ class PooledBackend(Backend):
 
     def __init__(self, workers=None, initializer=None, initargs=(), **options):
         super().__init__(workers, initializer, initargs, **options)
-        self.events: queue.SimpleQueue = queue.SimpleQueue()
+        self.errors: queue.SimpleQueue = queue.SimpleQueue()  # (task id, error) the pool reported for a task
         self.wake_r, self.wake_w = multiprocessing.Pipe(duplex=False)
         self.inflight: set[int] = set()
         self.channel = _transfer.Channel()  # big buffers through shared memory, released on close
-        self.start_dir = _make_start_dir()
+        self.run_dir, self.listener = _open_run_dir()
+        self.links: dict[object, Link] = {}  # connection -> the link of one worker
+        self.later: list = []  # events read outside wait() (by cancel), reported by the next wait()
         self.init_dir = None
         if initializer is not None:
             self.init_dir = init_report_dir(os.getpid())
             os.makedirs(self.init_dir, exist_ok=True)
             _remove_at_exit(self.init_dir)
         self.fn_key = None
-        self.dead_pids: set[int] = set()  # deaths already reported; their sentinels stay ready
-        self.known: dict[int, object] = {}  # pid -> Process, kept after the pool forgets them
+        self.seen: dict[int, object] = {}  # pid -> Process of the pool's workers, for their exit codes
         self.ended_pids: set[int] = set()   # workers we ended ourselves (timeouts)
-        self.next_sweep = 0.0
         self.bytes_sent = 0
         self.bytes_received = 0
 
@@ -93,7 +96,7 @@ class PooledBackend(Backend):
             try:
                 os.unlink(path)
             except OSError:
-                pass
+                pass  # a sibling run removed it first
             if report:  # written whole (renamed into place) just before the worker exits
                 try:
                     exc, tb = loads(report)
@@ -105,7 +108,7 @@ class PooledBackend(Backend):
                                          f"{type(exc).__name__}: {exc}")
                 error.__cause__ = exc
                 return error
-            if ended is None and (pid in exitcodes or self.known.get(pid) is not None):
+            if ended is None and (pid in exitcodes or pid in self.seen):
                 ended = InitializerError(f"the initializer {name} ended worker {pid} of backend {self.name!r} "
                                          f"({describe_exit(exitcodes.get(pid))}) before it could run anything")
         return ended
@@ -114,7 +117,7 @@ class PooledBackend(Backend):
         """Replace the events by one Fatal when a worker's initializer failed."""
         if self.init_dir is None or not (died or any(type(e) is Lost for e in events)):
             return events
-        for proc in self._processes() + [self.known[p] for p in died if p in self.known]:
+        for proc in [*self._current_processes(), *self._known_processes()]:
             if proc.exitcode is not None:
                 died.setdefault(proc.pid, proc.exitcode)
         error = self.initializer_failure(died)
@@ -133,30 +136,31 @@ class PooledBackend(Backend):
         """The pool's current worker Process objects."""
         raise NotImplementedError
 
-    def _processes(self) -> list:
-        """Every worker seen so far and not yet reported dead: a pool may drop a dead worker
-        from its own list before wait() looks."""
-        try:
-            for proc in self._current_processes():
-                self.known.setdefault(proc.pid, proc)
-        except RuntimeError:  # the pool changed its list meanwhile; the next call catches up
-            pass
-        return [p for pid, p in self.known.items() if pid not in self.dead_pids]
+    def _watched_processes(self) -> list:
+        """Worker processes whose end wait() watches, besides their connections."""
+        return []
 
-    def _worker_died(self, proc, seen_at: float) -> list:
-        """Events for the tasks a dead worker took with it."""
+    def _known_processes(self) -> list:
+        return list(self.seen.values())
+
+    def _exitcode(self, proc) -> int | None:
+        return proc.exitcode
+
+    def _ended(self, pid: int | None, link: Link | None, proc) -> list:
+        """Events for the end of worker `pid` (`proc`: its Process, when its end was seen
+        there): the task its link held, if still in flight, is lost."""
         raise NotImplementedError
 
     # ---- the protocol -----------------------------------------------------------------
     def prepare(self, fn, timeout=None):
         self.timeout = timeout
-        if not os.path.isdir(self.start_dir):  # used again after close (a Pool after Ctrl-C)
-            self.start_dir = _make_start_dir()
+        if self.listener is None:  # used again after close (a Pool after Ctrl-C)
             self.channel = _transfer.Channel()
+            self.run_dir, self.listener = _open_run_dir()
             self.open()
         self.fn_key, fn_bytes = pickle_function(fn, self.name, self.channel.share_function)
         # written once; each worker reads it on its first task of the run, tasks carry only the key
-        with open(_transfer.function_file(self.start_dir, self.fn_key), "wb") as handle:
+        with open(_transfer.function_file(self.run_dir, self.fn_key), "wb") as handle:
             handle.write(fn_bytes)
         self.bytes_sent += _transfer.wire_size(fn_bytes)
         return self.fn_key
@@ -166,100 +170,142 @@ class PooledBackend(Backend):
         return per_worker * self.workers - len(self.inflight)
 
     def submit(self, task) -> None:
-        payload = self.channel.dumps((task.id, self.fn_key, None, pack_items(task.items), self.start_dir))
+        payload = self.channel.dumps((task.id, self.fn_key, pack_items(task.items), self.run_dir))
         self._send(task.id, payload)
         self.bytes_sent += _transfer.wire_size(payload)
         self.inflight.add(task.id)
 
-    def _result_callback(self, task_id):
-        def on_result(payload):
-            self.events.put((task_id, payload))
-            self.wake_w.send_bytes(b"")
-        return on_result
+    def _report_error(self, task_id, error, seen_then=None) -> None:
+        """The pool failed a task itself (called from the pool's own thread); `seen_then`:
+        what the subclass saw of its workers at that moment."""
+        self.errors.put((task_id, error, seen_then))
+        self.wake_w.send_bytes(b"")
 
     def wait(self, timeout):
-        events = self._drain()
-        if events:
-            return events
-        procs = {p.sentinel: p for p in self._processes() if p.pid not in self.dead_pids}
-        ready = multiprocessing.connection.wait([self.wake_r, *procs], timeout)
-        now = time.monotonic()
-        died = {}
-        for handle in ready:
-            if handle is not self.wake_r:
-                proc = procs[handle]
-                self.dead_pids.add(proc.pid)
-                events.extend(self._worker_died(proc, now))
-                died[proc.pid] = proc.exitcode  # read once the pool reaped it (see PoolBackend._worker_died)
-        events.extend(self._drain())
-        if not events and now >= self.next_sweep:
-            events.extend(self._sweep())
-        return self._initializer_fatal(events, died)
-
-    def _sweep(self) -> list:
-        """Safety net: a task whose marker names a process that no longer exists is lost."""
-        self.next_sweep = time.monotonic() + SWEEP_SECONDS
-        events = []
-        for task_id in list(self.inflight):
-            pid = self.marker_pid(task_id)
-            if pid is not None and not process_exists(pid) and task_id in self.inflight:
-                proc = self.known.get(pid)
-                if proc is not None:
-                    self.dead_pids.add(pid)
-                    events.extend(self._worker_died(proc, time.monotonic()))
-                else:
-                    self.inflight.discard(task_id)
-                    events.append(Lost(task_id, pid, None, "its worker vanished", blame=True))
+        events, self.later = self.later, []
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not events:  # a worker's START, a log record: no event, wait on
+            events = self._wait_once(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            if deadline is not None and time.monotonic() >= deadline:
+                break
         return events
 
-    def _drain(self) -> list:
+    def _wait_once(self, timeout) -> list:
+        events = []
+        sentinels = {proc.sentinel: proc for proc in self._watched_processes()}
+        handles = [self.wake_r, self.listener, *self.links, *sentinels]
+        ready = multiprocessing.connection.wait(handles, timeout)
+        died = {}
+        for handle in ready:
+            if handle is self.listener:
+                for link in self._accept():  # read at once: a worker that has ended said who it was
+                    events.extend(self._read(link))
+            elif handle in self.links:
+                events.extend(self._read(self.links[handle]))
+        for handle in ready:
+            proc = sentinels.get(handle)
+            if proc is not None:
+                events.extend(self._worker_gone(proc.pid, proc=proc))
+                died[proc.pid] = self._exitcode(proc)
+        events.extend(self._drain_errors())
+        return self._initializer_fatal(events, died)
+
+    def _accept(self) -> list[Link]:
+        links = []
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return links
+            sock.setblocking(True)
+            conn = multiprocessing.connection.Connection(sock.detach())
+            links.append(Link(conn))
+            self.links[conn] = links[-1]
+
+    def _read(self, link: Link) -> list:
+        events = self._frames(link)
+        if link.closed:
+            events.extend(self._worker_gone(link.pid, link))
+        return events
+
+    def _frames(self, link: Link) -> list:
+        events = []
+        for kind, task_id, body in link.read():
+            if kind == RESULT:
+                if task_id in self.inflight:
+                    self.inflight.discard(task_id)
+                    self.bytes_received += _transfer.wire_size(body)
+                    _, values, failures, elapsed = self.channel.loads(body)
+                    events.append(Done(task_id, link.pid, values, failures, elapsed))
+            elif kind == SPLIT and task_id in self.inflight:  # an item does not unpickle in a worker
+                self.inflight.discard(task_id)
+                events.append(Lost(task_id, link.pid, None, bytes(body).decode(), blame=False))
+        return events
+
+    def _link_of(self, pid) -> Link | None:
+        for link in self.links.values():
+            if link.pid == pid:
+                return link
+        return None
+
+    def _worker_gone(self, pid, link: Link | None = None, proc=None) -> list:
+        """Worker `pid` has ended (its connection closed, or its process): the task it held, if
+        any, is lost."""
+        link = link or self._link_of(pid)
+        events = []
+        if link is not None:
+            self.links.pop(link.conn, None)
+            if not link.closed:
+                events.extend(self._frames(link))  # what it said before it ended still counts
+            link.close()
+        return events + self._ended(pid, link, proc)
+
+    def _drain_errors(self) -> list:
         events = []
         while self.wake_r.poll():
             self.wake_r.recv_bytes()
         while True:
             try:
-                task_id, outcome = self.events.get_nowait()
+                task_id, error, seen_then = self.errors.get_nowait()
             except queue.Empty:
                 return events
-            if task_id not in self.inflight:
-                continue
-            self.inflight.discard(task_id)
-            if isinstance(outcome, tuple):  # (worker pid, encoded result)
-                pid, encoded = outcome
-                self.bytes_received += _transfer.wire_size(encoded)
-                _, values, failures, elapsed = self.channel.loads(encoded)
-                events.append(Done(task_id, pid, values, failures, elapsed))
-            elif isinstance(outcome, SplitTask):  # one of its items does not unpickle in a worker
-                events.append(Lost(task_id, None, None, str(outcome), blame=False))
-            else:
-                events.extend(self._task_error(task_id, outcome))
+            if task_id in self.inflight:
+                events.extend(self._task_error(task_id, error, seen_then))
 
-    def _task_error(self, task_id, error) -> list:
+    def _task_error(self, task_id, error, seen_then) -> list:
         """The pool reported an error for the task itself (not the function's)."""
-        return [Lost(task_id, self.marker_pid(task_id), None, f"{type(error).__name__}: {error}", blame=True)]
+        self.inflight.discard(task_id)
+        holder = self._holder(task_id)
+        return [Lost(task_id, holder.pid if holder else None, None, f"{type(error).__name__}: {error}", blame=True)]
 
-    def marker_pid(self, task_id) -> int | None:
-        try:
-            with open(os.path.join(self.start_dir, str(task_id))) as handle:
-                return int(handle.read() or 0) or None
-        except (OSError, ValueError):
-            return None
-
-    def tasks_on(self, pid) -> list[int]:
-        return [task_id for task_id in self.inflight if self.marker_pid(task_id) == pid]
+    def _holder(self, task_id) -> Link | None:
+        for link in self.links.values():
+            if link.task == task_id:
+                return link
+        return None
 
     def cancel(self, task_id) -> None:
         if task_id not in self.inflight:
             return
         self.inflight.discard(task_id)
-        pid = self.marker_pid(task_id)
-        if pid is not None:
-            self.ended_pids.add(pid)
-            end_process_group(pid)
+        link = self._holder(task_id)
+        if link is None:
+            return  # not started yet: its worker runs it later and the result is dropped
+        self.later.extend(self._read(link))
+        if link.task == task_id and link.pid is not None:  # still running it
+            self.ended_pids.add(link.pid)
+            end_process_group(link.pid)
 
     def close(self, kill=False) -> None:
         self.inflight.clear()
-        shutil.rmtree(self.start_dir, ignore_errors=True)
+        for link in self.links.values():
+            link.close()
+        self.links.clear()
+        self.later = []
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+        shutil.rmtree(self.run_dir, ignore_errors=True)
         self.channel.close()
         self._drop_initializer_reports()
 
@@ -273,16 +319,28 @@ class PooledBackend(Backend):
         except OSError:
             return
         for entry in names:
-            if entry.isdigit() and (int(entry) in self.known or not process_exists(int(entry))):
+            if entry.isdigit() and (int(entry) in self.seen or not process_exists(int(entry))):
                 try:
                     os.unlink(os.path.join(self.init_dir, entry))
                 except OSError:
-                    pass
+                    pass  # removed meanwhile
 
 
-def _make_start_dir() -> str:
-    # named for this process, so a later run removes it if this one is killed (`_transfer.sweep`)
-    return tempfile.mkdtemp(prefix=f"pmap-{os.getpid()}-", dir=_SHM if os.path.isdir(_SHM) else None)
+def _open_run_dir() -> tuple[str, socket.socket]:
+    """A private folder for one run's files (its function, the pool's lock files) and the
+    listening socket in it that workers connect to. Named for this process, so a later run
+    removes it if this one is killed (`_transfer.sweep`); only this user may connect."""
+    path = tempfile.mkdtemp(prefix=f"pmap-{os.getpid()}-", dir=_SHM if os.path.isdir(_SHM) else None)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind(os.path.join(path, LINK_SOCKET))
+        listener.listen(socket.SOMAXCONN)
+        listener.setblocking(False)
+    except OSError:
+        listener.close()
+        shutil.rmtree(path, ignore_errors=True)
+        raise
+    return path, listener
 
 
 _removed_at_exit: set = set()

@@ -8,7 +8,7 @@ import signal
 import time
 
 from .. import _logs
-from .._worker import FAILED, LOG, NEXT, NUMBER, READY, RESULT, START
+from .._worker import FAILED, HELLO, LOG, NEXT, NUMBER, READY, RESULT, START
 
 TERMINATE_GRACE = 0.2   # seconds a worker gets between SIGTERM and SIGKILL
 
@@ -24,7 +24,7 @@ class Link:
 
     def __init__(self, conn, pid: int | None = None):
         self.conn = conn
-        self.pid = pid
+        self.pid = pid  # a pooled worker says it in its first frame
         self.task: int | None = None
         self.closed = False  # the worker's end has closed: it exited or died
         self.waiting = select.poll()  # whether bytes (or the end) wait: one call, where conn.poll() builds a selector
@@ -45,6 +45,8 @@ class Link:
         kind, body = message[:1], memoryview(message)[1:]
         if kind == LOG:
             _logs.handle_sent(body)
+        elif kind == HELLO:
+            self.pid = NUMBER.unpack_from(body)[0]
         elif kind in (READY, FAILED):
             frames.append((kind, None, body))
         elif kind == NEXT:

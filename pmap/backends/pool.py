@@ -1,4 +1,7 @@
-"""pool: the standard library's multiprocessing.Pool, with an explicit start method."""
+"""pool: the standard library's multiprocessing.Pool, with an explicit start method.
+
+The Pool starts, feeds and replaces the workers; results, log records and which task a worker
+holds come over pmap's own connections (`_pooled`)."""
 from __future__ import annotations
 
 import multiprocessing
@@ -9,12 +12,12 @@ import threading
 import time
 
 from .._worker import pooled_worker_init, run_pooled_task
-from ._procutil import describe_exit
 from ._pooled import PooledBackend
+from ._procutil import describe_exit
 from ..errors import BackendUnavailable
 from .base import Fatal, Lost
 
-REAP_WAIT_SECONDS = 1.0  # the Pool's maintenance thread looks every 0.1 s
+REAP_WAIT_SECONDS = 1.0  # the Pool's own thread reaps a dead worker as soon as it sees it end
 STUCK_LOCK_SECONDS = 0.5  # a live writer holds the result queue's lock for one message (once the pipe has room)
 STUCK_LOCK_TRIES = 3
 
@@ -40,6 +43,7 @@ class PoolBackend(PooledBackend):
         self.pool = None
         self.orphaned = False  # a task died with its worker: Pool.join() would wait for it forever
         self.start_failures = 0
+        self.buried: dict[int, object] = {}  # pid -> Process of workers whose end is handled, until the pool lets go
 
     def open(self) -> None:
         if self.pool is None:
@@ -49,13 +53,25 @@ class PoolBackend(PooledBackend):
                                  maxtasksperchild=self.max_tasks)
 
     def _send(self, task_id, payload) -> None:
-        on_result = self._result_callback(task_id)
-        self.pool.apply_async(run_pooled_task, (payload,), callback=on_result, error_callback=on_result)
+        self.pool.apply_async(run_pooled_task, (payload,),
+                              error_callback=lambda error: self._report_error(task_id, error))
 
     def _current_processes(self) -> list:
+        # `Pool._pool`, private: the Pool's worker Process objects, the only way to a worker's
+        # exit code under forkserver (the workers are the server's children, not ours)
         return list(self.pool._pool) if self.pool is not None else []
 
-    def _worker_died(self, proc, seen_at) -> list:
+    def _watched_processes(self) -> list:
+        current = self._current_processes()
+        pids = {proc.pid for proc in current}
+        for pid in [pid for pid in self.buried if pid not in pids]:
+            del self.buried[pid]  # the pool has let go of it too
+        for proc in current:
+            if proc.pid not in self.buried:
+                self.seen.setdefault(proc.pid, proc)
+        return list(self.seen.values())  # a worker's end is handled once: its pid goes to `buried`
+
+    def _exitcode(self, proc) -> int | None:
         # Let the Pool's own thread reap it: two threads polling one forkserver Popen race,
         # and the loser records exit code 255 over the real one.
         deadline = time.monotonic() + REAP_WAIT_SECONDS
@@ -63,26 +79,34 @@ class PoolBackend(PooledBackend):
             time.sleep(0.01)
         if self.pool is None or proc in self.pool._pool:
             proc.join(0)
-        if proc.exitcode == 0:  # recycled after max_tasks_per_worker
-            return []
-        events = []
-        for task_id in self.tasks_on(proc.pid):
-            self.inflight.discard(task_id)
-            events.append(Lost(task_id, proc.pid, proc.exitcode, describe_exit(proc.exitcode), blame=True))
-        self.orphaned = self.orphaned or bool(events)
-        if not events and proc.pid not in self.ended_pids:
-            # Died before running anything: the pool would start it again and again, forever.
+        return proc.exitcode
+
+    def _known_processes(self) -> list:
+        return [*self.seen.values(), *filter(None, self.buried.values())]
+
+    def _ended(self, pid, link, proc) -> list:
+        first = pid is not None and pid not in self.buried  # its connection and its process both end
+        if first:
+            self.buried[pid] = self.seen.pop(pid, None) or proc
+        proc = self.buried.get(pid)
+        exitcode = self._exitcode(proc) if proc is not None else None
+        if link is not None and link.task in self.inflight:
+            self.inflight.discard(link.task)
+            self.orphaned = True
+            return [Lost(link.task, pid, exitcode, describe_exit(exitcode), blame=True)]
+        if first and exitcode not in (0, None) and pid not in self.ended_pids:
+            # Died without a task (at start?): the pool would start it again and again, forever.
             self.start_failures += 1
             if self.start_failures > 2 * self.workers:
                 error = BackendUnavailable(
-                    f"backend 'pool' cannot start its workers (each died at start, {describe_exit(proc.exitcode)}); "
+                    f"backend 'pool' cannot start its workers (each died at start, {describe_exit(exitcode)}); "
                     f"with start_method={self.start_method!r} the main module must be importable from a file, "
                     "or use start_method='fork' or backend='process'")
                 return [Fatal(error)]
-        return events
+        return []
 
-    def _drain(self) -> list:
-        events = super()._drain()
+    def _frames(self, link) -> list:
+        events = super()._frames(link)
         if events:
             self.start_failures = 0  # workers do run tasks: earlier deaths were not start failures
         return events

@@ -1,17 +1,22 @@
-"""process: loky's reusable executor. Spawn-safe, the robust default for CPU-bound work."""
+"""process: loky's reusable executor. Spawn-safe, the robust default for CPU-bound work.
+
+When one worker dies, loky fails every task in flight, then kills the other workers. Which
+task a worker held comes from what it said (`_procutil.Link`); whether its death was its own
+comes from one look at the workers' exit codes as loky fails the first task, before it kills
+the survivors: the workers already dead then are the cause.
+"""
 from __future__ import annotations
 
 import os
-import time
+import threading
 from concurrent.futures import BrokenExecutor
 
 from .._worker import pooled_worker_init, run_pooled_task
-from ._procutil import describe_exit
 from ._pooled import PooledBackend
+from ._procutil import describe_exit
 from .base import Lost
 
 REUSE_SECONDS = 60  # idle workers stay this long, so the next call in a script starts warm
-SIGKILL_EXIT = -9
 
 
 class ProcessBackend(PooledBackend):
@@ -27,7 +32,9 @@ class ProcessBackend(PooledBackend):
         self.tasks_per_executor = max_tasks_per_worker * self.workers if max_tasks_per_worker else None
         self.tasks_on_executor = 0
         self.executor = None
-        self.first_death: dict[int, float] = {}
+        self.gone_holders: dict[int, int] = {}  # task id -> pid of the worker that held it when it ended
+        self.seen_lock = threading.Lock()  # `seen` is read from loky's thread when a task fails
+        self.last_break = None  # (loky's error, its workers' exit codes when it failed the first task)
 
     @classmethod
     def is_warm(cls, workers: int) -> bool:
@@ -36,7 +43,8 @@ class ProcessBackend(PooledBackend):
         try:
             from loky import reusable_executor
             executor = getattr(reusable_executor._executor_storage, "executor", None)
-            return _running(executor) and executor._max_workers == workers
+            return (executor is not None and not executor._flags.broken and not executor._flags.shutdown
+                    and executor._max_workers == workers)
         except (ImportError, AttributeError):  # loky's internals moved: assume a cold start
             return False
 
@@ -44,17 +52,13 @@ class ProcessBackend(PooledBackend):
         self._executor()
 
     def _executor(self):
-        if not _running(self.executor):
-            from loky import get_reusable_executor
-            init_bytes = self.initializer_bytes()
+        if self.executor is None:
+            from loky import get_reusable_executor  # a broken or shut down executor is replaced
             self.executor = get_reusable_executor(
                 max_workers=self.workers, timeout=self.reuse_timeout,
-                initializer=pooled_worker_init, initargs=(init_bytes, os.getpid()))
-            self.known.clear()
+                initializer=pooled_worker_init, initargs=(self.initializer_bytes(), os.getpid()))
             self.tasks_on_executor = 0
-            self.first_death.clear()
             self.ended_pids.clear()
-            self.dead_pids.clear()
         return self.executor
 
     def capacity(self) -> int:
@@ -68,60 +72,65 @@ class ProcessBackend(PooledBackend):
 
     def _send(self, task_id, payload) -> None:
         self.tasks_on_executor += 1
-        on_result = self._result_callback(task_id)
         try:
             future = self._executor().submit(run_pooled_task, payload)
         except BrokenExecutor as exc:  # a worker died since wait() last looked: this task never ran
-            on_result(exc)
+            self.executor = None  # the next task gets a new executor
+            self._report_error(task_id, exc)
             return
-        self._processes()  # remember the workers now, so their exit codes outlive loky's cleanup
-        future.add_done_callback(lambda f: on_result(f.exception() or f.result()))
+        self._remember_workers()  # now, so their exit codes outlive loky's clean-up
+        future.add_done_callback(lambda done: self._future_done(task_id, done))
+
+    def _future_done(self, task_id, future) -> None:
+        # loky's thread; the result itself came over the worker's link
+        error = None if future.cancelled() else future.exception()
+        if error is None:
+            return
+        exitcodes = None
+        if isinstance(error, BrokenExecutor):
+            if self.last_break is None or self.last_break[0] is not error:
+                with self.seen_lock:  # before loky kills the survivors: see the module's docstring
+                    exitcodes = {pid: proc.exitcode for pid, proc in self.seen.items()}
+                self.last_break = (error, exitcodes)
+            exitcodes = self.last_break[1]
+        self._report_error(task_id, error, exitcodes)
 
     def _current_processes(self) -> list:
-        return list(self.executor._processes.values()) if self.executor is not None else []
+        # `executor._processes`, private to loky (checked with loky 3.7): its worker Process
+        # objects, for their exit codes
+        executor = self.executor
+        return list(executor._processes.values()) if executor is not None else []
 
-    def _worker_died(self, proc, seen_at) -> list:
-        self.first_death.setdefault(proc.pid, seen_at)
-        return []  # loky breaks the executor; its futures then report, see _task_error
+    def _remember_workers(self) -> None:
+        processes = {proc.pid: proc for proc in self._current_processes()}
+        with self.seen_lock:
+            self.seen = processes
 
-    def _task_error(self, task_id, error) -> list:
-        pid = self.marker_pid(task_id)
-        culprit = self._culprit()
-        proc = self.known.get(pid)
-        exitcode = proc.exitcode if proc is not None else None
-        blame = pid is not None and pid == culprit
-        reason = describe_exit(exitcode) if blame else f"collateral: {type(error).__name__}"
-        return [Lost(task_id, pid, exitcode, reason, blame=blame)]
+    def _ended(self, pid, link, proc) -> list:
+        if link is not None and link.task in self.inflight:
+            self.gone_holders[link.task] = pid  # loky fails its future too: _task_error reports it
+        return []
 
-    def _culprit(self) -> int | None:
-        """The worker whose death broke the executor: one we ended, else the first seen dead,
-        else the one that did not die by loky's own SIGKILL of the survivors."""
-        if self.ended_pids:
-            return next(iter(self.ended_pids))
-        if self.first_death:
-            first = min(self.first_death.values())
-            seen_first = [pid for pid, seen_at in self.first_death.items() if seen_at == first]
-            if len(seen_first) == 1:
-                return seen_first[0]
-            # Several seen dead at one look (loky had already killed the survivors): which died
-            # first is unknown, and blaming the wrong one fails an innocent item.
-        deadline = time.monotonic() + 0.5
-        while time.monotonic() < deadline:
-            codes = {pid: p.exitcode for pid, p in self.known.items()}
-            odd = [pid for pid, code in codes.items() if code is not None and code != SIGKILL_EXIT]
-            if odd:
-                return odd[0]
-            if all(code is not None for code in codes.values()):
-                break
-            time.sleep(0.01)
-        return None
+    def _task_error(self, task_id, error, exitcodes) -> list:
+        if not isinstance(error, BrokenExecutor):
+            return super()._task_error(task_id, error, exitcodes)
+        holder = self._holder(task_id)
+        if holder is not None:
+            self.later.extend(self._read(holder))  # its result may have come just before
+            if task_id not in self.inflight:
+                return []
+        self.inflight.discard(task_id)
+        gone = self.gone_holders.pop(task_id, None)
+        pid = holder.pid if holder is not None and holder.task == task_id else gone
+        exitcode = (exitcodes or {}).get(pid)
+        if exitcode is None:
+            # never started, or its worker was still alive when loky failed it: loky killed it
+            return [Lost(task_id, pid, None, f"collateral: {type(error).__name__}", blame=False)]
+        return [Lost(task_id, pid, exitcode, describe_exit(exitcode), blame=True)]
 
     def close(self, kill=False) -> None:
         executor, self.executor = self.executor, None
         if executor is not None and (kill or self.inflight):
             executor.shutdown(wait=True, kill_workers=True)
+        self.gone_holders.clear()
         super().close(kill)
-
-
-def _running(executor) -> bool:
-    return executor is not None and not executor._flags.broken and not executor._flags.shutdown
