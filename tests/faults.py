@@ -71,18 +71,20 @@ def sleep_forever(_):
     time.sleep(3600)
 
 
-def hold_pool_result_lock_on_zero(marker, x):
-    """Item 0 takes multiprocessing.Pool's result-queue write lock, as a worker does while it
-    writes a result, and keeps it until the worker is killed; other items return at once."""
+def die_holding_a_pool_lock_on_zero(which, x):
+    """Item 0 takes one of multiprocessing.Pool's queue locks, as a worker does while it waits
+    for a task ("tasks") or writes its reply ("replies"), and dies holding it (SIGKILL); the
+    other items return at once."""
     if x != 0:
         return x
-    time.sleep(0.3)  # let the other items report first
     frame = sys._getframe()
     while "outqueue" not in frame.f_locals:  # the Pool's worker loop, a few frames up
         frame = frame.f_back
-    frame.f_locals["outqueue"]._wlock.acquire()
-    open(marker, "w").close()
-    time.sleep(3600)
+    if which == "tasks":
+        frame.f_locals["inqueue"]._rlock.acquire()
+    else:
+        frame.f_locals["outqueue"]._wlock.acquire()
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 # ---- workers that die while their result leaves ---------------------------------------------

@@ -3,7 +3,6 @@ initializers, results and exceptions that cannot be rebuilt, calls from threads,
 again after Ctrl-C, nested process maps."""
 import asyncio
 import functools
-import itertools
 import multiprocessing
 import os
 import signal
@@ -16,12 +15,11 @@ import psutil
 import pytest
 
 import pmap
-from faults import (BASE_EXCEPTIONS, NASTY_KINDS, RebuildsOnlyIn, base_exception_type, big_result, exit_on_three,
-                    hold_pool_result_lock_on_zero, initializer_that, raise_base_on_three,
+from faults import (BASE_EXCEPTIONS, NASTY_KINDS, RebuildsOnlyIn, base_exception_type, big_result,
+                    die_holding_a_pool_lock_on_zero, exit_on_three, initializer_that, raise_base_on_three,
                     raise_base_on_three_async, times_ten, undecodable_outcomes)
 from pmap._worker import INIT_FAILED_EXIT, pooled_worker_init
 from pmap.backends.base import Backend, Done, Lost
-from pmap.backends.pool import terminate_without_hanging
 from pmap.backends.process import ProcessBackend
 from workloads import for_backend, slow_identity, square
 
@@ -385,34 +383,31 @@ def test_calls_from_a_thread_that_ends_work_and_the_interpreter_exits(pmap_backe
     assert not alive, [p.cmdline() for p in alive]
 
 
-@pytest.mark.timeout(HANG)
-def test_pool_closes_when_a_killed_worker_held_the_result_lock(tmp_path):
-    # multiprocessing.Pool.terminate alone waits forever here (CPython bpo-29759).
-    marker = tmp_path / "holding"
-    fn = functools.partial(hold_pool_result_lock_on_zero, str(marker))
-    results = pmap.imap(fn, range(3), backend="pool", workers=2, ordered=False)
-    assert sorted(itertools.islice(results, 2)) == [1, 2]
-    while not marker.exists():
-        time.sleep(0.05)
-    # the pool's workers are the forkserver's children (it lives on for the session)
+def pool_workers() -> list:
+    # the pool backend's workers are the forkserver's children (it lives on for the session)
     forkservers = [p for p in psutil.Process().children() if "forkserver" in " ".join(p.cmdline())]
-    workers = [worker for server in forkservers for worker in server.children()]
+    return [worker for server in forkservers for worker in server.children()]
+
+
+@pytest.mark.timeout(HANG)
+@pytest.mark.parametrize("which", ["tasks", "replies"])
+def test_a_pool_worker_killed_holding_a_queue_lock_costs_only_its_item(which):
+    # with multiprocessing.Pool's own locks, every other worker, and then Pool.terminate,
+    # waited for ever for the dead worker to release it (CPython bpo-29759)
+    fn = functools.partial(die_holding_a_pool_lock_on_zero, which)
+    out = pmap.pmap(fn, range(8), backend="pool", workers=2, chunksize=1, on_error="return")
+    assert out[1:] == list(range(1, 8))
+    assert out[0].kind == "crash" and out[0].exception.exitcode == -signal.SIGKILL
+
+
+@pytest.mark.timeout(HANG)
+def test_pool_closes_while_its_workers_write_results_nobody_reads():
+    # the workers block writing big results into their connections; closing ends them
+    results = pmap.imap(big_result, range(200), backend="pool", workers=2, chunksize=1)
+    assert len(next(results)) == 256 * 1024
+    workers = pool_workers()
     assert workers
     results.close()
-    alive = [p for p in workers if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-    assert not alive, [p.cmdline() for p in alive]
-
-
-@pytest.mark.timeout(HANG)
-def test_pool_terminates_while_its_workers_fill_the_result_pipe():
-    # multiprocessing.Pool.terminate alone waits forever here: its result thread stops reading,
-    # and the workers' results fill the pipe that terminate's closing sentinel must go through
-    pool = multiprocessing.get_context("forkserver").Pool(2)
-    pending = [pool.apply_async(big_result, (i,)) for i in range(200)]
-    assert len(pending[0].get(timeout=HANG)) == 256 * 1024
-    workers = [psutil.Process(p.pid) for p in pool._pool]
-    terminate_without_hanging(pool)
-    pool.join()
     alive = [p for p in workers if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert not alive, [p.cmdline() for p in alive]
 

@@ -1,12 +1,18 @@
 """pool: the standard library's multiprocessing.Pool, with an explicit start method.
 
 The Pool starts, feeds and replaces the workers; results, log records and which task a worker
-holds come over pmap's own connections (`_pooled`)."""
+holds come over pmap's own connections (`_pooled`). The Pool's queues are each a pipe shared
+by every worker under one lock; a worker killed while it held one (waiting for a task, or
+writing its reply) kept it for ever, and every other worker, and Pool.terminate, then waited
+for ever too (CPython bpo-29759). Here the workers' locks are ones the kernel releases when
+their holder dies (`KernelLock`), and a worker's reply to the Pool is one small write.
+"""
 from __future__ import annotations
 
+import fcntl
 import multiprocessing
+import multiprocessing.pool
 import os
-import select
 import sys
 import threading
 import time
@@ -18,13 +24,80 @@ from ..errors import BackendUnavailable
 from .base import Fatal, Lost
 
 REAP_WAIT_SECONDS = 1.0  # the Pool's own thread reaps a dead worker as soon as it sees it end
-STUCK_LOCK_SECONDS = 0.5  # a live writer holds the result queue's lock for one message (once the pipe has room)
-STUCK_LOCK_TRIES = 3
 
 
 def default_start_method() -> str:
     # Chosen explicitly so that Python 3.14's change of the platform default changes nothing.
     return "forkserver" if sys.platform.startswith("linux") else "spawn"
+
+
+class KernelLock:
+    """A lock between processes that the kernel releases when its holder dies (flock(2)), and
+    between the threads of one process; only what the Pool's queues ask of a lock (a blocking
+    acquire, release). Each process opens the file itself, since flock excludes open files,
+    not processes: pickled (spawn, forkserver) it travels as its path, and a forked copy opens
+    the file again on first use. The file is opened at once where the lock is made, so the
+    Pool's own clean-up still has it after the run's folder is gone."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._pid: int | None = None
+        self._fd = -1
+        self._file()
+
+    def __reduce__(self):
+        return (KernelLock, (self.path,))
+
+    def _file(self) -> int:
+        if self._pid != os.getpid():  # new here (unpickled, or forked with its parent's file)
+            if self._pid is not None:
+                os.close(self._fd)  # the parent's: a lock it holds stays held
+            self._threads = threading.Lock()
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self._pid = os.getpid()
+        return self._fd
+
+    def acquire(self) -> bool:
+        fd = self._file()
+        self._threads.acquire()
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except BaseException:
+            self._threads.release()
+            raise
+        return True
+
+    def release(self) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        self._threads.release()
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *exc_info) -> None:
+        self.release()
+
+    def __del__(self) -> None:
+        if self._pid == os.getpid():
+            os.close(self._fd)
+
+
+class _Pool(multiprocessing.pool.Pool):
+    """multiprocessing.Pool whose workers take KernelLocks on the queues they share.
+
+    Private parts of multiprocessing it relies on (the same in CPython 3.8 to 3.14; run on
+    3.11, read in the main branch's source): the hook `Pool._setup_queues`, which makes the
+    queues before any worker starts, and the attributes `SimpleQueue._rlock` (the lock workers
+    take to read a task) and `SimpleQueue._wlock` (the lock they take to write a reply)."""
+
+    def __init__(self, lock_dir: str, *args, **kwargs):
+        self._lock_dir = lock_dir
+        super().__init__(*args, **kwargs)
+
+    def _setup_queues(self) -> None:
+        super()._setup_queues()
+        self._inqueue._rlock = KernelLock(os.path.join(self._lock_dir, "tasks.lock"))
+        self._outqueue._wlock = KernelLock(os.path.join(self._lock_dir, "replies.lock"))
 
 
 class PoolBackend(PooledBackend):
@@ -47,10 +120,9 @@ class PoolBackend(PooledBackend):
 
     def open(self) -> None:
         if self.pool is None:
-            ctx = multiprocessing.get_context(self.start_method)
-            self.pool = ctx.Pool(self.workers, initializer=pooled_worker_init,
-                                 initargs=(self.initializer_bytes(), os.getpid()),
-                                 maxtasksperchild=self.max_tasks)
+            self.pool = _Pool(self.run_dir, self.workers, initializer=pooled_worker_init,
+                              initargs=(self.initializer_bytes(), os.getpid()),
+                              maxtasksperchild=self.max_tasks, context=multiprocessing.get_context(self.start_method))
 
     def _send(self, task_id, payload) -> None:
         self.pool.apply_async(run_pooled_task, (payload,),
@@ -119,64 +191,8 @@ class PoolBackend(PooledBackend):
         pool, self.pool = self.pool, None
         if pool is not None:
             if kill or self.inflight or self.orphaned:
-                terminate_without_hanging(pool)
+                pool.terminate()
             else:
                 pool.close()
             pool.join()
         super().close(kill)
-
-
-def terminate_without_hanging(pool) -> None:
-    """Pool.terminate, minus its two hangs. The Pool's own thread and terminate() itself each
-    write a closing sentinel to the result queue, and wait forever when (1) a worker killed while
-    it wrote a result keeps the queue's write lock (CPython bpo-29759), or (2) the result pipe is
-    full: the Pool's result thread stops reading once terminate starts, while the workers still
-    run and write results, holding the lock."""
-    done = threading.Event()
-    rescuer = threading.Thread(target=_unblock_result_writers, args=(pool, done),
-                               name="pmap-pool-terminate", daemon=True)
-    rescuer.start()
-    try:
-        pool.terminate()
-    finally:
-        done.set()
-        rescuer.join()
-
-
-def _unblock_result_writers(pool, done: threading.Event) -> None:
-    # While the pool terminates no result is wanted any more. Once the Pool's result thread has
-    # stopped reading, the pipe is emptied as it fills; a lock held across several tries while
-    # nothing more arrives is then a dead (or dying) worker's, and is released.
-    queue = pool._outqueue
-    lock = queue._wlock
-    if lock is None:  # Windows writes without a lock
-        return
-    failed_tries = 0
-    while not done.is_set():
-        if not pool._result_handler.is_alive() and _discard_unread(queue._reader.fileno()):
-            failed_tries = 0  # a writer is making progress
-        if lock.acquire(timeout=STUCK_LOCK_SECONDS):
-            lock.release()
-            failed_tries = 0
-            done.wait(0.05)
-            continue
-        failed_tries += 1
-        if failed_tries >= STUCK_LOCK_TRIES and not done.is_set():
-            try:
-                lock.release()
-            except ValueError:  # freed meanwhile
-                pass
-            failed_tries = 0
-
-
-def _discard_unread(fd: int) -> bool:
-    """Read and drop whatever waits in the pipe; nobody reads it any more. Whether anything did."""
-    discarded = False
-    try:
-        while select.select([fd], [], [], 0)[0]:
-            if not os.read(fd, 1 << 16):
-                break  # every writer has gone
-            discarded = True
-    except (OSError, ValueError):  # closed meanwhile
-        pass
-    return discarded
