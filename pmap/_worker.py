@@ -17,9 +17,6 @@ from multiprocessing.connection import Connection
 
 from . import _logs, _transfer
 from ._outcome import SplitTask, _SentException, encode_result, unpack_items
-from .errors import ItemNotPicklable
-
-_PROTOCOL = pickle.HIGHEST_PROTOCOL
 
 
 class CallerInterrupt(KeyboardInterrupt):
@@ -106,18 +103,6 @@ def _run_async_items(fn, items, catch, passthrough):
         return run_items(lambda item: loop.run_until_complete(fn(item)), items, catch, passthrough)
     finally:
         loop.close()
-
-
-def dumps(obj) -> bytes:
-    """Plain pickle first (fast); cloudpickle for lambdas, closures and __main__ objects."""
-    try:
-        return pickle.dumps(obj, _PROTOCOL)
-    except Exception:
-        pass
-    try:
-        return _transfer.cloudpickle_keeping_paths.dumps(obj, _PROTOCOL)
-    except Exception as exc:
-        raise ItemNotPicklable(f"cannot pickle the task to send it to a worker: {type(exc).__name__}: {exc}") from exc
 
 
 loads = _transfer.loads  # a plain pickle, or one whose big buffers wait in shared memory
