@@ -17,7 +17,7 @@ from typing import AsyncIterable, AsyncIterator, Callable, Iterable
 
 from ._worker import is_async
 from .api import ResultList, _run
-from .options import Options, check_callable
+from .options import OnError, Options, Progress, Workers, check_callable
 from .backends.asyncio import AsyncioBackend
 
 _VALUE, _END, _ERROR = "value", "end", "error"
@@ -193,10 +193,10 @@ def _pull_from_loop(source: AsyncIterable, loop, stopping: threading.Event):
         yield item
 
 
-def aimap(func: Callable, items: Iterable | AsyncIterable, *, workers: int | None = None,
+def aimap(func: Callable, items: Iterable | AsyncIterable, *, workers: Workers = None,
           chunksize: int | None = None, ordered: bool = True, timeout: float | None = None,
-          retries: int = 0, retry_on=(Exception,), backoff: float = 0.0, on_error: str = "raise",
-          progress=False, initializer: Callable | None = None, initargs: tuple = (),
+          retries: int = 0, retry_on=(Exception,), backoff: float = 0.0, on_error: OnError = "raise",
+          progress: Progress = False, initializer: Callable | None = None, initargs: tuple = (),
           inner_threads: int | None = None) -> AsyncResults:
     """Lazy `apmap`: `async for result in pmap.aimap(fetch, urls): ...`. Items may be an
     async iterable. Call it from a coroutine; the coroutines run on that coroutine's loop.
@@ -205,10 +205,10 @@ def aimap(func: Callable, items: Iterable | AsyncIterable, *, workers: int | Non
     return AsyncResults(func, items, Options.from_arguments(locals()))
 
 
-async def apmap(func: Callable, items: Iterable | AsyncIterable, *, workers: int | None = None,
+async def apmap(func: Callable, items: Iterable | AsyncIterable, *, workers: Workers = None,
                 chunksize: int | None = None, ordered: bool = True, timeout: float | None = None,
-                retries: int = 0, retry_on=(Exception,), backoff: float = 0.0, on_error: str = "raise",
-                progress=False, initializer: Callable | None = None, initargs: tuple = (),
+                retries: int = 0, retry_on=(Exception,), backoff: float = 0.0, on_error: OnError = "raise",
+                progress: Progress = False, initializer: Callable | None = None, initargs: tuple = (),
                 inner_threads: int | None = None) -> list:
     """`await pmap.apmap(fetch, urls, workers=50)`: the list `pmap.pmap` would return, computed on
     the running loop with at most `workers` coroutines at a time. Same options as `pmap.pmap`."""

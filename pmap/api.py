@@ -12,10 +12,8 @@ from .backends.base import Backend, backend_class, open_backend
 from .concurrency import Adaptive
 from .engine import RunStats, execute
 from .errors import drop_pmap_frames
-from .options import Options, check_callable, check_iterable, known_length
+from .options import OnError, Options, Progress, Workers, check_callable, check_iterable, known_length
 from .progress import make_progress
-
-ProgressCallback = Callable[[int, "int | None"], Any]
 
 R = TypeVar("R")
 
@@ -143,10 +141,10 @@ def _open(options: Options) -> tuple[Backend, Adaptive | None]:
 # by name, to the one declaration in `Options`; tests/test_options.py keeps them in step.
 
 def pmap(func: Callable[[Any], R], items: Iterable[Any], *, backend: str | type | Backend = "auto",
-         workers: int | None = None, chunksize: int | None = None, ordered: bool = True,
+         workers: Workers = None, chunksize: int | None = None, ordered: bool = True,
          timeout: float | None = None, retries: int = 0,
          retry_on: type[BaseException] | tuple[type[BaseException], ...] = (Exception,),
-         backoff: float = 0.0, on_error: str = "raise", progress: bool | ProgressCallback = False,
+         backoff: float = 0.0, on_error: OnError = "raise", progress: Progress = False,
          initializer: Callable[..., Any] | None = None, initargs: tuple = (),
          inner_threads: int | None = None, **backend_options: Any) -> ResultList[R]:
     """`list(map(func, items))`, in parallel. See the README for every option."""
@@ -154,10 +152,10 @@ def pmap(func: Callable[[Any], R], items: Iterable[Any], *, backend: str | type 
 
 
 def imap(func: Callable[[Any], R], items: Iterable[Any], *, backend: str | type | Backend = "auto",
-         workers: int | None = None, chunksize: int | None = None, ordered: bool = True,
+         workers: Workers = None, chunksize: int | None = None, ordered: bool = True,
          timeout: float | None = None, retries: int = 0,
          retry_on: type[BaseException] | tuple[type[BaseException], ...] = (Exception,),
-         backoff: float = 0.0, on_error: str = "raise", progress: bool | ProgressCallback = False,
+         backoff: float = 0.0, on_error: OnError = "raise", progress: Progress = False,
          initializer: Callable[..., Any] | None = None, initargs: tuple = (),
          inner_threads: int | None = None, **backend_options: Any) -> Results[R]:
     """Lazy `pmap`: reads input as needed, keeps memory bounded, yields as results are ready."""
@@ -165,10 +163,10 @@ def imap(func: Callable[[Any], R], items: Iterable[Any], *, backend: str | type 
 
 
 def starmap(func: Callable[..., R], arg_tuples: Iterable[Iterable[Any]], *,
-            backend: str | type | Backend = "auto", workers: int | None = None,
+            backend: str | type | Backend = "auto", workers: Workers = None,
             chunksize: int | None = None, ordered: bool = True, timeout: float | None = None,
             retries: int = 0, retry_on: type[BaseException] | tuple[type[BaseException], ...] = (Exception,),
-            backoff: float = 0.0, on_error: str = "raise", progress: bool | ProgressCallback = False,
+            backoff: float = 0.0, on_error: OnError = "raise", progress: Progress = False,
             initializer: Callable[..., Any] | None = None, initargs: tuple = (),
             inner_threads: int | None = None, **backend_options: Any) -> ResultList[R]:
     """`[func(*args) for args in arg_tuples]`, in parallel."""
@@ -188,7 +186,7 @@ class Pool:
     backoff, on_error, progress); the Pool's workers are fixed when it is made.
     """
 
-    def __init__(self, backend: str | type | Backend = "process", workers: int | None = None,
+    def __init__(self, backend: str | type | Backend = "process", workers: Workers = None,
                  initializer: Callable[..., Any] | None = None, initargs: tuple = (),
                  inner_threads: int | None = None, **backend_options: Any):
         if backend == "auto":

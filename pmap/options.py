@@ -11,12 +11,18 @@ import math
 import numbers
 from dataclasses import dataclass, field, fields
 from types import MappingProxyType
-from typing import Any, Callable, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Literal, Mapping, Optional, Union
 
 from .concurrency import Adaptive
 from .engine import RunSpec
 
 ON_ERROR_CHOICES = ("raise", "return", "skip")
+
+# What the public signatures accept, spelled once for type checkers and readers.
+Workers = Union[int, Literal["adaptive"], Adaptive, None]  # None: the backend's default
+ProgressCallback = Callable[[int, Optional[int]], Any]      # (items done, total or None)
+Progress = Union[bool, str, ProgressCallback]                # a bar, a bar with this label, or a callback
+OnError = Literal["raise", "return", "skip"]
 
 
 @dataclass(frozen=True)

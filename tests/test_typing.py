@@ -33,6 +33,13 @@ def main() -> None:
         print(again)
     failures = [r for r in pmap.pmap(square, [1], on_error="return") if isinstance(r, pmap.Failure)]
     print(failures, pmap.explain(square, range(3)).backend)
+    # every documented form of workers and progress, and the backends listing
+    adaptive: list[int] = pmap.pmap(square, range(3), backend="thread", workers="adaptive")
+    bounded = pmap.pmap(square, range(3), backend="thread", workers=pmap.Adaptive(maximum=8))
+    labelled = pmap.pmap(square, range(3), backend="thread", progress="squaring")
+    called = pmap.pmap(square, range(3), backend="thread", progress=lambda done, total: None)
+    available = [info.name for info in pmap.backends() if info.available]
+    print(adaptive, bounded, labelled, called, available)
 '''
 
 # The result type is known, so a wrong use of it is caught (it would pass were it Any).
@@ -48,14 +55,29 @@ name: str = pmap.pmap(square, [1])[0]
 '''
 
 
-def _mypy(tmp_path: Path, source: str) -> subprocess.CompletedProcess:
+# A value no signature accepts is still refused (the aliases are not Any).
+WRONG_OPTION = '''
+import pmap
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+pmap.pmap(square, [1], workers="many")
+pmap.pmap(square, [1], on_error="ignore")
+'''
+
+
+def _mypy(tmp_path: Path, source: str, *flags: str) -> subprocess.CompletedProcess:
     site = tmp_path / "site"  # an installed copy: a checker reads it as a third-party package
-    shutil.copytree(Path(pmap.__file__).parent, site / "pmap", ignore=shutil.ignore_patterns("__pycache__"))
+    if not (site / "pmap").exists():
+        shutil.copytree(Path(pmap.__file__).parent, site / "pmap", ignore=shutil.ignore_patterns("__pycache__"))
     script = tmp_path / "user.py"
     script.write_text(textwrap.dedent(source))
     return subprocess.run(
-        [sys.executable, "-m", "mypy", "--strict", "--no-incremental", "--python-executable", sys.executable,
-         str(script)], capture_output=True, text=True, cwd=tmp_path,
+        [sys.executable, "-m", "mypy", *(flags or ("--strict",)), "--no-incremental", "--python-executable",
+         sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path,
         env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"}, timeout=300)
 
 
@@ -74,3 +96,25 @@ def test_the_result_type_is_not_any(tmp_path):
     result = _mypy(tmp_path, WRONG_USE)
     assert result.returncode == 1
     assert 'Incompatible types in assignment (expression has type "int", variable has type "str")' in result.stdout
+
+
+@pytest.mark.timeout(300)
+def test_a_value_outside_the_documented_forms_is_refused(tmp_path):
+    result = _mypy(tmp_path, WRONG_OPTION)
+    assert result.returncode == 1
+    assert 'Argument "workers" to "pmap" has incompatible type' in result.stdout
+    assert 'Argument "on_error" to "pmap" has incompatible type' in result.stdout
+
+
+@pytest.mark.timeout(300)
+def test_the_readmes_examples_type_check(tmp_path):
+    from test_readme import readme_blocks
+    checked = 0
+    for block in readme_blocks():
+        mark, code = block.values
+        if block.marks:  # marked not run: a transcript, not a program
+            continue
+        result = _mypy(tmp_path, code, "--check-untyped-defs", "--ignore-missing-imports")
+        assert result.returncode == 0, f"README block {block.id}:\n{result.stdout}"
+        checked += 1
+    assert checked >= 3
