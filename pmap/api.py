@@ -4,6 +4,7 @@ from __future__ import annotations
 import itertools
 import sys
 import threading
+import weakref
 from typing import Any, Callable, Iterable, Iterator, List, TypeVar
 
 from ._worker import StarCall
@@ -195,7 +196,9 @@ class Pool:
         self._options = Options.from_arguments(locals())
         self._backend, self._bounds = _open(self._options)
         self._closed = False
-        self._active: Results | None = None
+        # The open lazy call, weakly: a caller who breaks out of `for r in pool.imap(...)` holds no
+        # reference to it, and dropping it closes it (Results.__del__) so the next call may start.
+        self._active: weakref.ref[Results] | None = None
         self._lock = threading.Lock()
 
     @property
@@ -210,11 +213,13 @@ class Pool:
         with self._lock:
             if self._closed:
                 raise ValueError("Pool is closed")
-            if self._active is not None and not self._active._closed:
+            active = self._active() if self._active is not None else None
+            if active is not None and not active._closed:
                 raise RuntimeError("a previous imap on this Pool is still open; exhaust or close it first")
             options = self._options.for_pool_call(call_options, ordered)
-            self._active = _run(func, items, star, options, pool=self._backend, pool_bounds=self._bounds)
-            return self._active
+            results = _run(func, items, star, options, pool=self._backend, pool_bounds=self._bounds)
+            self._active = weakref.ref(results)
+            return results
 
     def map(self, func: Callable[[Any], R], items: Iterable[Any], **options: Any) -> ResultList[R]:
         return _collect(self._start(func, items, False, True, options))
@@ -234,8 +239,9 @@ class Pool:
             if self._closed:
                 return
             self._closed = True
-            if self._active is not None:
-                self._active.close()
+            active = self._active() if self._active is not None else None
+            if active is not None:
+                active.close()
         self._backend.close()
 
     def terminate(self) -> None:

@@ -67,3 +67,13 @@ def test_pool_rejects_auto_and_second_open_imap():
             pool.map(square, [1])
         first.close()
         assert pool.map(square, [3]) == [9]
+
+
+@pytest.mark.parametrize("backend", ["thread", "process"])
+def test_breaking_out_of_a_pool_imap_leaves_the_pool_usable(backend):
+    with pmap.Pool(backend=backend, workers=2) as pool:
+        for round_ in range(20):
+            for value in pool.imap(square, range(1000)):
+                if value >= 16:
+                    break  # the caller keeps no reference to the open iterator
+            assert pool.map(square, [round_]) == [round_ * round_]
