@@ -3,6 +3,7 @@ and initializer it receives (`_outcome` holds the wire format of items and resul
 from __future__ import annotations
 
 import inspect
+import mmap
 import os
 import pickle
 import signal
@@ -367,16 +368,17 @@ def pooled_worker_init(initializer_bytes, driver_pid=None):
 
 
 def run_pooled_task(payload: bytes) -> None:
-    """Run one task of a pooled backend (process, pool). Its START, its log records and its
-    RESULT go over this worker's own connection to the backend; what the pool itself carries
-    back is None, so nothing this worker writes where other workers write is ever large."""
+    """Run one task of a pooled backend (process, pool). Which task it runs goes in this
+    worker's slot, its log records and its RESULT over its own connection to the backend; what
+    the pool itself carries back is None, so nothing this worker writes where other workers
+    write is ever large."""
     task_id, key, packed, run_dir = loads(payload)
     link = link_to(os.path.join(run_dir, LINK_SOCKET))
     if link is None:
         return None  # the run that sent it was abandoned and its backend closed
     _logs.send_with(link.send_log)  # records written from now on go to this task's caller
+    link.hold(task_id)
     try:
-        link.send_task(START, task_id)
         try:
             items = unpack_items(packed)
             fn = cached_function(key, lambda: _transfer.read_function(run_dir, key))  # once per worker and run
@@ -389,6 +391,8 @@ def run_pooled_task(payload: bytes) -> None:
         link.send_task(RESULT, task_id, encode_result(task_id, *outcome))
     except OSError:  # the backend closed meanwhile: nobody waits for this result
         _forget_link(link)
+    finally:
+        link.hold(NO_TASK)
     return None
 
 
@@ -396,28 +400,55 @@ def run_pooled_task(payload: bytes) -> None:
 # Each worker process has a connection of its own to the backend that runs it: for fork, the
 # pipe it was forked with; for pool and process, a Unix socket it opens to the run's folder on
 # its first task of that run (`link_to`). No other process writes to it, so a worker that dies
-# mid-message costs only its own connection, and holds no lock anyone else needs.
+# mid-message costs only its own connection, and holds no lock anyone else needs. Beside it,
+# a slot of shared memory says which task the worker holds: written before the task runs,
+# cleared only once its result has been written whole, so the caller reads there which task
+# a dead worker held, at no cost to a task.
 # A frame is one message: a kind byte, then its body.
 HELLO = b"H"   # a pooled worker's first frame on a new connection: its pid
-START = b"S"   # task id: the worker runs that task, and holds it until its RESULT arrives whole
 RESULT = b"R"  # task id, then the task's outcome (`_outcome.encode_result`)
-NEXT = b"N"    # a RESULT and the START of the next task at once: the two task ids, then the outcome
 SPLIT = b"X"   # task id, then why: an item did not unpickle here, so the caller runs each alone
 LOG = b"L"     # a pickled log record, sent as it is written (`_logs`)
 READY = b"I"   # fork: the initializer returned
 FAILED = b"F"  # fork: the initializer raised: (exception, traceback text), pickled
 NUMBER = struct.Struct("<q")  # a task id, or a pid
+NO_TASK = -1
 LINK_SOCKET = "link"  # the backend's listening socket, in the run's private folder
 
 
+def slot_path(run_dir: str, pid: int) -> str:
+    """A pooled worker's slot: a file of the run's folder that it and the caller map."""
+    return os.path.join(run_dir, f"slot-{pid}")
+
+
+def new_slot(path: str | None = None) -> mmap.mmap:
+    """A slot holding NO_TASK: mapped from a new file at `path`, or anonymous (shared with the
+    processes forked after it)."""
+    if path is None:
+        slot = mmap.mmap(-1, NUMBER.size)
+    else:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.ftruncate(fd, NUMBER.size)
+            slot = mmap.mmap(fd, NUMBER.size)
+        finally:
+            os.close(fd)
+    NUMBER.pack_into(slot, 0, NO_TASK)
+    return slot
+
+
 class Link:
-    """This worker's end of its connection: whole frames, one thread at a time."""
+    """This worker's end of its connection (whole frames, one thread at a time) and its slot."""
 
-    __slots__ = ("conn", "lock")
+    __slots__ = ("conn", "lock", "slot")
 
-    def __init__(self, conn: Connection):
+    def __init__(self, conn: Connection, slot: mmap.mmap):
         self.conn = conn
         self.lock = threading.Lock()
+        self.slot = slot
+
+    def hold(self, task_id: int) -> None:
+        NUMBER.pack_into(self.slot, 0, task_id)  # one aligned 8-byte store
 
     def send(self, kind: bytes, body: bytes = b"") -> None:
         with self.lock:
@@ -427,10 +458,6 @@ class Link:
         with self.lock:
             self.conn.send_bytes(b"".join((kind, NUMBER.pack(task_id), body)))
 
-    def send_result_and_start(self, task_id: int, next_task_id: int, outcome: bytes) -> None:
-        with self.lock:
-            self.conn.send_bytes(b"".join((NEXT, NUMBER.pack(task_id), NUMBER.pack(next_task_id), outcome)))
-
     def send_log(self, record: bytes) -> None:
         self.send(LOG, record)
 
@@ -439,10 +466,11 @@ _links: dict[str, Link] = {}  # socket path -> this pooled worker's link to that
 _own_link: Link | None = None  # a fork worker's: the pipe it was forked with
 
 
-def link_through(conn: Connection) -> Link:
-    """A fork worker's link: the connection it was forked with. Log records go there too."""
+def link_through(conn: Connection, slot: mmap.mmap) -> Link:
+    """A fork worker's link: the connection and the slot it was forked with. Log records go
+    there too."""
     global _own_link
-    _own_link = Link(conn)
+    _own_link = Link(conn, slot)
     return _own_link
 
 
@@ -457,11 +485,12 @@ def link_to(path: str) -> Link | None:
             _forget_link(old)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
+        slot = new_slot(slot_path(os.path.dirname(path), os.getpid()))  # there before HELLO names it
         sock.connect(path)
     except OSError:
         sock.close()
         return None
-    link = _links[path] = Link(Connection(sock.detach()))
+    link = _links[path] = Link(Connection(sock.detach()), slot)
     try:
         link.send(HELLO, NUMBER.pack(os.getpid()))
     except OSError:

@@ -2,10 +2,11 @@
 
 Tasks go through the pool. Everything a worker says comes back over a connection of its own
 to this backend, a Unix socket it opens to the run's private folder on its first task
-(`_worker.run_pooled_task`): the task it starts, its log records as they are written, and
-the task's result; what the pool itself carries back is None. `wait()` watches those
-connections, so the task a dead worker held is known from what it said (`_procutil.Link`),
-and a worker that dies while it writes a result leaves nothing behind that others wait on.
+(`_worker.run_pooled_task`): its log records as they are written, and the task's result;
+what the pool itself carries back is None. Which task it holds is in its slot, a file of that
+folder. `wait()` watches those connections, so the task a dead worker held is known from its
+slot (`_procutil.Link`), and a worker that dies while it writes a result leaves nothing
+behind that others wait on.
 """
 from __future__ import annotations
 
@@ -52,13 +53,13 @@ class PooledBackend(Backend):
 
     def __init__(self, workers=None, initializer=None, initargs=(), **options):
         super().__init__(workers, initializer, initargs, **options)
-        self.errors: queue.SimpleQueue = queue.SimpleQueue()  # (task id, error) the pool reported for a task
+        self.errors: queue.SimpleQueue = queue.SimpleQueue()  # (task id, error, seen then): a task the pool failed
         self.wake_r, self.wake_w = multiprocessing.Pipe(duplex=False)
         self.inflight: set[int] = set()
         self.channel = _transfer.Channel()  # big buffers through shared memory, released on close
         self.run_dir, self.listener = _open_run_dir()
         self.links: dict[object, Link] = {}  # connection -> the link of one worker
-        self.later: list = []  # events read outside wait() (by cancel), reported by the next wait()
+        self.later: list = []  # events read while cancelling or judging a failed task, for the next wait()
         self.init_dir = None
         if initializer is not None:
             self.init_dir = init_report_dir(os.getpid())
@@ -184,7 +185,7 @@ class PooledBackend(Backend):
     def wait(self, timeout):
         events, self.later = self.later, []
         deadline = None if timeout is None else time.monotonic() + timeout
-        while not events:  # a worker's START, a log record: no event, wait on
+        while not events:  # a worker's HELLO, a log record: no event, wait on
             events = self._wait_once(None if deadline is None else max(0.0, deadline - time.monotonic()))
             if deadline is not None and time.monotonic() >= deadline:
                 break
@@ -219,7 +220,7 @@ class PooledBackend(Backend):
                 return links
             sock.setblocking(True)
             conn = multiprocessing.connection.Connection(sock.detach())
-            links.append(Link(conn))
+            links.append(Link(conn, run_dir=self.run_dir))
             self.links[conn] = links[-1]
 
     def _read(self, link: Link) -> list:
@@ -280,7 +281,7 @@ class PooledBackend(Backend):
 
     def _holder(self, task_id) -> Link | None:
         for link in self.links.values():
-            if link.task == task_id:
+            if link.held() == task_id:
                 return link
         return None
 
@@ -292,7 +293,7 @@ class PooledBackend(Backend):
         if link is None:
             return  # not started yet: its worker runs it later and the result is dropped
         self.later.extend(self._read(link))
-        if link.task == task_id and link.pid is not None:  # still running it
+        if link.held() == task_id and link.pid is not None:  # still running it
             self.ended_pids.add(link.pid)
             end_process_group(link.pid)
 

@@ -2,33 +2,40 @@
 it holds (`Link`), ending a worker and its children, and describing its exit."""
 from __future__ import annotations
 
+import mmap
 import os
 import select
 import signal
 import time
 
 from .. import _logs
-from .._worker import FAILED, HELLO, LOG, NEXT, NUMBER, READY, RESULT, START
+from .._worker import FAILED, HELLO, LOG, NO_TASK, NUMBER, READY, slot_path
 
 TERMINATE_GRACE = 0.2   # seconds a worker gets between SIGTERM and SIGKILL
 
 
 class Link:
-    """The caller's end of one worker process's own connection (see `_worker.Link`), and the
-    task that worker holds: from its START frame until the frame that ends the task (RESULT
-    or SPLIT) has arrived whole. So a worker that dies while it runs, pickles or writes a
-    result still holds its task, and no one has to guess which task that was. Log records
-    go to the caller's loggers as they arrive."""
+    """The caller's end of one worker process's own connection and slot (see `_worker.Link`).
+    The task the worker holds is in its slot: written before the task runs, cleared once its
+    result has been written whole, so a worker that dies while it runs, pickles or writes a
+    result still holds its task, and no one has to guess which task that was. Log records go
+    to the caller's loggers as they arrive."""
 
-    __slots__ = ("conn", "pid", "task", "closed", "waiting")
+    __slots__ = ("conn", "pid", "slot", "run_dir", "closed", "waiting")
 
-    def __init__(self, conn, pid: int | None = None):
+    def __init__(self, conn, pid: int | None = None, slot=None, run_dir: str | None = None):
         self.conn = conn
-        self.pid = pid  # a pooled worker says it in its first frame
-        self.task: int | None = None
+        self.pid = pid  # a pooled worker says it in its first frame; its slot is then mapped from `run_dir`
+        self.slot = slot
+        self.run_dir = run_dir
         self.closed = False  # the worker's end has closed: it exited or died
         self.waiting = select.poll()  # whether bytes (or the end) wait: one call, where conn.poll() builds a selector
         self.waiting.register(conn.fileno(), select.POLLIN)
+
+    def held(self) -> int | None:
+        """The task the worker runs, or whose result it has not yet written whole."""
+        task = NUMBER.unpack_from(self.slot)[0] if self.slot is not None else NO_TASK
+        return None if task == NO_TASK else task
 
     def read(self) -> list[tuple[bytes, int | None, memoryview]]:
         """The frames waiting, as (kind, task id or None, body); a frame still being written
@@ -47,23 +54,26 @@ class Link:
             _logs.handle_sent(body)
         elif kind == HELLO:
             self.pid = NUMBER.unpack_from(body)[0]
+            self.slot = _map_slot(slot_path(self.run_dir, self.pid))
         elif kind in (READY, FAILED):
             frames.append((kind, None, body))
-        elif kind == NEXT:
-            task_id, next_task_id = NUMBER.unpack_from(body)[0], NUMBER.unpack_from(body, NUMBER.size)[0]
-            self.task = next_task_id
-            frames += [(RESULT, task_id, body[2 * NUMBER.size:]), (START, next_task_id, body[:0])]
-        else:
-            task_id = NUMBER.unpack_from(body)[0]
-            if kind == START:
-                self.task = task_id
-            elif task_id == self.task:  # its RESULT or SPLIT: the task is over
-                self.task = None
-            frames.append((kind, task_id, body[NUMBER.size:]))
+        else:  # RESULT or SPLIT
+            frames.append((kind, NUMBER.unpack_from(body)[0], body[NUMBER.size:]))
 
     def close(self) -> None:
         self.closed = True
         self.conn.close()
+
+
+def _map_slot(path: str) -> mmap.mmap | None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # the run's folder has gone (the backend is closing)
+        return None
+    try:
+        return mmap.mmap(fd, NUMBER.size, prot=mmap.PROT_READ)
+    finally:
+        os.close(fd)
 
 
 def end_process_group(pid: int, alive=None, grace: float = TERMINATE_GRACE) -> None:

@@ -1,7 +1,7 @@
 """fork: workers forked from the caller (multiprocessing's fork context), one pipe each. The
-function is inherited, not pickled. Tasks go down a worker's pipe; what the worker says comes
-back up it (`_worker.Link`): the task it starts, its log records as they are written, and the
-task's result, so the task a dead worker held is the one it last started."""
+function is inherited, not pickled. Tasks go down a worker's pipe; its log records, as they are
+written, and each task's result come back up it, and the task it holds is in a slot of shared
+memory forked with it (`_worker.Link`), so the task a dead worker held is the one it said."""
 from __future__ import annotations
 
 import gc
@@ -19,8 +19,8 @@ from collections import deque
 
 from .. import _logs, _transfer, native
 from .._outcome import SplitTask, _SentException, encode_result, pack_items, unpack_items
-from .._worker import (FAILED, READY, RESULT, SPLIT, START, WORKER_CATCH, become_worker_process, every_item_failed,
-                       link_through, loads, run_items)
+from .._worker import (FAILED, NO_TASK, READY, RESULT, SPLIT, WORKER_CATCH, become_worker_process, every_item_failed,
+                       link_through, loads, new_slot, run_items)
 from ..errors import InitializerError, RemoteTraceback, warn_user
 from ._procutil import Link, describe_exit, end_process_group
 from .base import Backend, Done, Fatal, Lost, Started, fork_supported, threads_are_greenlets
@@ -30,9 +30,9 @@ QUEUE_DEPTH = 2  # tasks a worker holds: the next one waits in the worker while 
 _warned_threads = False
 
 
-def _worker_main(conn, functions, initializer, initargs, max_tasks, parent_pid, log_level):
+def _worker_main(conn, slot, functions, initializer, initargs, max_tasks, parent_pid, log_level):
     become_worker_process(parent_pid=parent_pid)
-    link = link_through(conn)
+    link = link_through(conn, slot)
     _logs.forward_from_here(log_level, send=link.send_log)
     if initializer is not None:
         try:
@@ -41,50 +41,38 @@ def _worker_main(conn, functions, initializer, initargs, max_tasks, parent_pid, 
             link.send(FAILED, pickle.dumps((_SentException(exc), traceback.format_exc())))
             return
         link.send(READY)
-    next_message, waiting_message = _start_reader(conn) if not threads_are_greenlets() else _read_directly(conn)
-    upcoming = announced = None
+    next_message = _start_reader(conn) if not threads_are_greenlets() else _read_directly(conn)
     done = 0
     while True:
-        message, upcoming = upcoming or _decoded(next_message()), None
+        message = next_message()
         if message is None:
             return
-        kind, key, payload = message
+        kind, key, payload = loads(message)
         if kind == "fn":
             functions[key] = loads(payload)
             continue
         if kind == "stop":
             return
         task_id, packed = payload
-        if task_id != announced:
-            link.send_task(START, task_id)
+        link.hold(task_id)
         try:
             outcome = run_items(functions[key], unpack_items(packed), catch=WORKER_CATCH)
         except SplitTask as exc:
             link.send_task(SPLIT, task_id, str(exc).encode())
+            link.hold(NO_TASK)
             continue
         except BaseException as exc:  # the single item could not be rebuilt here
             outcome = (*every_item_failed(packed[0], exc), 0.0)
-        encoded = encode_result(task_id, *outcome)
+        link.send_task(RESULT, task_id, encode_result(task_id, *outcome))
+        link.hold(NO_TASK)  # only now: its result has been written whole
         done += 1
-        recycled = max_tasks and done >= max_tasks  # the parent then starts a fresh worker
-        upcoming = None if recycled else _decoded(waiting_message())
-        if upcoming is not None and upcoming[0] == "task":  # it starts now: one frame says both
-            announced = upcoming[2][0]
-            link.send_result_and_start(task_id, announced, encoded)
-        else:
-            link.send_task(RESULT, task_id, encoded)
-        if recycled:
-            return
-
-
-def _decoded(message):
-    return None if message is None else loads(message)
+        if max_tasks and done >= max_tasks:
+            return  # recycled: the parent starts a fresh worker
 
 
 def _start_reader(conn):
     """A reader thread takes the next task off the pipe while this one runs, so the parent
-    never blocks writing to a busy worker (and the two writes cannot deadlock). Returns
-    (the next message, waited for; a message already here, or None)."""
+    never blocks writing to a busy worker (and the two writes cannot deadlock)."""
     inbox: queue.SimpleQueue = queue.SimpleQueue()
 
     def read():
@@ -95,14 +83,8 @@ def _start_reader(conn):
                 inbox.put(None)  # the parent has gone
                 return
 
-    def waiting():
-        try:
-            return inbox.get_nowait()
-        except queue.Empty:
-            return None
-
     threading.Thread(target=read, name="pmap-fork-reader", daemon=True).start()
-    return inbox.get, waiting
+    return inbox.get
 
 
 def _read_directly(conn):
@@ -111,18 +93,15 @@ def _read_directly(conn):
             return conn.recv_bytes()
         except (EOFError, OSError):
             return None  # the parent has gone
-
-    def waiting():
-        return read() if conn.poll() else None
-    return read, waiting
+    return read
 
 
 class _Worker:
     __slots__ = ("proc", "link", "tasks", "tasks_done", "ready")
 
-    def __init__(self, proc, conn, ready):
+    def __init__(self, proc, conn, slot, ready):
         self.proc = proc
-        self.link = Link(conn, proc.pid)  # which of its tasks it runs: the one it last started
+        self.link = Link(conn, proc.pid, slot)  # which of its tasks it holds: the one in its slot
         self.tasks: deque = deque()  # task ids sent to it and not over, in the order sent
         self.tasks_done = 0
         self.ready = ready           # its initializer (if any) has returned
@@ -166,8 +145,10 @@ class ForkBackend(Backend):
         parent_end, child_end = multiprocessing.Pipe(duplex=True)
         for end in (parent_end, child_end):  # gevent's patched socketpair makes them non-blocking
             os.set_blocking(end.fileno(), True)
+        slot = new_slot()  # anonymous and shared: the worker writes it, the caller reads it
         proc = self.ctx.Process(target=_worker_main, daemon=True, name="pmap-fork-worker",
-                                args=(child_end, self.functions, native.with_limits(self, self.initializer, forking=True),
+                                args=(child_end, slot, self.functions,
+                                      native.with_limits(self, self.initializer, forking=True),
                                       self.initargs, self.max_tasks, os.getpid(), _logs.caller_level()))
         gc.freeze()  # the child's collector then leaves the parent's objects (and their pages) alone
         try:
@@ -179,7 +160,7 @@ class ForkBackend(Backend):
         finally:
             gc.unfreeze()
         child_end.close()
-        worker = _Worker(proc, parent_end, ready=self.initializer is None)
+        worker = _Worker(proc, parent_end, slot, ready=self.initializer is None)
         self.workers_list.append(worker)
         return worker
 
@@ -252,6 +233,8 @@ class ForkBackend(Backend):
         self.bytes_sent += _transfer.wire_size(message)
         worker.tasks.append(task.id)
         self.by_task[task.id] = worker
+        if len(worker.tasks) == 1:  # an idle worker starts it at once: its timeout's clock starts
+            self.events.append(Started(task.id, worker.pid, time.monotonic()))
 
     def wait(self, timeout):
         events, self.events = self.events, []
@@ -289,15 +272,13 @@ class ForkBackend(Backend):
                 events.append(Fatal(self._initializer_error(worker, f"{type(exc).__name__}: {exc}", exc)))
             elif task_id not in worker.tasks:
                 continue  # a task cancelled meanwhile
-            elif kind == START:
-                events.append(Started(task_id, worker.pid, time.monotonic()))
             elif kind == SPLIT:
-                events.append(self._forget(worker, task_id, Lost(task_id, worker.pid, None, bytes(body).decode(),
-                                                                 blame=False)))
+                events += self._forget(worker, task_id, Lost(task_id, worker.pid, None, bytes(body).decode(),
+                                                             blame=False))
             elif kind == RESULT:
                 self.bytes_received += _transfer.wire_size(body)
                 _, values, failures, elapsed = self.channel.loads(body)
-                events.append(self._forget(worker, task_id, Done(task_id, worker.pid, values, failures, elapsed)))
+                events += self._forget(worker, task_id, Done(task_id, worker.pid, values, failures, elapsed))
         return events
 
     def _initializer_error(self, worker, what, cause=None) -> InitializerError:
@@ -306,26 +287,29 @@ class ForkBackend(Backend):
         error.__cause__ = cause
         return error
 
-    def _forget(self, worker, task_id, event):
-        """`task_id` is over on `worker`."""
+    def _forget(self, worker, task_id, event) -> list:
+        """`task_id` is over on `worker`: the next task it was sent starts now."""
         worker.tasks.remove(task_id)
         worker.tasks_done += 1
         self.by_task.pop(task_id, None)
-        return event
+        if worker.tasks:
+            return [event, Started(worker.tasks[0], worker.pid, time.monotonic())]
+        return [event]
 
     def _bury(self, worker: _Worker, reason: str | None = None) -> list:
-        """A worker exited: the task it held (the one it last started) is lost, and it may be
-        the cause; the others it was sent never started. A replacement takes its place."""
+        """A worker exited: the task it held (in its slot) is lost, and it may be the cause; the
+        others it was sent never started. A replacement takes its place."""
         events = self._read(worker)  # what it sent before it ended still counts
         worker.proc.join(_JOIN_SECONDS)
         exitcode = worker.proc.exitcode
         self._retire(worker)
         if not worker.ready and reason is None:  # it died inside its initializer: no item is to blame
             return [Fatal(self._initializer_error(worker, f"its process ended ({describe_exit(exitcode)})"))]
+        held = worker.link.held()
         for task_id in worker.tasks:
             self.by_task.pop(task_id, None)
             events.append(Lost(task_id, worker.pid, exitcode, reason or describe_exit(exitcode),
-                               blame=task_id == worker.link.task and reason is None))
+                               blame=task_id == held and reason is None))
         worker.tasks.clear()
         if len(self.workers_list) < self.workers and self.functions:
             self._fork()

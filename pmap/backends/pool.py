@@ -162,10 +162,11 @@ class PoolBackend(PooledBackend):
             self.buried[pid] = self.seen.pop(pid, None) or proc
         proc = self.buried.get(pid)
         exitcode = self._exitcode(proc) if proc is not None else None
-        if link is not None and link.task in self.inflight:
-            self.inflight.discard(link.task)
+        held = link.held() if link is not None else None
+        if held in self.inflight:
+            self.inflight.discard(held)
             self.orphaned = True
-            return [Lost(link.task, pid, exitcode, describe_exit(exitcode), blame=True)]
+            return [Lost(held, pid, exitcode, describe_exit(exitcode), blame=True)]
         if first and exitcode not in (0, None) and pid not in self.ended_pids:
             # Died without a task (at start?): the pool would start it again and again, forever.
             self.start_failures += 1

@@ -107,8 +107,9 @@ class ProcessBackend(PooledBackend):
             self.seen = processes
 
     def _ended(self, pid, link, proc) -> list:
-        if link is not None and link.task in self.inflight:
-            self.gone_holders[link.task] = pid  # loky fails its future too: _task_error reports it
+        held = link.held() if link is not None else None
+        if held in self.inflight:
+            self.gone_holders[held] = pid  # loky fails its future too: _task_error reports it
         return []
 
     def _task_error(self, task_id, error, exitcodes) -> list:
@@ -121,7 +122,7 @@ class ProcessBackend(PooledBackend):
                 return []
         self.inflight.discard(task_id)
         gone = self.gone_holders.pop(task_id, None)
-        pid = holder.pid if holder is not None and holder.task == task_id else gone
+        pid = holder.pid if holder is not None and holder.held() == task_id else gone
         exitcode = (exitcodes or {}).get(pid)
         if exitcode is None:
             # never started, or its worker was still alive when loky failed it: loky killed it
