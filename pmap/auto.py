@@ -372,9 +372,8 @@ def _drain(early: EarlyStart, source: Iterator) -> tuple[list, int]:
     """The results of the items that started early, when the run goes on elsewhere, and how
     many items the run has used so far (the source is moved past them)."""
     results = early.drain()
-    taken = early.gate.position - 1  # the probe read the first item from the source
-    next(itertools.islice(source, taken, taken), None)
-    return results, early.gate.position
+    next(itertools.islice(source, early.taken, early.taken), None)  # the probe read the first item
+    return results, 1 + early.taken
 
 
 def _measure_and_decide(spec, stats, workers, inner_threads, source, meter, early):

@@ -3,17 +3,17 @@ watcher thread reads that thread's CPU clock. A first item that has waited EARLY
 (then twice, four times...) while mostly idle is IO: the watcher begins an ordinary adaptive
 engine run of the items after it on threads (`engine.execute(..., dispatch_now=True)`), so an
 IO run does not wait out its first item before the rest begin, and the probe ends with that
-item. Auto then goes on with that run when it plans threads; otherwise it closes the run's
-gate, the items already started finish, and the rest goes on from there (also when the first
+item. Auto then goes on with that run when it plans threads; otherwise the run takes no more
+items, those already started finish, and the rest goes on from there (also when the first
 item used enough CPU after the early start that it might be CPU-bound: the early items took
 the GIL from it, so its wall time says little, and auto measures another item alone).
 
 Only where the calling thread's CPU clock can be read from another thread (Linux), and only for
-lists, tuples and ranges: the run reads them by position, which has no side effects in another
-thread (a database cursor, say, may not be read from another thread)."""
+lists, tuples and ranges: the run reads them from a second iterator, which has no side effects in
+another thread (a database cursor, say, may not be read from another thread)."""
 from __future__ import annotations
 
-import os
+import itertools
 import sys
 import threading
 import time
@@ -42,39 +42,13 @@ def can_start_early(spec: RunSpec) -> bool:
 
 
 def _blocked(stat_path: str) -> bool:
-    """The thread is asleep (S) or in uninterruptible sleep (D), not running or waiting for a
-    core (R); True where its state cannot be read."""
+    """The thread sleeps (S, D), rather than runs or waits for a core (R); True where unknown."""
     try:
-        fd = os.open(stat_path, os.O_RDONLY)
+        with open(stat_path, "rb") as stat_file:
+            stat = stat_file.read()
     except OSError:
         return True
-    try:
-        stat = os.read(fd, 512)
-    except OSError:
-        return True
-    finally:
-        os.close(fd)
-    state = stat[stat.rfind(b")") + 2:][:1]  # after the command name, which may hold spaces
-    return state in (b"S", b"D")
-
-
-class Gate:
-    """The items of a sequence from `position` on, one by one, until closed."""
-
-    def __init__(self, items, position: int):
-        self.items = items
-        self.position = position
-        self.closed = False
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        if self.closed or self.position >= len(self.items):
-            raise StopIteration
-        item = self.items[self.position]
-        self.position += 1
-        return item
+    return stat[stat.rfind(b")") + 2:][:1] in (b"S", b"D")  # the state follows the command's name
 
 
 class EarlyStart:
@@ -96,7 +70,8 @@ class EarlyStart:
         self.lock = threading.Lock()  # the first item's end against the early start
         self.first_over = False
         self.stopping = threading.Event()
-        self.gate = Gate(spec.items, 1)
+        self.closed = False  # the run takes no more items
+        self.taken = 0       # items the run took, after the first
         self.backend: ThreadBackend | None = None
         self.run: Iterator | None = None  # the engine run of the items after the first
         self.bounds: Adaptive | None = None  # ...and its concurrency
@@ -130,7 +105,7 @@ class EarlyStart:
 
     def drain(self) -> list:
         """Start no more items: those started finish here. Their results, in order."""
-        self.gate.closed = True
+        self.closed = True
         stats = self.stats
         workers = stats.workers  # the run reports its plan's workers, not these threads
         try:
@@ -140,7 +115,7 @@ class EarlyStart:
             stats.workers, stats.concurrency = workers, []
 
     def close(self, kill: bool = False) -> None:
-        self.gate.closed = True
+        self.closed = True
         if self.run is not None:
             self.run.close()
         if self.backend is not None:
@@ -191,7 +166,14 @@ class EarlyStart:
         self.started_at, self.cpu_at_start = elapsed, cpu
         maximum = ThreadBackend.adaptive_maximum
         self.bounds = Adaptive(start=min(count, maximum), maximum=maximum)
-        rest = replace(self.spec, items=self.gate, start_index=self.spec.start_index + 1, items_offset=0,
-                       concurrency=self.bounds)
+        rest = replace(self.spec, items=self._items_after_first(), start_index=self.spec.start_index + 1,
+                       items_offset=0, concurrency=self.bounds)
         self.run = execute(backend, rest, self.stats, dispatch_now=True)
-        self.items = self.gate.position - 1
+        self.items = self.taken
+
+    def _items_after_first(self) -> Iterator:
+        for item in itertools.islice(self.spec.items, 1, None):
+            if self.closed:
+                return
+            self.taken += 1
+            yield item
