@@ -234,6 +234,7 @@ class _Engine:
             if dispatch_now:
                 self._dispatch()
                 yield []
+                started = time.perf_counter()  # the time until now is the caller's (auto's probe counts it)
             while True:
                 if ordered:
                     yield from self._emit_ordered()
