@@ -372,13 +372,15 @@ def run_pooled_task(payload: bytes) -> None:
     worker's slot, its log records and its RESULT over its own connection to the backend; what
     the pool itself carries back is None, so nothing this worker writes where other workers
     write is ever large."""
-    task_id, key, packed, run_dir = loads(payload)
+    task_id, key, packed, run_dir, announce = loads(payload)
     link = link_to(os.path.join(run_dir, LINK_SOCKET))
     if link is None:
         return None  # the run that sent it was abandoned and its backend closed
     _logs.send_with(link.send_log)  # records written from now on go to this task's caller
     link.hold(task_id)
     try:
+        if announce:
+            link.send_task(START, task_id)
         try:
             items = unpack_items(packed)
             fn = cached_function(key, lambda: _transfer.read_function(run_dir, key))  # once per worker and run
@@ -406,6 +408,7 @@ def run_pooled_task(payload: bytes) -> None:
 # a dead worker held, at no cost to a task.
 # A frame is one message: a kind byte, then its body.
 HELLO = b"H"   # a pooled worker's first frame on a new connection: its pid
+START = b"S"   # task id: a pooled worker starts it (sent under a timeout, whose clock starts then)
 RESULT = b"R"  # task id, then the task's outcome (`_outcome.encode_result`)
 SPLIT = b"X"   # task id, then why: an item did not unpickle here, so the caller runs each alone
 LOG = b"L"     # a pickled log record, sent as it is written (`_logs`)

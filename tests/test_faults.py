@@ -13,7 +13,7 @@ import pytest
 import pmap
 from faults import (count_attempts, dies_pickling_its_result_on_three, exit_on_five, flaky_once, hang_on_seven,
                     kill_self_on_four, killed_writing_its_result_on_three, pid_after_sleep, poison_on_two,
-                    segfault_on_three, sleep_then_exit_on_one)
+                    segfault_on_three, sleep_then_exit_on_one, times_ten)
 
 PROCESS_LIKE = ("fork", "pool", "process", "manager")
 COOPERATIVE = ("serial", "thread")
@@ -128,6 +128,14 @@ def test_poison_item_is_reported_after_retries_and_never_loops(pmap_backend):
     assert ok_values(out) == expected(8, {2})
     assert out[2].kind == "crash" and out[2].attempts == 3
     assert out.stats.crashed_workers >= 3
+
+
+@pytest.mark.pmap_backends("fork", "pool", "process")
+def test_an_items_timeout_counts_from_its_start_not_from_a_slow_worker_start(pmap_backend):
+    # the items are sent while the workers still run their initializer
+    out = pmap.pmap(times_ten, range(4), backend=pmap_backend, workers=2, timeout=1, initializer=time.sleep,
+                    initargs=(2,), on_error="return")
+    assert out == [0, 10, 20, 30]
 
 
 @pytest.mark.pmap_backends("fork", "pool", "process")

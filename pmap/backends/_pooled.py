@@ -2,8 +2,8 @@
 
 Tasks go through the pool. Everything a worker says comes back over a connection of its own
 to this backend, a Unix socket it opens to the run's private folder on its first task
-(`_worker.run_pooled_task`): its log records as they are written, and the task's result;
-what the pool itself carries back is None. Which task it holds is in its slot, a file of that
+(`_worker.run_pooled_task`): its log records as they are written, the task's result, and
+under a timeout when it starts the task; what the pool itself carries back is None. Which task it holds is in its slot, a file of that
 folder. `wait()` watches those connections, so the task a dead worker held is known from its
 slot (`_procutil.Link`), and a worker that dies while it writes a result leaves nothing
 behind that others wait on.
@@ -21,10 +21,10 @@ import time
 
 from .. import _logs, _transfer, native
 from .._outcome import pack_items
-from .._worker import LINK_SOCKET, RESULT, SPLIT, init_report_dir, loads
+from .._worker import LINK_SOCKET, RESULT, SPLIT, START, init_report_dir, loads
 from ..errors import FunctionNotPicklable, InitializerError, RemoteTraceback
 from ._procutil import Link, describe_exit, end_process_group, process_exists
-from .base import Backend, Done, Fatal, Lost, threads_are_greenlets
+from .base import Backend, Done, Fatal, Lost, Started, threads_are_greenlets
 
 _SHM = "/dev/shm"
 
@@ -42,7 +42,7 @@ def pickle_function(fn, backend_name: str, pickler=_transfer.cloudpickle_keeping
 
 class PooledBackend(Backend):
     kind = "process"
-    reports_start = False  # a task starts when submitted: the pool holds at most `workers` under a timeout
+    reports_start = True  # under a timeout a worker says when it starts a task (the pool holds at most `workers`)
 
     @classmethod
     def unavailable_reason(cls):
@@ -171,7 +171,8 @@ class PooledBackend(Backend):
         return per_worker * self.workers - len(self.inflight)
 
     def submit(self, task) -> None:
-        payload = self.channel.dumps((task.id, self.fn_key, pack_items(task.items), self.run_dir))
+        payload = self.channel.dumps((task.id, self.fn_key, pack_items(task.items), self.run_dir,
+                                      self.timeout is not None))
         self._send(task.id, payload)
         self.bytes_sent += _transfer.wire_size(payload)
         self.inflight.add(task.id)
@@ -232,7 +233,10 @@ class PooledBackend(Backend):
     def _frames(self, link: Link) -> list:
         events = []
         for kind, task_id, body in link.read():
-            if kind == RESULT:
+            if kind == START:
+                if task_id in self.inflight:
+                    events.append(Started(task_id, link.pid, time.monotonic()))
+            elif kind == RESULT:
                 if task_id in self.inflight:
                     self.inflight.discard(task_id)
                     self.bytes_received += _transfer.wire_size(body)

@@ -57,7 +57,7 @@ class Link:
             self.slot = _map_slot(slot_path(self.run_dir, self.pid))
         elif kind in (READY, FAILED):
             frames.append((kind, None, body))
-        else:  # RESULT or SPLIT
+        else:  # START, RESULT or SPLIT
             frames.append((kind, NUMBER.unpack_from(body)[0], body[NUMBER.size:]))
 
     def close(self) -> None:

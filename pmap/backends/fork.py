@@ -233,7 +233,7 @@ class ForkBackend(Backend):
         self.bytes_sent += _transfer.wire_size(message)
         worker.tasks.append(task.id)
         self.by_task[task.id] = worker
-        if len(worker.tasks) == 1:  # an idle worker starts it at once: its timeout's clock starts
+        if len(worker.tasks) == 1 and worker.ready:  # an idle worker starts it at once: its timeout's clock starts
             self.events.append(Started(task.id, worker.pid, time.monotonic()))
 
     def wait(self, timeout):
@@ -266,6 +266,8 @@ class ForkBackend(Backend):
         for kind, task_id, body in worker.link.read():
             if kind == READY:
                 worker.ready = True
+                if worker.tasks:  # sent while its initializer ran: it starts now
+                    events.append(Started(worker.tasks[0], worker.pid, time.monotonic()))
             elif kind == FAILED:
                 exc, tb = pickle.loads(body)
                 exc.__cause__ = RemoteTraceback(tb)
