@@ -74,7 +74,8 @@ def sleep_forever(_):
 def die_holding_a_pool_lock_on_zero(which, x):
     """Item 0 takes one of multiprocessing.Pool's queue locks, as a worker does while it waits
     for a task ("tasks") or writes its reply ("replies"), and dies holding it (SIGKILL); the
-    other items return at once."""
+    other items return at once. With more than one worker it may wait for ever itself: an idle
+    worker holds the task lock while it waits for a task."""
     if x != 0:
         return x
     frame = sys._getframe()
