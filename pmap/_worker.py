@@ -151,7 +151,7 @@ def _allow_children() -> None:
         if multiprocessing.get_start_method(allow_none=True) not in (None, *multiprocessing.get_all_start_methods()):
             # loky's own method name, which a stdlib pool's forkserver children cannot look up
             multiprocessing.set_start_method(None, force=True)
-    except Exception:
+    except Exception:  # an unknown start method is left as it was: nested maps then choose their own
         pass
 
 
@@ -163,7 +163,7 @@ def end_descendants(grace: float = 0.5) -> None:
     if executor is not None:  # a nested process map's workers: loky ends them cleanly
         try:
             executor.shutdown(wait=True, kill_workers=True)
-        except Exception:
+        except Exception:  # the nested executor is already broken or gone: its workers end with this process
             pass
     try:
         import psutil
@@ -180,7 +180,7 @@ def end_descendants(grace: float = 0.5) -> None:
                 child.kill()
             except psutil.Error:
                 pass
-    except Exception:
+    except Exception:  # psutil cannot read the process table: the children are left to the process group's end
         pass
 
 
@@ -357,7 +357,7 @@ def pooled_worker_init(initializer_bytes, driver_pid=None):
                 with open(report + ".tmp", "wb") as handle:
                     handle.write(pickle.dumps((_SentException(exc), traceback.format_exc())))
                 os.replace(report + ".tmp", report)
-            except Exception:
+            except Exception:  # the report is a courtesy: the worker's exit code still tells the caller it failed
                 pass
         os._exit(INIT_FAILED_EXIT)  # not a respawn loop: the parent reads the report and stops
     if report is not None:

@@ -69,7 +69,7 @@ class Results(Iterator[R]):
     def __del__(self):
         try:
             self.close()
-        except Exception:
+        except Exception:  # at interpreter exit a finaliser may find the backend half torn down: nothing to release
             pass
 
 

@@ -115,10 +115,11 @@ def _descendants(pid: int) -> list:
 
 
 def _kill_all(processes: list) -> None:
+    import psutil  # a dependency; the processes came from it
     for process in processes:
         try:
             process.kill()  # psutil checks the pid still names the same process
-        except Exception:
+        except psutil.Error:  # gone already, or not ours any more: nothing to kill
             pass
 
 

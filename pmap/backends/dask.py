@@ -518,14 +518,14 @@ class DaskBackend(Backend):
         try:
             if futures and not self.owns_client and self.client.status == "running":
                 self.client.cancel(futures)  # leave a shared cluster with nothing of ours
-        except Exception:
+        except Exception:  # a client that is closing cancels its futures itself
             pass
         self.fn_args = None
         self.init_args = (None, None)
         client, cluster, self.client, self.cluster = self.client, self.cluster, None, None
         try:
             client.unsubscribe_topic(self.start_topic)
-        except Exception:
+        except Exception:  # a client that is closing has no subscriptions left to drop
             pass
         if self.owns_client:
             try:
@@ -535,7 +535,7 @@ class DaskBackend(Backend):
         if cluster is not None:
             try:
                 cluster.close(timeout=CLOSE_SECONDS)
-            except Exception:
+            except Exception:  # a cluster that does not close in time is left to its own finalizers: the run's results are already in
                 pass
 
 

@@ -392,7 +392,7 @@ class _Gate:
         except Exception:
             try:
                 conn.send(("#TRACEBACK", traceback.format_exc()))  # an authenticated peer
-            except Exception:
+            except Exception:  # the peer hung up: it cannot be told why
                 pass
         finally:
             thread_name = threading.current_thread().name  # accept_connection set the peer's
