@@ -12,10 +12,10 @@ import time
 
 import psutil
 import pytest
-from typer.testing import CliRunner
 
 import pmap
-from pmap.cli import Bits, app, parse_backend_options, parse_range, UsageError
+from cli_helpers import invoke, lines
+from pmap.cli import Bits, parse_backend_options, parse_range, UsageError
 
 TARGETS = textwrap.dedent('''
     import json, os, sys, threading, time
@@ -114,17 +114,6 @@ def targets(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "path", list(sys.path))
     monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))
     return path
-
-
-def invoke(*args, input=None, env=None):
-    result = CliRunner().invoke(app, [str(a) for a in args], input=input, env=env)
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
-
-
-def lines(text):
-    return text.splitlines()
 
 
 # ---- pmap run: input and output -----------------------------------------------------------
@@ -625,7 +614,6 @@ def test_journal_refuses_another_command(targets, tmp_path):
     result = invoke("run", f"{targets}:square", "--range", "3", "--journal", not_a_journal)
     assert result.exit_code == 2 and "is not a pmap journal" in result.stderr
     assert not_a_journal.read_text() == "hello\n"
-
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="the journal lock is POSIX flock")

@@ -12,9 +12,8 @@ import textwrap
 
 import psutil
 import pytest
-from typer.testing import CliRunner
 
-from pmap.cli import app
+from cli_helpers import invoke, lines
 from pmap.cli.command import Template
 
 PY = sys.executable
@@ -26,23 +25,12 @@ HOSTILE = ["a b", "it's", 'say "hi"', "$(touch pwned)", "`touch pwned`", "-rf", 
            "*", "~", "$HOME", "tab\there", "{}", "back\\slash", ""]
 
 
-
 def commands_left(marker) -> list:
     """Processes whose command line names `marker` that are still alive a moment after the run:
     a SIGKILLed process may still read as running for the instant before the kernel ends it."""
     found = [p for p in psutil.process_iter(["cmdline"]) if str(marker) in " ".join(p.info["cmdline"] or [])]
     _, alive = psutil.wait_procs(found, timeout=5)
     return alive
-
-def invoke(*args, input=None, env=None):
-    result = CliRunner().invoke(app, [str(a) for a in args], input=input, env=env)
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
-
-
-def lines(text):
-    return text.splitlines()
 
 
 @pytest.fixture

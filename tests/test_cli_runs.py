@@ -8,9 +8,8 @@ import sys
 import textwrap
 
 import pytest
-from typer.testing import CliRunner
 
-from pmap.cli import app
+from cli_helpers import invoke, lines
 
 FUNCS = textwrap.dedent('''
     import json, os
@@ -37,17 +36,6 @@ FUNCS = textwrap.dedent('''
         _log(x)
         return x
 ''')
-
-
-def invoke(*args, input=None, env=None):
-    result = CliRunner().invoke(app, [str(a) for a in args], input=input, env=env)
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
-
-
-def lines(text):
-    return text.splitlines()
 
 
 @pytest.fixture
