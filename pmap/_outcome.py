@@ -11,7 +11,7 @@ import io
 import pickle
 
 from . import _logs, _transfer
-from .errors import ItemNotPicklable, UnpicklableError
+from .errors import InitializerError, ItemNotPicklable, RemoteTraceback, UnpicklableError
 
 
 class SplitTask(Exception):
@@ -347,3 +347,18 @@ def _decode_exception(packed, name, text):
             return UnpicklableError(f"{name}: {text} (the exception could not be rebuilt in the caller: "
                                     f"{type(exc).__name__}: {exc})")
     return UnpicklableError(f"{name}: {text} (the exception could not be pickled in the worker)")
+
+
+def initializer_error(name: str, backend: str, worker, report: bytes) -> InitializerError:
+    """The one error every backend gives for a failed initializer, from the worker's report
+    (`_transfer.dumps((SentException(exc), traceback_text))`), naming the initializer and worker."""
+    try:
+        cause, tb = _transfer.loads(report)  # a cause that cannot be rebuilt here is an UnpicklableError
+    except Exception as exc:  # the report itself does not load: say so rather than lose the failure
+        cause, tb = exc, ""
+    if tb:
+        cause.__cause__ = RemoteTraceback(tb)
+    error = InitializerError(f"the initializer {name} failed in worker {worker} of backend {backend!r}: "
+                             f"{type(cause).__name__}: {cause}")
+    error.__cause__ = cause
+    return error

@@ -41,9 +41,9 @@ import traceback
 import uuid
 
 from .. import _transfer
-from .._outcome import SentException, SplitTask, encode_result, pack_items, unpack_items
+from .._outcome import SentException, SplitTask, encode_result, initializer_error, pack_items, unpack_items
 from .._worker import WORKER_CATCH, cached_function, every_item_failed, run_items
-from ..errors import BackendUnavailable, InitializerError, PmapError, RemoteTraceback, TaskTimeout
+from ..errors import BackendUnavailable, InitializerError, PmapError, TaskTimeout
 from ._options import positive_seconds
 from ._pooled import pickle_function
 from .base import AHEAD_CHUNKS_PER_SLOT, Backend, Done, Fatal, Lost, Started
@@ -440,18 +440,8 @@ class DaskBackend(Backend):
         return Done(task_id, label, values, failures, elapsed)
 
     def _initializer_error(self, label, report) -> InitializerError:
-        """The one error every backend gives for a failed initializer, naming it and the worker."""
-        try:
-            cause, tb = _transfer.loads(report)  # a cause that cannot be rebuilt here is an UnpicklableError
-        except Exception as exc:  # the report itself does not load: say so rather than lose the failure
-            cause, tb = exc, ""
-        if tb:
-            cause.__cause__ = RemoteTraceback(tb)
         name = getattr(self.initializer, "__qualname__", None) or type(self.initializer).__name__
-        error = InitializerError(f"the initializer {name} failed in worker {label} of backend 'dask': "
-                                 f"{type(cause).__name__}: {cause}")
-        error.__cause__ = cause
-        return error
+        return initializer_error(name, "dask", label, report)
 
     def _failed(self, task_id, watch, error):
         from distributed import KilledWorker

@@ -17,9 +17,9 @@ from multiprocessing.connection import answer_challenge, deliver_challenge
 from multiprocessing.managers import BaseManager
 
 from ... import _logs, _transfer, native
-from ..._outcome import pack_items
+from ..._outcome import initializer_error, pack_items
 from ..._worker import every_item_failed
-from ...errors import InitializerError, PmapError, RemoteTraceback, TaskTimeout
+from ...errors import InitializerError, PmapError, TaskTimeout
 from .._options import positive_seconds
 from .._pooled import pickle_function
 from .._procutil import describe_exit, end_process_group
@@ -255,16 +255,7 @@ class ManagerBackend(Backend):
             name = getattr(self.initializer, "__qualname__", None) or type(self.initializer).__name__
         if event[0] == "initializer-failed":
             _, label, report = event
-            try:
-                cause, tb = _transfer.loads(report)  # a cause that cannot be rebuilt here is an UnpicklableError
-            except Exception as exc:  # the report itself does not load: say so rather than lose the failure
-                cause, tb = exc, ""
-            if tb:
-                cause.__cause__ = RemoteTraceback(tb)
-            error = InitializerError(f"the initializer {name} failed in worker {label} of backend 'manager': "
-                                     f"{type(cause).__name__}: {cause}")
-            error.__cause__ = cause
-            return Fatal(error)
+            return Fatal(initializer_error(name, "manager", label, report))
         if event[0] == "died-starting" and self.initializer is not None:
             _, label, exitcode = event
             return Fatal(InitializerError(f"the initializer {name} ended worker {label} of backend 'manager' "
