@@ -573,7 +573,9 @@ def test_ordered_run_does_not_stall_on_a_killed_host(key_file, worker_commands):
             killed = time.monotonic()
     assert len(arrivals) == 600 and killed is not None
     gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
-    assert max(gaps) < lease / 4, f"ordered output stalled {max(gaps):.1f}s after a host died"
+    # Waiting out the lease would stall for about 20 s; beside two other test suites on both
+    # cores a prompt re-run still took 5.1 s, so the bound is half the lease.
+    assert max(gaps) < lease / 2, f"ordered output stalled {max(gaps):.1f}s after a host died"
 
 
 # ---- the command line's target travels -----------------------------------------------------------
