@@ -20,9 +20,9 @@ import tempfile
 import time
 
 from .. import _logs, _transfer, native
-from .._outcome import pack_items
-from .._worker import LINK_SOCKET, RESULT, SPLIT, START, init_report_dir, loads
-from ..errors import FunctionNotPicklable, InitializerError, RemoteTraceback
+from .._outcome import initializer_error, pack_items
+from .._worker import LINK_SOCKET, RESULT, SPLIT, START, init_report_dir
+from ..errors import FunctionNotPicklable, InitializerError
 from ._procutil import Link, describe_exit, end_process_group, process_exists
 from .base import Backend, Done, Fatal, Lost, Started, threads_are_greenlets
 
@@ -99,16 +99,7 @@ class PooledBackend(Backend):
             except OSError:
                 pass  # a sibling run removed it first
             if report:  # written whole (renamed into place) just before the worker exits
-                try:
-                    exc, tb = loads(report)
-                except Exception as error:
-                    exc, tb = error, ""
-                if tb:
-                    exc.__cause__ = RemoteTraceback(tb)
-                error = InitializerError(f"the initializer {name} failed in worker {pid} of backend {self.name!r}: "
-                                         f"{type(exc).__name__}: {exc}")
-                error.__cause__ = exc
-                return error
+                return initializer_error(name, self.name, pid, report)
             if ended is None and (pid in exitcodes or pid in self.seen):
                 ended = InitializerError(f"the initializer {name} ended worker {pid} of backend {self.name!r} "
                                          f"({describe_exit(exitcodes.get(pid))}) before it could run anything")
