@@ -120,18 +120,6 @@ class _PathKeepingPickler(cloudpickle.Pickler):
     dispatch_table = collections.ChainMap({types.CodeType: _code_keeping_path}, cloudpickle.Pickler.dispatch_table)
 
 
-class cloudpickle_keeping_paths:
-    """Stands in for the cloudpickle module where pmap pickles functions for its workers."""
-
-    Pickler = _PathKeepingPickler
-
-    @staticmethod
-    def dumps(obj, protocol=None, buffer_callback=None) -> bytes:
-        with io.BytesIO() as file:
-            _PathKeepingPickler(file, protocol=protocol, buffer_callback=buffer_callback).dump(obj)
-            return file.getvalue()
-
-
 # ---- pickling: one fallback order ------------------------------------------------------
 def _module_goes_by_value(module) -> bool:
     """Whether a worker may lack `module`, so that what lives in it must be sent by value."""

@@ -29,9 +29,11 @@ from .base import Backend, Done, Fatal, Lost, Started, threads_are_greenlets
 _SHM = "/dev/shm"
 
 
-def pickle_function(fn, backend_name: str, pickler=_transfer.cloudpickle_keeping_paths.dumps):
+def pickle_function(fn, backend_name: str, pickler=None):
+    """`fn` pickled the one way pmap pickles functions (`_transfer.picklers`), or by `pickler`;
+    a clear FunctionNotPicklable where it cannot be."""
     try:
-        return pickler(fn)
+        return pickler(fn) if pickler is not None else _transfer.dumps(fn, main_by_value=True)
     except Exception as exc:
         name = getattr(fn, "__qualname__", None) or type(fn).__name__
         raise FunctionNotPicklable(
@@ -118,7 +120,7 @@ class PooledBackend(Backend):
     def initializer_bytes(self):
         # the workers' native thread limits come first, then the user's initializer
         setup = (native.with_limits(self, self.initializer), self.initargs, _logs.caller_level())
-        return _transfer.cloudpickle_keeping_paths.dumps(setup)
+        return _transfer.dumps(setup, main_by_value=True)
 
     # ---- what subclasses provide ------------------------------------------------------
     def _send(self, task_id: int, payload: bytes) -> None:

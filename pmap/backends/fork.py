@@ -205,7 +205,7 @@ class ForkBackend(Backend):
     def _teach(self, key, fn) -> None:
         """Running workers predate `fn`: send it, or fork them anew if it cannot be pickled."""
         try:
-            message = pickle.dumps(("fn", key, _transfer.cloudpickle_keeping_paths.dumps(fn)))
+            message = pickle.dumps(("fn", key, _transfer.dumps(fn, main_by_value=True)))
         except Exception:
             self.close(kill=True)
             return
