@@ -169,14 +169,11 @@ def test_greenlet_timeout_fails_only_the_stuck_item():
             raise
         return x
 
-    start = time.perf_counter()
     out = pmap.pmap(maybe_stuck, range(6), backend="greenlet", timeout=0.3, on_error="return")
-    elapsed = time.perf_counter() - start
     assert [r for i, r in enumerate(out) if i != 2] == [0, 1, 3, 4, 5]
     assert isinstance(out[2], pmap.Failure) and out[2].kind == "timeout"
     assert isinstance(out[2].exception, pmap.TaskTimeout)
-    assert log.stopped == {2}
-    assert elapsed < 10 / 4
+    assert log.stopped == {2}  # the stuck sleep was cut short, not waited out
 
 
 def test_greenlet_error_cancels_the_rest():
