@@ -1,5 +1,6 @@
 """What pmap costs on work too small to parallelise: 200,000 calls of `x + 1`, as `list(map(...))`,
-the serial backend and auto (issue 24: auto within 1.1x of list(map)).
+the serial backend and auto (issue 24: auto within 1.1x of list(map)), and the floor of any
+chunked run: slicing chunks and copying their values into one list, without pmap.
 
     python bench/tiny.py                    # 21 rounds; prints a markdown table
     python bench/tiny.py --rounds 41 --items 200000
@@ -31,8 +32,20 @@ def plus_one(x):
     return x + 1
 
 
+def chunked_floor(items: list, chunk: int = 25_000) -> list:
+    """The least any chunked run can do: slice a chunk, map it into a list of its own, copy that
+    into the result. No engine, no backend: what the chunking itself costs."""
+    out: list = []
+    for start in range(0, len(items), chunk):
+        values: list = []
+        values.extend(map(plus_one, items[start:start + chunk]))
+        out.extend(values)
+    return out
+
+
 RUNNERS = {
     "list(map)": lambda items: list(map(plus_one, items)),
+    "chunked floor (no pmap)": chunked_floor,
     "pmap serial": lambda items: pmap.pmap(plus_one, items, backend="serial"),
     "pmap auto": lambda items: pmap.pmap(plus_one, items),
 }
