@@ -16,7 +16,7 @@ import traceback
 import weakref
 from multiprocessing.connection import Connection
 
-from . import _logs, _transfer
+from . import _logs, _transfer, seeding
 from ._outcome import SplitTask, _SentException, encode_result, unpack_items
 
 
@@ -126,6 +126,7 @@ def become_worker_process(own_process_group: bool = False, driver_pid: int | Non
     parent's thread that started the worker ends, killing workers of a call made from a
     thread that returns."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    seeding.fresh_worker_state()  # a forked worker's numpy.random would repeat its siblings' numbers
     parent = parent_pid if parent_pid is not None else os.getppid()
     _exit_when_gone(parent, is_parent=True)
     if driver_pid is not None and driver_pid != parent:
