@@ -23,6 +23,7 @@ if TYPE_CHECKING:  # what a type checker sees (`X as X` re-exports); at run time
     from .concurrency import Adaptive as Adaptive
     from .options import Options as Options
     from .shared import shared_array as shared_array, to_shared as to_shared
+    from .seeding import item_seed as item_seed, rng as rng
 
 _EXPORTS = {
     "pmap": "api", "imap": "api", "starmap": "api", "Pool": "api", "Results": "api", "ResultList": "api",
@@ -32,6 +33,7 @@ _EXPORTS = {
     "compare": "comparison", "ResultsDiffer": "comparison",
     "RunStats": "engine", "Options": "options", "Adaptive": "concurrency",
     "shared_array": "shared", "to_shared": "shared",
+    "rng": "seeding", "item_seed": "seeding",
     "BackendUnavailable": "errors", "Failure": "errors", "InitializerError": "errors", "PmapError": "errors",
     "RemoteTraceback": "errors",
     "TaskTimeout": "errors", "UnpicklableError": "errors", "WorkerCrashed": "errors",

@@ -197,7 +197,7 @@ def aimap(func: Callable, items: Iterable | AsyncIterable, *, workers: Workers =
           chunksize: int | None = None, ordered: bool = True, timeout: float | None = None,
           retries: int = 0, retry_on=(Exception,), backoff: float = 0.0, on_error: OnError = "raise",
           progress: Progress = False, initializer: Callable | None = None, initargs: tuple = (),
-          inner_threads: int | None = None) -> AsyncResults:
+          inner_threads: int | None = None, seed: int | None = None) -> AsyncResults:
     """Lazy `apmap`: `async for result in pmap.aimap(fetch, urls): ...`. Items may be an
     async iterable. Call it from a coroutine; the coroutines run on that coroutine's loop.
     (`inner_threads` is accepted for the same signature as `pmap.imap`: coroutines on one loop
@@ -209,7 +209,7 @@ async def apmap(func: Callable, items: Iterable | AsyncIterable, *, workers: Wor
                 chunksize: int | None = None, ordered: bool = True, timeout: float | None = None,
                 retries: int = 0, retry_on=(Exception,), backoff: float = 0.0, on_error: OnError = "raise",
                 progress: Progress = False, initializer: Callable | None = None, initargs: tuple = (),
-                inner_threads: int | None = None) -> list:
+                inner_threads: int | None = None, seed: int | None = None) -> list:
     """`await pmap.apmap(fetch, urls, workers=50)`: the list `pmap.pmap` would return, computed on
     the running loop with at most `workers` coroutines at a time. Same options as `pmap.pmap`."""
     async with AsyncResults(func, items, Options.from_arguments(locals())) as results:

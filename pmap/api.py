@@ -74,7 +74,7 @@ class Results(Iterator[R]):
 
 
 def _run(func: Callable, items: Iterable, star: bool, options: Options,
-         pool: Backend | None = None, pool_bounds: Adaptive | None = None) -> Results:
+         pool: Backend | None = None, pool_bounds: Adaptive | None = None, indexed: bool = False) -> Results:
     check_callable(func)
     check_iterable(items)
     fn = StarCall(func) if star else func
@@ -87,7 +87,7 @@ def _run(func: Callable, items: Iterable, star: bool, options: Options,
     if not auto and pool is None:  # opened before the bar is drawn: a backend that fails leaves no bar
         instance, bounds = _open(options)
     callback, close_progress = make_progress(options.progress, stats, total=known_length(items))
-    spec = options.run_spec(fn, items, callback, concurrency=bounds)
+    spec = options.run_spec(fn, items, callback, concurrency=bounds, indexed_items=indexed)
     if auto:
         try:
             gen, instance = start_auto_run(spec, stats, workers=options.workers, initializer=options.initializer,
@@ -147,8 +147,20 @@ def pmap(func: Callable[[Any], R], items: Iterable[Any], *, backend: str | type 
          retry_on: type[BaseException] | tuple[type[BaseException], ...] = (Exception,),
          backoff: float = 0.0, on_error: OnError = "raise", progress: Progress = False,
          initializer: Callable[..., Any] | None = None, initargs: tuple = (),
-         inner_threads: int | None = None, **backend_options: Any) -> ResultList[R]:
-    """`list(map(func, items))`, in parallel. See the README for every option."""
+         inner_threads: int | None = None, seed: int | None = None, **backend_options: Any) -> ResultList[R]:
+    """`list(map(func, items))`, in parallel. See the README for every option.
+
+    Parameters
+    ----------
+    seed : int, optional
+        Gives item i a random stream of its own derived from (seed, i), the same on every backend,
+        worker count, chunk size, retry and resume: read it with `pmap.rng()` (a numpy Generator)
+        or `pmap.item_seed()`. Where each item runs alone in a process (serial, fork, pool,
+        process, manager; dask with one thread per worker) the module-level `random` and
+        `numpy.random` are seeded from it too; on thread, greenlet and asyncio they are shared
+        by items running at once, so only `pmap.rng()` and `pmap.item_seed()` are reproducible
+        (docs/randomness.md). None (the default): no seeding, at no cost.
+    """
     return _collect(_run(func, items, False, Options.from_arguments(locals())))
 
 
@@ -158,8 +170,9 @@ def imap(func: Callable[[Any], R], items: Iterable[Any], *, backend: str | type 
          retry_on: type[BaseException] | tuple[type[BaseException], ...] = (Exception,),
          backoff: float = 0.0, on_error: OnError = "raise", progress: Progress = False,
          initializer: Callable[..., Any] | None = None, initargs: tuple = (),
-         inner_threads: int | None = None, **backend_options: Any) -> Results[R]:
-    """Lazy `pmap`: reads input as needed, keeps memory bounded, yields as results are ready."""
+         inner_threads: int | None = None, seed: int | None = None, **backend_options: Any) -> Results[R]:
+    """Lazy `pmap`: reads input as needed, keeps memory bounded, yields as results are ready.
+    `seed=` as for `pmap.pmap`."""
     return _run(func, items, False, Options.from_arguments(locals()))
 
 
@@ -169,14 +182,17 @@ def starmap(func: Callable[..., R], arg_tuples: Iterable[Iterable[Any]], *,
             retries: int = 0, retry_on: type[BaseException] | tuple[type[BaseException], ...] = (Exception,),
             backoff: float = 0.0, on_error: OnError = "raise", progress: Progress = False,
             initializer: Callable[..., Any] | None = None, initargs: tuple = (),
-            inner_threads: int | None = None, **backend_options: Any) -> ResultList[R]:
-    """`[func(*args) for args in arg_tuples]`, in parallel."""
+            inner_threads: int | None = None, seed: int | None = None, **backend_options: Any) -> ResultList[R]:
+    """`[func(*args) for args in arg_tuples]`, in parallel. `seed=` as for `pmap.pmap`."""
     return _collect(_run(func, arg_tuples, True, Options.from_arguments(locals())))
 
 
-def imap_with_options(func: Callable[[Any], R], items: Iterable[Any], options: Options) -> Results[R]:
-    """`imap` for a caller that already holds its `Options` (the command line)."""
-    return _run(func, items, False, options)
+def imap_with_options(func: Callable[[Any], R], items: Iterable[Any], options: Options,
+                      indexed: bool = False) -> Results[R]:
+    """`imap` for a caller that already holds its `Options` (the command line). `indexed`: the
+    items are (index, item) pairs, and a `seed=` stream follows their index, not their position
+    (a resumed run skips the items it has)."""
+    return _run(func, items, False, options, indexed=indexed)
 
 
 class Pool:
@@ -184,7 +200,7 @@ class Pool:
 
     One call runs at a time: an `imap` must be exhausted or closed before the next call.
     Each call takes the per-call options of `pmap` (chunksize, timeout, retries, retry_on,
-    backoff, on_error, progress); the Pool's workers are fixed when it is made.
+    backoff, on_error, progress, seed); the Pool's workers are fixed when it is made.
     """
 
     def __init__(self, backend: str | type | Backend = "process", workers: Workers = None,

@@ -406,8 +406,10 @@ def _measure_and_decide(spec, stats, workers, inner_threads, source, meter, earl
     gil_released = limited_cpu = None
     wall = meter.wall / meter.calls if meter.calls else 0.0
     cpu_bound = meter.calls and meter.cpu >= CPU_BOUND_SHARE * meter.wall
+    # The GIL probe runs two items at once on threads, which share the module-level generators: a
+    # seed= run keeps them reproducible instead (its CPU-bound work then goes to processes).
     if (not exhausted and cpu_bound and wall >= GIL_PROBE_MIN_ITEM and usable_cpus() > 1
-            and not free_threaded()):
+            and not free_threaded() and spec.seed is None):
         more, consumed, overlap, limited_cpu = _probe_gil(source, spec, stats, used)
         if overlap is not None:
             gil_released = overlap >= (NATIVE_GIL_RELEASED_OVERLAP if ran_native_threads(meter)
@@ -491,7 +493,7 @@ def explain(func: Callable, items: Iterable, *, workers: int | None = None, chun
             retry_on: type[BaseException] | tuple[type[BaseException], ...] = (Exception,),
             backoff: float = 0.0, on_error: str = "return", progress: Any = False,
             initializer: Callable[..., Any] | None = None, initargs: tuple = (),
-            inner_threads: int | None = None) -> Plan:
+            inner_threads: int | None = None, seed: int | None = None) -> Plan:
     """What `backend="auto"` would choose for `func` over `items`, and why. Takes the options
     of `pmap.pmap` (a backend is what it chooses, so there is none to pass).
 

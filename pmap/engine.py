@@ -13,6 +13,7 @@ from .backends.base import AHEAD_CHUNKS_PER_SLOT, Backend, Done, Fatal, Lost, St
 from .chunking import TARGET_CHUNK_SECONDS, ChunkSizer
 from .concurrency import Adaptive, ConcurrencyController
 from .errors import Failure, ItemNotPicklable, PmapError, TaskTimeout, WorkerCrashed, raise_failure
+from .seeding import CALLER, CallerState, seeded
 
 _SKIP = object()              # a slot whose item failed under on_error="skip"
 _PENDING = object()           # a slot still being computed
@@ -47,6 +48,11 @@ class RunSpec:
     # The engine's time for timeouts, backoff, deadlines and the concurrency controller. A backend's
     # Started times must come from the same clock (every built-in backend uses time.monotonic).
     clock: Callable[[], float] = time.monotonic
+    # Item i's random stream derives from (seed, i) (pmap.seeding); None: no seeding, no cost.
+    seed: int | None = None
+    # The items are (index, item) pairs already, indexed by the caller (the command line's resumed
+    # runs skip items), and the function takes the pair: the seed's index is the pair's.
+    indexed_items: bool = False
 
 
 @dataclass
@@ -158,12 +164,14 @@ class _Rerun(NamedTuple):
 
 
 class _Flight:
-    """A task in flight: where its results go, its items, and how often each was tried."""
+    """A task in flight: where its results go, its items (as given: a seeded task carries them
+    with their indices), and how often each was tried."""
 
-    __slots__ = ("task", "block", "offset", "first_index", "attempts", "losses", "started", "worker")
+    __slots__ = ("task", "items", "block", "offset", "first_index", "attempts", "losses", "started", "worker")
 
-    def __init__(self, task, block, offset, first_index, attempts, losses=0):
+    def __init__(self, task, items, block, offset, first_index, attempts, losses=0):
         self.task = task
+        self.items = items
         self.block = block
         self.offset = offset
         self.first_index = first_index
@@ -210,6 +218,7 @@ class _Engine:
         if spec.measured:
             self.sizer.observe(*spec.measured)
         self.fn = None
+        self.pairs = spec.seed is not None and not spec.indexed_items  # tasks carry (index, item)
         self.clock = spec.clock
         self.controller = None
         self.stragglers = 0
@@ -226,7 +235,14 @@ class _Engine:
         started = time.perf_counter()
         self.started = started
         sent0, received0 = self.backend.bytes_sent, self.backend.bytes_received
-        self.fn = self.backend.prepare(self.spec.fn, self.spec.timeout)
+        fn = self.spec.fn
+        caller_state = None
+        if self.spec.seed is not None:
+            random_globals = self.backend.random_globals
+            fn = seeded(fn, self.spec.seed, random_globals, pass_pair=self.spec.indexed_items)
+            if random_globals == CALLER:  # the caller's own generators are put back after the run
+                caller_state = CallerState()
+        self.fn = self.backend.prepare(fn, self.spec.timeout)
         self.stats.startup_seconds += time.perf_counter() - started
         self.stats.native_threads = getattr(self.backend, "native_limits", None)
         ordered = self.spec.ordered
@@ -264,6 +280,8 @@ class _Engine:
                 stats.bytes_sent = (stats.bytes_sent or 0) + self.backend.bytes_sent - sent0
                 stats.bytes_received = (stats.bytes_received or 0) + self.backend.bytes_received - received0
             self.source = self.sequence = None
+            if caller_state is not None:
+                caller_state.restore()
 
     # ---- dispatch -------------------------------------------------------------------
     def _room_ahead(self) -> bool:
@@ -321,8 +339,9 @@ class _Engine:
         return items
 
     def _submit(self, block, offset, index, items, attempts, losses=0) -> None:
-        task = Task(next(_TASK_IDS), self.fn, items)
-        flight = _Flight(task, block, offset, index, attempts, losses)
+        sent = list(zip(range(index, index + len(items)), items)) if self.pairs else items
+        task = Task(next(_TASK_IDS), self.fn, sent)
+        flight = _Flight(task, items, block, offset, index, attempts, losses)
         try:
             self.backend.submit(task)
         except ItemNotPicklable as exc:  # find the item that cannot be sent; it alone fails
@@ -456,7 +475,7 @@ class _Engine:
 
     def _run_each_alone(self, flight: _Flight, losses: int | None = None) -> None:
         losses = flight.losses if losses is None else losses
-        for k, item in enumerate(flight.task.items):
+        for k, item in enumerate(flight.items):
             self._requeue(0.0, _Rerun(flight.block, flight.offset + k, flight.first_index + k, item,
                                       flight.attempts, losses))
 
@@ -465,7 +484,7 @@ class _Engine:
         spec = self.spec
         attempts = flight.attempts + 1 if len(flight.task.items) == 1 else 1
         index = flight.first_index + pos
-        item = flight.task.items[pos]
+        item = flight.items[pos]
         if retryable and attempts <= spec.retries:
             self.stats.retried += 1
             ready_at = self.clock() + spec.backoff * (2 ** (attempts - 1)) if spec.backoff else 0.0

@@ -15,6 +15,7 @@ from typing import Any, Callable, ClassVar, Literal, Mapping, Optional, Union
 
 from .concurrency import Adaptive
 from .engine import RunSpec
+from .seeding import check_seed
 
 ON_ERROR_CHOICES = ("raise", "return", "skip")
 
@@ -42,11 +43,12 @@ class Options:
     initializer: Callable | None = None
     initargs: tuple = ()
     inner_threads: int | None = None    # native (BLAS/OpenMP) threads per worker; None: CPUs // workers
+    seed: int | None = None             # item i's random stream derives from (seed, i) (pmap.seeding)
     backend_options: Mapping[str, Any] = field(default_factory=dict)
 
     # What one call on an open Pool may set; the rest belong to the Pool's workers.
     PER_CALL: ClassVar[tuple] = ("chunksize", "ordered", "timeout", "retries", "retry_on", "backoff",
-                                 "on_error", "progress")
+                                 "on_error", "progress", "seed")
 
     def __post_init__(self) -> None:
         if isinstance(self.workers, str):
@@ -91,6 +93,9 @@ class Options:
                 raise TypeError("inner_threads is given twice")
             inner_threads = backend_options.pop("inner_threads")
         _check_count("inner_threads", inner_threads)
+        check_seed(self.seed)
+        if self.seed is not None:
+            object.__setattr__(self, "seed", self.seed.__index__())  # a numpy integer becomes an int
         object.__setattr__(self, "timeout", timeout)
         object.__setattr__(self, "retry_on", retry_on)
         object.__setattr__(self, "initargs", tuple(self.initargs))
@@ -130,12 +135,13 @@ class Options:
         return Adaptive(maximum=maximum)
 
     def run_spec(self, fn: Callable, items: Any, progress: Callable | None,
-                 concurrency: Adaptive | None = None) -> RunSpec:
+                 concurrency: Adaptive | None = None, indexed_items: bool = False) -> RunSpec:
         """What the engine needs for one run of these options."""
         return RunSpec(fn=fn, items=items, ordered=self.ordered, timeout=self.timeout, retries=self.retries,
                        retry_on=self.retry_on, backoff=self.backoff, on_error=self.on_error,
                        chunksize=1 if self.timeout is not None else self.chunksize,
-                       progress=progress, total=known_length(items), concurrency=concurrency)
+                       progress=progress, total=known_length(items), concurrency=concurrency, seed=self.seed,
+                       indexed_items=indexed_items)
 
 
 FIELD_NAMES = tuple(f.name for f in fields(Options))

@@ -44,6 +44,7 @@ def pickle_function(fn, backend_name: str, pickler=None):
 
 class PooledBackend(Backend):
     kind = "process"
+    random_globals = "own"
     reports_start = True  # under a timeout a worker says when it starts a task (the pool holds at most `workers`)
 
     @classmethod

@@ -94,6 +94,11 @@ class Backend:
     bytes_received: int | None = None
     # What the workers' native thread pools (BLAS, OpenMP) were limited to (pmap.native), if anything.
     native_limits: Any = None
+    # How items meet the module-level `random` and `numpy.random` generators, for a `seed=` run
+    # (pmap.seeding): "own" (each item runs alone in a worker process: seeded per item), "caller"
+    # (alone, in the caller's process: seeded per item, put back after the run) or "shared" (items
+    # run at once in one process: left alone, and only pmap.rng() is reproducible).
+    random_globals: str = "shared"
 
     def __init__(self, workers: int | None = None, initializer: Callable | None = None,
                  initargs: tuple = (), inner_threads: int | None = None, **options: Any):

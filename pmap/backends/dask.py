@@ -266,7 +266,10 @@ class DaskBackend(Backend):
         self.adaptive = getattr(self.client.cluster, "_adaptive", None) is not None
         self.client.subscribe_topic(self.start_topic, self._on_start)
         try:
-            self.threads = sum(self.client.nthreads().values())
+            counts = self.client.nthreads().values()
+            self.threads = sum(counts)
+            # workers of one thread run one item at a time each: a seed= run seeds their globals per item
+            self.random_globals = "own" if counts and max(counts) == 1 else "shared"
         except Exception:  # counted again by the next refresh
             self.threads = 0
         self.workers = max(1, self.threads)

@@ -118,6 +118,7 @@ class _Worker:
 class ForkBackend(Backend):
     name = "fork"
     kind = "process"
+    random_globals = "own"
     guarantees = "hard timeout (worker killed and replaced); a crash costs only the items its worker held"
 
     @classmethod

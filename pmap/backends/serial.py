@@ -14,6 +14,7 @@ from .base import Backend, Done, Started
 class SerialBackend(Backend):
     name = "serial"
     kind = "serial"
+    random_globals = "caller"
     guarantees = "timeout interrupts Python code and sleeps via SIGALRM (main thread only); no isolation from crashes"
 
     @classmethod

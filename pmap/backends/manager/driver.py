@@ -45,6 +45,7 @@ class ManagerBackend(Backend):
 
     name = "manager"
     kind = "remote"
+    random_globals = "own"  # each worker process of a host runs one task at a time
     reports_start = True
     guarantees = ("workers on any host join with `pmap worker`; leases and heartbeats report the work "
                   "of a lost host, which runs again (at-least-once); hard timeout; authkey required")
