@@ -107,6 +107,10 @@ def run_command(
              "[default: any Exception]", show_default=False)] = None,
     backoff: Annotated[float, typer.Option("--backoff", help="seconds before the first retry, "
                                                              "doubling each attempt")] = 0.0,
+    seed: Annotated[Optional[int], typer.Option(
+        "--seed", metavar="N", help="give item i its own random stream from (N, i): pmap.rng(), pmap.item_seed(), "
+                                    "and on process backends the module-level random and numpy.random; the "
+                                    "same numbers on every backend, worker count and resume")] = None,
     on_error: Annotated[Optional[str], typer.Option(
         "--on-error", metavar="raise|skip|return",
         help="stop at the first failure, leave failed items out, or write each failure in its place "
@@ -151,7 +155,7 @@ def run_command(
                     as_json=as_json, star=star, as_csv=as_csv, as_tsv=as_tsv, to_format=to_format,
                     unordered=unordered, with_index=with_index, tag=tag, output_path=output_path,
                     backend=backend, workers=workers, chunksize=chunksize, timeout=timeout, retries=retries,
-                    retry_on=retry_on, backoff=backoff, on_error=on_error, halt_text=halt_text,
+                    retry_on=retry_on, backoff=backoff, seed=seed, on_error=on_error, halt_text=halt_text,
                     initializer=initializer, initargs=initargs, progress=progress, desc=desc, dry_run=dry_run,
                     explain=explain, journal_path=journal_path, keep_failures=keep_failures,
                     joblog_path=joblog_path, option=option, gevent=gevent)
@@ -176,7 +180,7 @@ def _formats(as_json: bool, star: bool, as_csv: bool, as_tsv: bool, to_format: s
 
 
 def _run(*, target, items, command, input_path, range_text, as_json, star, as_csv, as_tsv, to_format, unordered,
-         with_index, tag, output_path, backend, workers, chunksize, timeout, retries, retry_on, backoff, on_error,
+         with_index, tag, output_path, backend, workers, chunksize, timeout, retries, retry_on, backoff, seed, on_error,
          halt_text, initializer, initargs, progress, desc, dry_run, explain, journal_path, keep_failures,
          joblog_path, option, gevent) -> int:
     # Everything that can be wrong with the command is checked before a file is written.
@@ -193,16 +197,16 @@ def _run(*, target, items, command, input_path, range_text, as_json, star, as_cs
         raise UsageError("--halt and --on-error raise both say when to stop; give one of them")
     if backend is None:
         backend = "thread" if command is not None else "auto"
-    if command is not None and (initializer or initargs or retry_on or star):
+    if command is not None and (initializer or initargs or retry_on or star or seed is not None):
         flag = "--initializer" if initializer else "--initargs" if initargs else "--retry-on" if retry_on \
-            else "--star"
+            else "--star" if star else "--seed"
         raise UsageError(f"{flag} is for a Python function; it has no meaning with --cmd")
     if dry_run and explain:
         raise UsageError("--dry-run runs nothing and --explain runs a probe; give one of them")
     if keep_failures and not journal_path:
         raise UsageError("--keep-failures is about resuming: it needs --journal FILE")
     options = api_options(backend=backend, workers=workers, chunksize=chunksize, timeout=timeout,
-                          retries=retries, backoff=backoff, on_error=on_error, option=option)
+                          retries=retries, backoff=backoff, on_error=on_error, option=option, seed=seed)
     on_error = options.on_error
     check_backend(backend)
     init_arguments = parse_initargs(initargs)
@@ -243,6 +247,8 @@ def _run(*, target, items, command, input_path, range_text, as_json, star, as_cs
                 "with_index": with_index, "ordered": not unordered}
     if command is not None:
         identity["cmd"] = command
+    if seed is not None:  # a resumed run draws the same numbers only under the same seed
+        identity["seed"] = options.seed
     if output_format != input_format or tag:
         identity["to"] = output_format + (" tagged" if tag else "")
     plan = Plan(func, source, options, label if desc is None else desc, renderer, on_error, halt, template,
@@ -524,7 +530,8 @@ def _stream(plan: Plan, journal: Journal | None, joblog: JobLog | None, output: 
             def advance_bar(count, _total):
                 run.bar(already + count, source.total)
             callback = advance_bar
-        results = imap_with_options(plan.func, pairs, replace(options, on_error="return", progress=callback or False))
+        results = imap_with_options(plan.func, pairs, replace(options, on_error="return", progress=callback or False),
+                                    indexed=True)
         if run.bar is not None:
             run.bar.stats = results.stats
             if options.backend != "auto":  # its workers are started: the ticker may run
