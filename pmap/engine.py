@@ -9,11 +9,12 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 from ._outcome import split_undecoded
+from ._worker import is_async
 from .backends.base import AHEAD_CHUNKS_PER_SLOT, Backend, Done, Fatal, Lost, Started, Task, free_threaded, usable_cpus
 from .chunking import TARGET_CHUNK_SECONDS, ChunkSizer
 from .concurrency import Adaptive, ConcurrencyController
 from .errors import Failure, ItemNotPicklable, PmapError, TaskTimeout, WorkerCrashed, raise_failure
-from .seeding import CALLER, CallerState, seeded
+from .seeding import CALLER, CallerState, Seeded, SeededAsync
 
 _SKIP = object()              # a slot whose item failed under on_error="skip"
 _PENDING = object()           # a slot still being computed
@@ -239,6 +240,7 @@ class _Engine:
         caller_state = None
         if self.spec.seed is not None:
             random_globals = self.backend.random_globals
+            seeded = SeededAsync if is_async(fn) else Seeded
             fn = seeded(fn, self.spec.seed, random_globals, pass_pair=self.spec.indexed_items)
             if random_globals == CALLER:  # the caller's own generators are put back after the run
                 caller_state = CallerState()

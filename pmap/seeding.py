@@ -263,12 +263,6 @@ class SeededAsync(Seeded):
             self._leave(token, before)
 
 
-def seeded(func: Callable, seed: int, random_globals: str, pass_pair: bool = False) -> Seeded:
-    from ._worker import is_async
-    cls = SeededAsync if is_async(func) else Seeded
-    return cls(func, seed, random_globals, pass_pair)
-
-
 _numpy_checked = False
 
 

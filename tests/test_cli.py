@@ -463,9 +463,9 @@ def test_backoff_and_retry_on_reach_the_api(targets, monkeypatch):
     seen = []
     real_imap = pmap.api.imap_with_options
 
-    def spy(func, items, options):
+    def spy(func, items, options, **how):
         seen.append(options)
-        return real_imap(func, items, options)
+        return real_imap(func, items, options, **how)
 
     monkeypatch.setattr(pmap.api, "imap_with_options", spy)
     result = invoke("run", f"{targets}:square", "--json", "1", "-b", "thread", "--retries", "2", "--backoff", "0.5",

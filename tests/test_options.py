@@ -120,7 +120,7 @@ def test_no_import_cycle_among_the_package_modules():
 CLI_FLAGS = {"backend": "--backend", "workers": "--workers", "chunksize": "--chunksize", "ordered": "--unordered",
              "timeout": "--timeout", "retries": "--retries", "retry_on": "--retry-on", "backoff": "--backoff",
              "on_error": "--on-error", "progress": "--progress", "initializer": "--initializer",
-             "initargs": "--initargs", "backend_options": "--option",
+             "initargs": "--initargs", "seed": "--seed", "backend_options": "--option",
              "inner_threads": "--option"}  # -o inner_threads=N: Options moves it to its field
 
 
