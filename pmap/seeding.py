@@ -53,7 +53,7 @@ class _Pool:
     """SeedSequence's entropy pool for `seed`, with item indices mixed in one at a time. The
     seed's part is mixed once per run; an item pays only for its index's words."""
 
-    __slots__ = ("pool", "hash_const")
+    __slots__ = ("pool", "hash_const", "legacy_keys")
 
     def __init__(self, seed: int):
         run_entropy = _uint32_words(seed)
@@ -70,6 +70,15 @@ class _Pool:
                     pool[dst] = _mix(pool[dst], value)
         self.pool, self.hash_const = pool, hash_const
         self._mix_in(run_entropy[_POOL_SIZE:])
+        self.legacy_keys = _generate(self.pool, 2)  # SeedSequence(seed).generate_state(2): the seed's own words
+
+    def legacy_seed(self, index: int) -> int:
+        """The 32-bit seed of numpy's legacy global state for item `index`. numpy seeds it from
+        an integer below 2**32 in about a microsecond, and from anything longer in ten, so it is
+        a permutation of the index keyed by the seed: no two items of a run share one."""
+        k1, k2 = self.legacy_keys
+        folded = (index ^ (index >> 32)) & _MASK32 if index >> 32 else index
+        return _fmix32(_fmix32(folded ^ k1) ^ k2)
 
     def _mix_in(self, words: list[int]) -> None:
         pool, hash_const = self.pool, self.hash_const
@@ -92,14 +101,28 @@ class _Pool:
                 value ^= value >> _XSHIFT
                 mixed = (_MIX_MULT_L * pool[dst] - _MIX_MULT_R * value) & _MASK32
                 pool[dst] = mixed ^ (mixed >> _XSHIFT)
-        out = []
-        hash_const = _INIT_B
-        for k in range(n):
-            value = pool[k % _POOL_SIZE] ^ hash_const
-            hash_const = (hash_const * _MULT_B) & _MASK32
-            value = (value * hash_const) & _MASK32
-            out.append(value ^ (value >> _XSHIFT))
-        return out
+        return _generate(pool, n)
+
+
+def _generate(pool: list[int], n: int) -> list[int]:
+    """SeedSequence.generate_state(n) of an entropy pool."""
+    out = []
+    hash_const = _INIT_B
+    for k in range(n):
+        value = pool[k % _POOL_SIZE] ^ hash_const
+        hash_const = (hash_const * _MULT_B) & _MASK32
+        value = (value * hash_const) & _MASK32
+        out.append(value ^ (value >> _XSHIFT))
+    return out
+
+
+def _fmix32(h: int) -> int:
+    """MurmurHash3's finaliser: a bijection of 32-bit integers that scatters their bits."""
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & _MASK32
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & _MASK32
+    return h ^ (h >> 16)
 
 
 def _hashmix(value: int, hash_const: int) -> tuple[int, int]:
@@ -126,9 +149,9 @@ class ItemStream:
 
     @property
     def words(self) -> list[int]:
-        # words 0-1: item_seed(); 2-3: module-level random; 4-5: numpy's legacy global state
+        # words 0-1: item_seed(); 2-3: the module-level random
         if self._words is None:
-            self._words = self.pool.words_for(self.index, 6)
+            self._words = self.pool.words_for(self.index, 4)
         return self._words
 
     def item_seed(self) -> int:
@@ -142,12 +165,12 @@ class ItemStream:
         return self._rng
 
     def seed_globals(self) -> None:
-        """Seed the module-level `random` and numpy's legacy global state from this stream."""
+        """Seed the module-level `random` and numpy's legacy global state for this item."""
         words = self.words
         random.seed(words[2] | words[3] << 32)
-        numpy_random = sys.modules.get("numpy.random")
-        if numpy_random is not None:
-            numpy_random.seed(words[4:6])
+        numpy_seed = _numpy_legacy_seed()
+        if numpy_seed is not None:
+            numpy_seed(self.pool.legacy_seed(self.index))
 
 
 def _numpy(what: str):
@@ -227,7 +250,6 @@ class Seeded:
         if self.random_globals == SHARED:
             before = _watch() if self._watched < _WATCHED_ITEMS and not self._warned else None
         else:
-            _import_numpy_random()
             stream.seed_globals()
             before = None
         return _CURRENT.set(stream), before, pair if self.pass_pair else pair[1]
@@ -263,21 +285,21 @@ class SeededAsync(Seeded):
             self._leave(token, before)
 
 
-_numpy_checked = False
+_numpy_seed: Any = False  # numpy.random.seed once looked up; None without numpy
 
 
-def _import_numpy_random() -> None:
-    """numpy.random imported before an item runs, where numpy is installed: a function that imports
-    numpy itself would otherwise draw its first item's numbers from an unseeded state. Once per process."""
-    global _numpy_checked
-    if _numpy_checked:
-        return
-    _numpy_checked = True
-    if "numpy.random" not in sys.modules:
+def _numpy_legacy_seed():
+    """numpy.random.seed, importing numpy where it is installed: a function that imports numpy
+    itself would otherwise draw its first item's numbers from an unseeded state. Looked up once
+    per process; None where numpy is not installed."""
+    global _numpy_seed
+    if _numpy_seed is False:
         try:
-            import numpy.random  # noqa: F401
+            import numpy.random
+            _numpy_seed = numpy.random.seed
         except ImportError:  # no numpy here: only `random` is seeded
-            pass
+            _numpy_seed = None
+    return _numpy_seed
 
 
 def _watch() -> tuple:
@@ -294,6 +316,7 @@ class CallerState:
     """The caller's module-level random states, put back after a run that seeded them per item."""
 
     def __init__(self):
+        _numpy_legacy_seed()  # imported now, if at all, so that its state is put back too
         numpy_random = sys.modules.get("numpy.random")
         self.random_state = random.getstate()
         self.numpy_random = numpy_random

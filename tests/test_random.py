@@ -170,6 +170,20 @@ def test_the_streams_are_numpys_spawned_seed_sequences_and_work_without_numpy():
     assert out[3][1][0] == (words[0] | words[1] << 32) & ((1 << 63) - 1)
 
 
+def module_level_bits(x):
+    return random.getrandbits(64), (int(np.random.randint(2**62)) if np is not None else None)
+
+
+def test_no_two_items_of_a_seeded_run_share_module_level_numbers():
+    # numpy's legacy state takes a 32-bit seed (its fast path): a permutation of the index, so
+    # the items of one run never share one, however many there are
+    assert len({_Pool(5).legacy_seed(index) for index in range(100_000)}) == 100_000
+    out = pmap.pmap(module_level_bits, range(2000), backend="fork", workers=2, seed=5)
+    assert len({bits for bits, _ in out}) == 2000
+    if np is not None:
+        assert len({legacy for _, legacy in out}) == 2000
+
+
 def test_item_seed_and_random_are_the_same_without_numpy(tmp_path):
     expected = pmap.pmap(only_own_streams, range(6), backend="serial", seed=9)
     script = textwrap.dedent(f"""
