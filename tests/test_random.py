@@ -334,6 +334,19 @@ def test_asyncio_items_each_see_their_own_stream_while_they_wait():
     assert [before % 1000 for before, _ in out] == [seed for seed, _ in expected]
 
 
+def test_apmap_takes_seed_on_the_callers_loop():
+    import asyncio
+
+    async def own(x):
+        await asyncio.sleep(0)
+        return pmap.item_seed() % 1000, random.Random(pmap.item_seed()).random()
+
+    async def main():
+        return await pmap.apmap(own, range(10), workers=4, seed=8)
+
+    assert asyncio.run(main()) == pmap.pmap(only_own_streams, range(10), backend="serial", seed=8)
+
+
 # ---- the command line -----------------------------------------------------------------------
 CLI_FUNCS = textwrap.dedent('''
     import os, random
