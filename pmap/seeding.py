@@ -53,7 +53,7 @@ class _Pool:
     """SeedSequence's entropy pool for `seed`, with item indices mixed in one at a time. The
     seed's part is mixed once per run; an item pays only for its index's words."""
 
-    __slots__ = ("pool", "hash_const", "legacy_keys")
+    __slots__ = ("pool", "hash_const", "legacy_keys", "random_key")
 
     def __init__(self, seed: int):
         run_entropy = _uint32_words(seed)
@@ -70,7 +70,16 @@ class _Pool:
                     pool[dst] = _mix(pool[dst], value)
         self.pool, self.hash_const = pool, hash_const
         self._mix_in(run_entropy[_POOL_SIZE:])
-        self.legacy_keys = _generate(self.pool, 2)  # SeedSequence(seed).generate_state(2): the seed's own words
+        # The seed's own words (SeedSequence(seed).generate_state(6)) key the module-level
+        # generators' seeds, which join them with the index: no per-item hashing in Python.
+        own = _generate(self.pool, 6)
+        self.legacy_keys = own[:2]
+        self.random_key = own[2] | own[3] << 32 | own[4] << 64 | own[5] << 96
+
+    def random_seed(self, index: int) -> int:
+        """The seed of the module-level `random` for item `index`: the seed's 128-bit key with
+        the index above it, which random.seed hashes into its state (MT19937's init_by_array)."""
+        return index << 128 | self.random_key
 
     def legacy_seed(self, index: int) -> int:
         """The 32-bit seed of numpy's legacy global state for item `index`. numpy seeds it from
@@ -149,9 +158,8 @@ class ItemStream:
 
     @property
     def words(self) -> list[int]:
-        # words 0-1: item_seed(); 2-3: the module-level random
-        if self._words is None:
-            self._words = self.pool.words_for(self.index, 4)
+        if self._words is None:  # words 0-1 make item_seed()
+            self._words = self.pool.words_for(self.index, 2)
         return self._words
 
     def item_seed(self) -> int:
@@ -166,8 +174,7 @@ class ItemStream:
 
     def seed_globals(self) -> None:
         """Seed the module-level `random` and numpy's legacy global state for this item."""
-        words = self.words
-        random.seed(words[2] | words[3] << 32)
+        random.seed(self.pool.random_seed(self.index))
         numpy_seed = _numpy_legacy_seed()
         if numpy_seed is not None:
             numpy_seed(self.pool.legacy_seed(self.index))
