@@ -3,9 +3,10 @@
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python bench/random_cost.py [--items N] [--repeat R]
 
 Two views:
-- the wrapper alone (timeit): what one seeded call adds to a function that does nothing, where
-  the module-level generators are seeded (process backends, serial) and where they are shared
-  (thread, greenlet, asyncio);
+- the wrapper alone (timeit, in this thread's CPU time, so that other processes' load does not
+  count): what one seeded call adds to a function that does nothing, where the module-level
+  generators are seeded (process backends, serial) and where they are shared (thread, greenlet,
+  asyncio);
 - whole runs of a tiny function (x + 1) on serial, thread and process, seeded and not, taken in
   alternation so that load from elsewhere falls on both alike. The extra per item is
   (seeded wall - plain wall) / items; on process it is also given per worker (times the workers),
@@ -44,14 +45,16 @@ def _spread(values: list[float], scale: float = 1e6) -> str:
 def wrapper_cost(repeat: int) -> list[tuple[str, list[float]]]:
     """Seconds one seeded call adds over the bare call, per way of seeding."""
     calls = 20_000
-    bare = timeit.repeat("fn((7, 7))", globals={"fn": lambda pair: nothing(pair[1])}, number=calls, repeat=repeat)
+    bare = timeit.repeat("fn((7, 7))", globals={"fn": lambda pair: nothing(pair[1])}, number=calls, repeat=repeat,
+                         timer=time.thread_time)
     rows = []
     for label, mode in (("module-level generators seeded (serial, fork, pool, process, manager)", OWN),
                         ("module-level generators shared (thread, greenlet, asyncio)", SHARED)):
         seeded = Seeded(nothing, 2024, mode)
         for index in range(8):  # past the first items, whose module-level use a shared run checks
             seeded((index, index))
-        times = timeit.repeat("fn((123456, 7))", globals={"fn": seeded}, number=calls, repeat=repeat)
+        times = timeit.repeat("fn((123456, 7))", globals={"fn": seeded}, number=calls, repeat=repeat,
+                              timer=time.thread_time)
         rows.append((label, [(t - b) / calls for t, b in zip(times, bare)]))
     return rows
 
@@ -88,7 +91,7 @@ def main() -> None:
         numpy_text = "numpy not installed (only `random` is seeded)"
     print(f"Python {platform.python_version()}, {numpy_text}, {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.2f}\n")
-    print("The wrapper alone, microseconds per call, median [min, max] of", args.repeat, "\n")
+    print("The wrapper alone, CPU microseconds per call, median [min, max] of", args.repeat, "\n")
     print("| where | extra per item |")
     print("|---|---:|")
     for label, values in wrapper_cost(args.repeat):
@@ -99,8 +102,10 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|")
     for backend in ("serial", "thread", "process"):
         extra, plain, workers = run_cost(backend, args.items, args.repeat)
-        print(f"| {backend} | {workers} | {_spread(plain)} | {_spread(extra)} | "
-              f"{_spread([e * workers for e in extra])} |")
+        # threads share one interpreter: only processes spend the extra in parallel, once per worker
+        per_worker = _spread([e * workers for e in extra]) if backend == "process" else "-"
+        print(f"| {backend} | {workers} | {_spread(plain)} | {_spread(extra)} | {per_worker} |")
+    print(f"\nload average at the end {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

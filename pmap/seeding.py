@@ -147,24 +147,20 @@ def _mix(x: int, y: int) -> int:
 
 
 class ItemStream:
-    """Item `index`'s randomness in a run of `seed`: its words, made when first asked for."""
+    """Item `index`'s randomness in a run of `seed`: its seed and generator, made when first asked for."""
 
-    __slots__ = ("pool", "seed", "index", "_words", "_rng")
+    __slots__ = ("pool", "seed", "index", "_item_seed", "_rng")
 
     def __init__(self, pool: _Pool, seed: int, index: int):
         self.pool, self.seed, self.index = pool, seed, index
-        self._words = None
+        self._item_seed = None
         self._rng = None
 
-    @property
-    def words(self) -> list[int]:
-        if self._words is None:  # words 0-1 make item_seed()
-            self._words = self.pool.words_for(self.index, 2)
-        return self._words
-
     def item_seed(self) -> int:
-        words = self.words
-        return (words[0] | words[1] << 32) & _SEED_MASK
+        if self._item_seed is None:
+            low, high = self.pool.words_for(self.index, 2)
+            self._item_seed = (low | high << 32) & _SEED_MASK
+        return self._item_seed
 
     def rng(self):
         if self._rng is None:
@@ -271,7 +267,7 @@ class Seeded:
                               "generators, which items running at once on this backend share, so those "
                               "numbers are not reproducible: draw from pmap.rng() (or "
                               "random.Random(pmap.item_seed())), or run on a process backend",
-                              RuntimeWarning, stacklevel=3)
+                              RuntimeWarning)
 
     def __call__(self, pair):
         token, before, item = self._enter(pair)
