@@ -72,14 +72,19 @@ class caller_interrupts:
         return False
 
 
-def run_items(fn, items, catch=BaseException, passthrough=CallerInterrupt):
+def run_items(fn, items, catch=BaseException, passthrough=CallerInterrupt, clock=None):
     """Run `fn` over `items`; return (values, failures, elapsed). Failures hold
     (position, exception, traceback text); a failing item never stops the others.
     Whatever the function raises, BaseExceptions included, fails only its item; only
     `passthrough` (the caller's own Ctrl-C, a backend's own cancellation) ends the task.
-    An `async def` function runs in an event loop of this worker's own."""
+    An `async def` function runs in an event loop of this worker's own.
+    `clock` (under a timeout): its `mark(position)` is called as each item starts, and it is
+    handed the task's growing lists of values and failures (`begin`), so the caller can time
+    each item and keep what a stopped task finished."""
     if is_async(fn):
-        return _run_async_items(fn, items, catch, passthrough)
+        return _run_async_items(fn, items, catch, passthrough, clock)
+    if clock is not None:
+        return _run_clocked_items(fn, items, catch, passthrough, clock)
     values = []
     failures = []
     pending = iter(items)
@@ -97,11 +102,33 @@ def run_items(fn, items, catch=BaseException, passthrough=CallerInterrupt):
     return values, failures, time.perf_counter() - start
 
 
-def _run_async_items(fn, items, catch, passthrough):
+def _run_clocked_items(fn, items, catch, passthrough, clock):
+    values = []
+    failures = []
+    mark = clock.mark
+    clock.begin(values, failures)
+    start = time.perf_counter()
+    try:
+        for position, item in enumerate(items):
+            mark(position)
+            try:
+                values.append(fn(item))
+            except catch as exc:
+                if isinstance(exc, passthrough):
+                    raise
+                tb = exc.__traceback__.tb_next or exc.__traceback__  # start at the user's frame
+                failures.append((position, exc, "".join(traceback.format_exception(type(exc), exc, tb))))
+                values.append(None)
+    finally:
+        clock.end()
+    return values, failures, time.perf_counter() - start
+
+
+def _run_async_items(fn, items, catch, passthrough, clock=None):
     import asyncio
     loop = asyncio.new_event_loop()
     try:
-        return run_items(lambda item: loop.run_until_complete(fn(item)), items, catch, passthrough)
+        return run_items(lambda item: loop.run_until_complete(fn(item)), items, catch, passthrough, clock)
     finally:
         loop.close()
 
@@ -339,6 +366,7 @@ def init_report_dir(driver_pid: int) -> str:
 
 def pooled_worker_init(initializer_bytes, driver_pid=None):
     become_worker_process(driver_pid=driver_pid)
+    stop_when_asked()
     if initializer_bytes is None:
         return
     report = os.path.join(init_report_dir(driver_pid or os.getppid()), str(os.getpid()))
@@ -373,19 +401,17 @@ def run_pooled_task(payload: bytes) -> None:
     worker's slot, its log records and its RESULT over its own connection to the backend; what
     the pool itself carries back is None, so nothing this worker writes where other workers
     write is ever large."""
-    task_id, key, packed, run_dir, announce = loads(payload)
+    task_id, key, packed, run_dir, timed = loads(payload)
     link = link_to(os.path.join(run_dir, LINK_SOCKET))
     if link is None:
         return None  # the run that sent it was abandoned and its backend closed
     _logs.send_with(link.send_log)  # records written from now on go to this task's caller
     link.hold(task_id)
     try:
-        if announce:
-            link.send_task(START, task_id)
         try:
             items = unpack_items(packed)
             fn = cached_function(key, lambda: _transfer.read_function(run_dir, key))  # once per worker and run
-            outcome = run_items(fn, items, catch=WORKER_CATCH)
+            outcome = run_items(fn, items, catch=WORKER_CATCH, clock=ItemClock(link, task_id) if timed else None)
         except SplitTask as exc:
             link.send_task(SPLIT, task_id, str(exc).encode())
             return None
@@ -406,11 +432,11 @@ def run_pooled_task(payload: bytes) -> None:
 # mid-message costs only its own connection, and holds no lock anyone else needs. Beside it,
 # a slot of shared memory says which task the worker holds: written before the task runs,
 # cleared only once its result has been written whole, so the caller reads there which task
-# a dead worker held, at no cost to a task.
+# a dead worker held, at no cost to a task; under a timeout it also says which item of the task
+# runs and since when, so a chunk's items are timed one by one (`ItemClock`).
 # A frame is one message: a kind byte, then its body.
 HELLO = b"H"   # a pooled worker's first frame on a new connection: its pid
-START = b"S"   # task id: a pooled worker starts it (sent under a timeout, whose clock starts then)
-RESULT = b"R"  # task id, then the task's outcome (`_outcome.encode_result`)
+RESULT = b"R"  # task id, then the task's outcome (`_outcome.encode_result`); a stopped task's holds a prefix
 SPLIT = b"X"   # task id, then why: an item did not unpickle here, so the caller runs each alone
 LOG = b"L"     # a pickled log record, sent as it is written (`_logs`)
 READY = b"I"   # fork: the initializer returned
@@ -418,6 +444,18 @@ FAILED = b"F"  # fork: the initializer raised: (exception, traceback text), pick
 NUMBER = struct.Struct("<q")  # a task id, or a pid
 NO_TASK = -1
 LINK_SOCKET = "link"  # the backend's listening socket, in the run's private folder
+# The slot: the task held, then (under a timeout) the item running and since when, then the
+# task the caller asks this worker to stop. The item is one aligned 8-byte word, so the caller
+# never reads one item's position with another's start: its position in the task above
+# POSITION_SHIFT bits, and below them its start in microseconds of time.monotonic (system-wide
+# on Linux and macOS), modulo 2**40 (12.7 days, the longest an item can run and be timed).
+HELD_AT, ITEM_AT, STOP_AT = 0, 8, 16
+SLOT_SIZE = 24
+ITEM = struct.Struct("<Q")
+POSITION_SHIFT = 40
+START_MASK = (1 << POSITION_SHIFT) - 1
+MAX_TIMED_ITEMS = 1 << (64 - POSITION_SHIFT)  # positions a task's item word can name
+STOP_SIGNAL = signal.SIGUSR2  # the caller's request to stop the task named at STOP_AT (`stop_when_asked`)
 
 
 def slot_path(run_dir: str, pid: int) -> str:
@@ -429,16 +467,89 @@ def new_slot(path: str | None = None) -> mmap.mmap:
     """A slot holding NO_TASK: mapped from a new file at `path`, or anonymous (shared with the
     processes forked after it)."""
     if path is None:
-        slot = mmap.mmap(-1, NUMBER.size)
+        slot = mmap.mmap(-1, SLOT_SIZE)
     else:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            os.ftruncate(fd, NUMBER.size)
-            slot = mmap.mmap(fd, NUMBER.size)
+            os.ftruncate(fd, SLOT_SIZE)
+            slot = mmap.mmap(fd, SLOT_SIZE)
         finally:
             os.close(fd)
-    NUMBER.pack_into(slot, 0, NO_TASK)
+    NUMBER.pack_into(slot, HELD_AT, NO_TASK)
+    NUMBER.pack_into(slot, STOP_AT, NO_TASK)
     return slot
+
+
+def item_word(position: int) -> int:
+    """The slot's item word for item `position` starting now."""
+    return position << POSITION_SHIFT | (time.monotonic_ns() // 1000 & START_MASK)
+
+
+def read_item_word(word: int) -> tuple[int, float]:
+    """(position, start in time.monotonic seconds) of an item word written in the last 12.7 days."""
+    now = time.monotonic_ns() // 1000
+    return word >> POSITION_SHIFT, (now - ((now - word) & START_MASK)) / 1e6
+
+
+class ItemClock:
+    """Under a timeout, the item of its task this worker process runs and since when, in its
+    slot (one store per item), and the task's values and failures so far, which a stop
+    request sends back (`stop_when_asked`)."""
+
+    __slots__ = ("link", "task_id", "values", "failures", "started", "mark")
+
+    def __init__(self, link: "Link", task_id: int):
+        self.link = link
+        self.task_id = task_id
+        slot, store, now = link.slot, ITEM.pack_into, time.monotonic_ns
+
+        def mark(position):
+            store(slot, ITEM_AT, position << POSITION_SHIFT | (now() // 1000 & START_MASK))
+        self.mark = mark
+
+    def begin(self, values: list, failures: list) -> None:
+        global _clocked
+        self.values, self.failures, self.started = values, failures, time.perf_counter()
+        _clocked = self
+
+    def end(self) -> None:
+        global _clocked
+        _clocked = None
+
+
+_clocked: ItemClock | None = None  # the task this worker process runs under a timeout
+STOP_SEND_SECONDS = 1.0  # how long a stopped task waits for its connection, held by another thread
+
+
+def stop_when_asked() -> None:
+    """Take the caller's requests to stop a task at an item past its deadline (a worker
+    process's main thread, at its start)."""
+    signal.signal(STOP_SIGNAL, _stop)
+
+
+def _stop(signum, frame) -> None:
+    """The caller asks to stop the task named in the slot: if this worker runs it, it sends
+    what the task finished (the values of its first items, and failures among them) as the
+    task's result, and then waits to be ended, so nothing more of the task runs here. It
+    runs between two bytecodes of the item, or where the item waits in a system call."""
+    clock = _clocked
+    if clock is None or NUMBER.unpack_from(clock.link.slot, STOP_AT)[0] != clock.task_id:
+        return  # that task is over: its result has gone, or goes, as usual
+    done = len(clock.values)
+    failures = [failure for failure in clock.failures if failure[0] < done]
+    body = encode_result(clock.task_id, clock.values[:done], failures, time.perf_counter() - clock.started)
+    link = clock.link
+    # The lock is held by this very thread when the stop came in the middle of a log record:
+    # then nothing is sent, and the caller runs the task's items again.
+    if link.lock.acquire(timeout=STOP_SEND_SECONDS):
+        try:
+            link.conn.send_bytes(b"".join((RESULT, NUMBER.pack(clock.task_id), body)))
+        except OSError:  # the caller has gone: nobody waits for this
+            pass
+        finally:
+            link.lock.release()
+    while True:
+        time.sleep(3600)  # the caller ends this worker now
 
 
 class Link:
@@ -452,7 +563,9 @@ class Link:
         self.slot = slot
 
     def hold(self, task_id: int) -> None:
-        NUMBER.pack_into(self.slot, 0, task_id)  # one aligned 8-byte store
+        if task_id != NO_TASK:  # the task's first item's clock runs from here, and never from an older task's
+            ITEM.pack_into(self.slot, ITEM_AT, item_word(0))
+        NUMBER.pack_into(self.slot, HELD_AT, task_id)  # one aligned 8-byte store
 
     def send(self, kind: bytes, body: bytes = b"") -> None:
         with self.lock:

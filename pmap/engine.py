@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 from ._outcome import split_undecoded
-from ._worker import is_async
+from ._worker import MAX_TIMED_ITEMS, is_async
 from .backends.base import AHEAD_CHUNKS_PER_SLOT, Backend, Done, Fatal, Lost, Started, Task, free_threaded, usable_cpus
 from .chunking import TARGET_CHUNK_SECONDS, ChunkSizer
 from .concurrency import Adaptive, ConcurrencyController
@@ -154,12 +154,14 @@ class _Block:
 
 
 class _Rerun(NamedTuple):
-    """One item to run again on its own: where its value goes, and how it fared so far."""
+    """Items to run again as one task: an item on its own (a retry, or one of a lost task), or
+    the items a task stopped at another item's deadline did not finish. Where their values go,
+    and how they fared so far."""
 
     block: _Block | None
     offset: int
     index: int
-    item: Any
+    items: list
     attempts: int   # failed runs so far
     losses: int     # times lost with no worker blamed
 
@@ -168,7 +170,8 @@ class _Flight:
     """A task in flight: where its results go, its items (as given: a seeded task carries them
     with their indices), and how often each was tried."""
 
-    __slots__ = ("task", "items", "block", "offset", "first_index", "attempts", "losses", "started", "worker")
+    __slots__ = ("task", "items", "block", "offset", "first_index", "attempts", "losses", "started", "worker",
+                 "stopping")
 
     def __init__(self, task, items, block, offset, first_index, attempts, losses=0):
         self.task = task
@@ -178,8 +181,9 @@ class _Flight:
         self.first_index = first_index
         self.attempts = attempts        # earlier failed runs of a single-item task
         self.losses = losses            # times its items were lost with no worker blamed
-        self.started = None
+        self.started = None             # under a timeout: when its running item began, or a time before that
         self.worker = None
+        self.stopping = None            # the position of the item whose deadline stopped it
 
 
 def execute(backend: Backend, spec: RunSpec, stats: RunStats | None = None,
@@ -215,7 +219,13 @@ class _Engine:
         self.requeue_seq = itertools.count()
         self.ready: list = []              # unordered mode: values to yield
         remaining = spec.total - spec.start_index if spec.total is not None else None
-        self.sizer = ChunkSizer(spec.chunksize, backend.workers, remaining, spec.chunk_seconds)
+        chunksize = spec.chunksize
+        self.item_clock = spec.timeout is not None and backend.item_clock
+        if spec.timeout is not None and not self.item_clock:  # it cannot time a chunk's items one by one
+            chunksize = 1
+        elif self.item_clock and chunksize is not None:
+            chunksize = min(chunksize, MAX_TIMED_ITEMS)  # what a worker's slot can name
+        self.sizer = ChunkSizer(chunksize, backend.workers, remaining, spec.chunk_seconds)
         if spec.measured:
             self.sizer.observe(*spec.measured)
         self.fn = None
@@ -305,7 +315,7 @@ class _Engine:
         while backend.capacity() > 0 and (limit is None or len(self.flights) < limit):
             if self.requeued and self.requeued[0][0] <= self.clock():
                 rerun = heapq.heappop(self.requeued)[2]
-                self._submit(rerun.block, rerun.offset, rerun.index, [rerun.item], rerun.attempts, rerun.losses)
+                self._submit(rerun.block, rerun.offset, rerun.index, rerun.items, rerun.attempts, rerun.losses)
                 continue
             if self.exhausted or self.source_error is not None or not self._room_ahead():
                 return
@@ -360,8 +370,8 @@ class _Engine:
         self.stats.tasks += 1
         if len(self.stats.chunk_sizes) < MAX_RECORDED_CHUNKS:
             self.stats.chunk_sizes.append(len(task.items))
-        if self.spec.timeout is not None and not self.backend.reports_start:  # only deadlines read it
-            flight.started = self.clock()
+        if self.spec.timeout is not None and (self.item_clock or not self.backend.reports_start):
+            flight.started = self.clock()  # only deadlines read it; no item of the task starts before this
 
     # ---- events ---------------------------------------------------------------------
     def _handle(self, events: list) -> None:
@@ -388,6 +398,9 @@ class _Engine:
         n = len(flight.task.items)
         if type(values) is not list:  # some results could not be rebuilt here: they fail alone
             values, failures = split_undecoded(values, failures, n)
+        if flight.stopping is not None and len(values) <= n and _failures_fit(failures, len(values)):
+            self._on_stopped(flight, values, failures, event)
+            return
         if len(values) != n or not _failures_fit(failures, n):
             self._reject_report(flight, event, len(values))
             return
@@ -409,6 +422,36 @@ class _Engine:
             self._deliver(flight, values, n - len(failures), skip_pending=True)
         else:
             self._deliver(flight, values, n)
+
+    def _on_stopped(self, flight: _Flight, values: list, failures: list, event: Done | None) -> None:
+        """A task stopped at item `flight.stopping`'s deadline finished its first len(values)
+        items: they count, that item fails with TaskTimeout unless it was among them, and the
+        items after the finished ones run again (`values` may be all of them: the task ended
+        before the stop reached it)."""
+        done = len(values)
+        worker = flight.worker
+        if event is not None:
+            worker = event.worker
+            self.stats.busy_seconds += event.elapsed
+            if done:
+                self.sizer.observe(done, event.elapsed)
+        for pos, exc, tb in failures:
+            values[pos] = _PENDING
+            timed_out = isinstance(exc, TaskTimeout)
+            self._record_failure(flight, pos, exc, tb, "timeout" if timed_out else "error", worker,
+                                 retryable=timed_out or isinstance(exc, self.spec.retry_on))
+        if done:
+            self._deliver(flight, values, done - len(failures), skip_pending=bool(failures))
+        stopped = flight.stopping
+        items = flight.items
+        if stopped >= done:
+            error = TaskTimeout(f"item {flight.first_index + stopped} ran longer than its timeout of "
+                                f"{self.spec.timeout:g}s")
+            self._record_failure(flight, stopped, error, "", "timeout", worker, retryable=True)
+        for start, end in ((done, stopped), (max(done, stopped + 1), len(items))):
+            if start < end:  # not run, or run by a worker that could not say so: run (again) elsewhere
+                self._requeue(0.0, _Rerun(flight.block, flight.offset + start, flight.first_index + start,
+                                          items[start:end], 0, flight.losses))
 
     def _reject_report(self, flight: _Flight, event: Done, n_values: int) -> None:
         """A Done that does not hold one outcome per item is a backend bug: every item of the
@@ -478,7 +521,7 @@ class _Engine:
     def _run_each_alone(self, flight: _Flight, losses: int | None = None) -> None:
         losses = flight.losses if losses is None else losses
         for k, item in enumerate(flight.items):
-            self._requeue(0.0, _Rerun(flight.block, flight.offset + k, flight.first_index + k, item,
+            self._requeue(0.0, _Rerun(flight.block, flight.offset + k, flight.first_index + k, [item],
                                       flight.attempts, losses))
 
     def _record_failure(self, flight: _Flight, pos: int, exc: BaseException, tb: str, kind: str,
@@ -490,7 +533,7 @@ class _Engine:
         if retryable and attempts <= spec.retries:
             self.stats.retried += 1
             ready_at = self.clock() + spec.backoff * (2 ** (attempts - 1)) if spec.backoff else 0.0
-            self._requeue(ready_at, _Rerun(flight.block, flight.offset + pos, index, item, attempts, flight.losses))
+            self._requeue(ready_at, _Rerun(flight.block, flight.offset + pos, index, [item], attempts, flight.losses))
             return
         if kind == "timeout":
             self.stats.timed_out += 1
@@ -528,6 +571,10 @@ class _Engine:
             return
         now = self.clock()
         expired = [f for f in self.flights.values() if f.started is not None and now - f.started >= timeout]
+        if self.item_clock:
+            for flight in expired:
+                self._check_items(flight, now, timeout)
+            return
         for flight in expired:
             if self.controller is not None:
                 self.controller.record(1, timeout, errors=1, started=flight.started)
@@ -535,6 +582,25 @@ class _Engine:
             self.backend.cancel(flight.task.id)
             error = TaskTimeout(f"item {flight.first_index} ran longer than its timeout of {timeout:g}s")
             self._record_failure(flight, 0, error, "", "timeout", flight.worker, retryable=True)
+
+    def _check_items(self, flight: _Flight, now: float, timeout: float) -> None:
+        """A task's running item may be past its deadline (no item of it began before
+        `flight.started`): ask the backend which item runs, since when, and stop it there if so."""
+        task_id = flight.task.id
+        running = self.backend.running_item(task_id)
+        if running is None:  # not started yet, or just finished: no item of it is over time before now
+            flight.started = now
+            return
+        position, started = running
+        if now - started < timeout:
+            flight.started = started
+            return
+        if self.controller is not None:
+            self.controller.record(1, timeout, errors=1, started=started)
+        flight.stopping = position
+        self._handle(self.backend.interrupt(task_id, position))
+        if self.flights.pop(task_id, None) is not None:  # no word from its worker: nothing of it finished
+            self._on_stopped(flight, [], [], None)
 
     # ---- concurrency ----------------------------------------------------------------
     def _follow_controller(self) -> None:

@@ -69,9 +69,6 @@ class Options:
                 raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
             if math.isinf(timeout):
                 timeout = None  # an infinite timeout is no timeout
-            elif self.chunksize is not None and self.chunksize > 1:
-                raise ValueError("timeout is per item, so it needs chunksize=1 (or None); "
-                                 f"got chunksize={self.chunksize}")
         backoff = self.backoff
         if not _is_number(backoff) or not math.isfinite(backoff) or backoff < 0:
             raise ValueError(f"backoff must be a finite, non-negative number of seconds, got {backoff!r}")
@@ -139,7 +136,7 @@ class Options:
         """What the engine needs for one run of these options."""
         return RunSpec(fn=fn, items=items, ordered=self.ordered, timeout=self.timeout, retries=self.retries,
                        retry_on=self.retry_on, backoff=self.backoff, on_error=self.on_error,
-                       chunksize=1 if self.timeout is not None else self.chunksize,
+                       chunksize=self.chunksize,
                        progress=progress, total=known_length(items), concurrency=concurrency, seed=self.seed,
                        indexed_items=indexed_items)
 

@@ -16,7 +16,6 @@ from workloads import square
     (dict(on_error="ignore"), ValueError, "on_error must be one of 'raise', 'return', 'skip'"),
     (dict(timeout=0), ValueError, "timeout must be a positive number"),
     (dict(timeout=-1), ValueError, "timeout must be a positive number"),
-    (dict(timeout=1, chunksize=5), ValueError, "timeout is per item"),
     (dict(retries=-1), ValueError, "retries must be at least 0"),
     (dict(progress=5), TypeError, "progress must be True, False, a label"),
     (dict(backend="thread", frobnicate=1), TypeError, "unknown option.*frobnicate"),

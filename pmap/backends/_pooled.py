@@ -2,9 +2,9 @@
 
 Tasks go through the pool. Everything a worker says comes back over a connection of its own
 to this backend, a Unix socket it opens to the run's private folder on its first task
-(`_worker.run_pooled_task`): its log records as they are written, the task's result, and
-under a timeout when it starts the task; what the pool itself carries back is None. Which task it holds is in its slot, a file of that
-folder. `wait()` watches those connections, so the task a dead worker held is known from its
+(`_worker.run_pooled_task`): its log records as they are written, and the task's result; what
+the pool itself carries back is None. Which task it holds (and, under a timeout, which item of
+it runs since when) is in its slot, a file of that folder. `wait()` watches those connections, so the task a dead worker held is known from its
 slot (`_procutil.Link`), and a worker that dies while it writes a result leaves nothing
 behind that others wait on.
 """
@@ -21,10 +21,10 @@ import time
 
 from .. import _logs, _transfer, native
 from .._outcome import initializer_error, pack_items
-from .._worker import LINK_SOCKET, RESULT, SPLIT, START, init_report_dir
+from .._worker import LINK_SOCKET, RESULT, SPLIT, init_report_dir
 from ..errors import FunctionNotPicklable, InitializerError
 from ._procutil import Link, describe_exit, end_process_group, process_exists
-from .base import Backend, Done, Fatal, Lost, Started, threads_are_greenlets
+from .base import Backend, Done, Fatal, Lost, threads_are_greenlets
 
 _SHM = "/dev/shm"
 
@@ -45,7 +45,8 @@ def pickle_function(fn, backend_name: str, pickler=None):
 class PooledBackend(Backend):
     kind = "process"
     random_globals = "own"
-    reports_start = True  # under a timeout a worker says when it starts a task (the pool holds at most `workers`)
+    reports_start = False
+    item_clock = True
 
     @classmethod
     def unavailable_reason(cls):
@@ -224,13 +225,10 @@ class PooledBackend(Backend):
             events.extend(self._worker_gone(link.pid, link))
         return events
 
-    def _frames(self, link: Link) -> list:
+    def _frames(self, link: Link, frames=None) -> list:
         events = []
-        for kind, task_id, body in link.read():
-            if kind == START:
-                if task_id in self.inflight:
-                    events.append(Started(task_id, link.pid, time.monotonic()))
-            elif kind == RESULT:
+        for kind, task_id, body in link.read() if frames is None else frames:
+            if kind == RESULT:
                 if task_id in self.inflight:
                     self.inflight.discard(task_id)
                     self.bytes_received += _transfer.wire_size(body)
@@ -294,6 +292,24 @@ class PooledBackend(Backend):
         if link.held() == task_id and link.pid is not None:  # still running it
             self.ended_pids.add(link.pid)
             end_process_group(link.pid)
+
+    def running_item(self, task_id):
+        link = self._holder(task_id) if task_id in self.inflight else None
+        return link.running_item(task_id) if link is not None else None
+
+    def interrupt(self, task_id, position):
+        link = self._holder(task_id) if task_id in self.inflight else None
+        if link is None:
+            self.cancel(task_id)
+            return []
+        events = self._frames(link)
+        if task_id in self.inflight and link.pid is not None:
+            events += self._frames(link, link.stop(task_id))  # what it finished, as its result
+            if link.held() == task_id:  # stopped, or deaf to the request
+                self.ended_pids.add(link.pid)
+                end_process_group(link.pid)
+        self.inflight.discard(task_id)
+        return events
 
     def close(self, kill=False) -> None:
         self.inflight.clear()

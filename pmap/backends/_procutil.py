@@ -9,9 +9,11 @@ import signal
 import time
 
 from .. import _logs
-from .._worker import FAILED, HELLO, LOG, NO_TASK, NUMBER, READY, slot_path
+from .._worker import (FAILED, HELD_AT, HELLO, ITEM, ITEM_AT, LOG, NO_TASK, NUMBER, READY, RESULT, SLOT_SIZE, SPLIT,
+                       STOP_AT, STOP_SIGNAL, read_item_word, slot_path)
 
 TERMINATE_GRACE = 0.2   # seconds a worker gets between SIGTERM and SIGKILL
+STOP_GRACE = 1.0        # seconds a worker asked to stop a task gets to send what the task finished
 
 
 class Link:
@@ -34,8 +36,36 @@ class Link:
 
     def held(self) -> int | None:
         """The task the worker runs, or whose result it has not yet written whole."""
-        task = NUMBER.unpack_from(self.slot)[0] if self.slot is not None else NO_TASK
+        task = NUMBER.unpack_from(self.slot, HELD_AT)[0] if self.slot is not None else NO_TASK
         return None if task == NO_TASK else task
+
+    def running_item(self, task_id: int) -> tuple[int, float] | None:
+        """(position, start time) of the item of `task_id` the worker runs (under a timeout);
+        None when it does not hold that task."""
+        if self.held() != task_id:
+            return None
+        return read_item_word(ITEM.unpack_from(self.slot, ITEM_AT)[0])
+
+    def stop(self, task_id: int) -> list:
+        """Ask the worker to stop `task_id` where it is (`_worker.stop_when_asked`): it sends what
+        the task finished as its result, and waits to be ended. Returns the frames read until
+        that result (or the task's own, or the worker's end, or STOP_GRACE)."""
+        frames: list = []
+        NUMBER.pack_into(self.slot, STOP_AT, task_id)
+        try:
+            os.kill(self.pid, STOP_SIGNAL)
+        except (ProcessLookupError, PermissionError, TypeError):  # gone, or not yet said who it is
+            return frames
+        deadline = time.monotonic() + STOP_GRACE
+        while not self.closed:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.waiting.poll(left * 1000):
+                break
+            new = self.read()
+            frames += new
+            if any(kind in (RESULT, SPLIT) and task == task_id for kind, task, _ in new):
+                break
+        return frames
 
     def read(self) -> list[tuple[bytes, int | None, memoryview]]:
         """The frames waiting, as (kind, task id or None, body); a frame still being written
@@ -67,11 +97,11 @@ class Link:
 
 def _map_slot(path: str) -> mmap.mmap | None:
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDWR)  # the caller writes a stop request there
     except OSError:  # the run's folder has gone (the backend is closing)
         return None
     try:
-        return mmap.mmap(fd, NUMBER.size, prot=mmap.PROT_READ)
+        return mmap.mmap(fd, SLOT_SIZE)
     finally:
         os.close(fd)
 

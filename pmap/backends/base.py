@@ -85,6 +85,10 @@ class Backend:
     name: ClassVar[str] = "?"
     kind: ClassVar[str] = "?"            # serial | thread | process | coroutine | remote
     reports_start: ClassVar[bool] = True  # emits Started; else the engine uses submit time
+    # Under a timeout the backend says which item of a task runs and since when (`running_item`)
+    # and stops a task at an item (`interrupt`), so the engine times the items of a chunk one by
+    # one; without it a run with a timeout sends one item per task.
+    item_clock: ClassVar[bool] = False
     guarantees: ClassVar[str] = ""        # one line for `pmap backends` and the README table
     # The most workers `workers="adaptive"` may reach; None: the backend cannot change its
     # concurrency during a run (processes are costly to start, and CPU-bound work wants one a core).
@@ -151,6 +155,22 @@ class Backend:
     def cancel(self, task_id: int) -> None:
         """Stop a running task (its time is up), replacing its worker if need be.
         The backend reports nothing more for this task id."""
+
+    def running_item(self, task_id: int) -> tuple[int, float] | None:
+        """(item_clock backends) The position in its task of the item a worker runs now and
+        when it started (time.monotonic), or None when no worker runs the task (not started,
+        or over)."""
+        return None
+
+    def interrupt(self, task_id: int, position: int) -> list:
+        """(item_clock backends) Item `position` of the task is past its deadline: stop the task
+        where its worker is (end the worker, or abandon its thread) and return the events read
+        meanwhile. Among them, the task's Done may hold a prefix: the values of the items its
+        worker finished (failures among them as usual); the engine runs the rest again. With no
+        Done or Lost for the task, none of its items counts as finished. After this the backend
+        reports nothing more for the task."""
+        self.cancel(task_id)
+        return []
 
     def close(self, kill: bool = False) -> None:
         """Release the workers; with `kill`, end them at once (error, Ctrl-C)."""

@@ -19,8 +19,8 @@ from collections import deque
 
 from .. import _logs, _transfer, native
 from .._outcome import SplitTask, _SentException, encode_result, pack_items, unpack_items
-from .._worker import (FAILED, NO_TASK, READY, RESULT, SPLIT, WORKER_CATCH, become_worker_process, every_item_failed,
-                       link_through, loads, new_slot, run_items)
+from .._worker import (FAILED, NO_TASK, READY, RESULT, SPLIT, WORKER_CATCH, ItemClock, become_worker_process,
+                       every_item_failed, link_through, loads, new_slot, run_items, stop_when_asked)
 from ..errors import InitializerError, RemoteTraceback, warn_user
 from ._procutil import Link, describe_exit, end_process_group
 from .base import Backend, Done, Fatal, Lost, Started, fork_supported, threads_are_greenlets
@@ -32,6 +32,7 @@ _warned_threads = False
 
 def _worker_main(conn, slot, functions, initializer, initargs, max_tasks, parent_pid, log_level):
     become_worker_process(parent_pid=parent_pid)
+    stop_when_asked()
     link = link_through(conn, slot)
     _logs.forward_from_here(log_level, send=link.send_log)
     if initializer is not None:
@@ -53,10 +54,11 @@ def _worker_main(conn, slot, functions, initializer, initargs, max_tasks, parent
             continue
         if kind == "stop":
             return
-        task_id, packed = payload
+        task_id, packed, timed = payload
         link.hold(task_id)
         try:
-            outcome = run_items(functions[key], unpack_items(packed), catch=WORKER_CATCH)
+            clock = ItemClock(link, task_id) if timed else None
+            outcome = run_items(functions[key], unpack_items(packed), catch=WORKER_CATCH, clock=clock)
         except SplitTask as exc:
             link.send_task(SPLIT, task_id, str(exc).encode())
             link.hold(NO_TASK)
@@ -119,6 +121,7 @@ class ForkBackend(Backend):
     name = "fork"
     kind = "process"
     random_globals = "own"
+    item_clock = True
     guarantees = "hard timeout (worker killed and replaced); a crash costs only the items its worker held"
 
     @classmethod
@@ -221,7 +224,7 @@ class ForkBackend(Backend):
         return sum(self._room(w) for w in self.workers_list)
 
     def submit(self, task) -> None:
-        message = self.channel.dumps(("task", task.fn, (task.id, pack_items(task.items))))
+        message = self.channel.dumps(("task", task.fn, (task.id, pack_items(task.items), self.timeout is not None)))
         worker = max(self.workers_list, key=self._room)  # the least loaded
         if not self._room(worker):
             raise RuntimeError("fork backend: submit() beyond capacity()")
@@ -262,9 +265,9 @@ class ForkBackend(Backend):
             events.extend(self._bury(worker))
         return events
 
-    def _read(self, worker) -> list:
+    def _read(self, worker, frames=None) -> list:
         events = []
-        for kind, task_id, body in worker.link.read():
+        for kind, task_id, body in worker.link.read() if frames is None else frames:
             if kind == READY:
                 worker.ready = True
                 if worker.tasks:  # sent while its initializer ran: it starts now
@@ -326,6 +329,25 @@ class ForkBackend(Backend):
         worker.tasks.remove(task_id)
         self.by_task.pop(task_id, None)
         self.events.extend(self._bury(worker, reason="its worker was ended for another item's timeout"))
+
+    def running_item(self, task_id):
+        worker = self.by_task.get(task_id)
+        return worker.link.running_item(task_id) if worker is not None else None
+
+    def interrupt(self, task_id, position):
+        worker = self.by_task.get(task_id)
+        if worker is None:
+            return []
+        events = self._read(worker)
+        if task_id in worker.tasks and worker.link.held() == task_id:
+            events += self._read(worker, worker.link.stop(task_id))  # what it finished, as its result
+        if task_id in worker.tasks or worker.link.held() == task_id:  # stopped, or deaf to the request
+            end_process_group(worker.pid, alive=worker.proc.is_alive)
+            if task_id in worker.tasks:  # no word from it: the engine counts none of its items as done
+                worker.tasks.remove(task_id)
+                self.by_task.pop(task_id, None)
+            events += self._bury(worker, reason="its worker was ended for another item's timeout")
+        return events
 
     def close(self, kill=False) -> None:
         workers, self.workers_list = self.workers_list, []

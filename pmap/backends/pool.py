@@ -178,8 +178,8 @@ class PoolBackend(PooledBackend):
                 return [Fatal(error)]
         return []
 
-    def _frames(self, link) -> list:
-        events = super()._frames(link)
+    def _frames(self, link, frames=None) -> list:
+        events = super()._frames(link, frames)
         if events:
             self.start_failures = 0  # workers do run tasks: earlier deaths were not start failures
         return events
@@ -187,6 +187,10 @@ class PoolBackend(PooledBackend):
     def cancel(self, task_id) -> None:
         self.orphaned = self.orphaned or task_id in self.inflight
         super().cancel(task_id)
+
+    def interrupt(self, task_id, position):
+        self.orphaned = self.orphaned or task_id in self.inflight
+        return super().interrupt(task_id, position)
 
     def close(self, kill=False) -> None:
         pool, self.pool = self.pool, None

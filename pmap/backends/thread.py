@@ -14,12 +14,51 @@ from .base import Backend, Done, Fatal, Started, usable_cpus
 _STOP = None
 
 
+class _Stopped(BaseException):
+    """Ends a task whose item passed its deadline, in the thread it was abandoned in."""
+
+
+class _ItemClock:
+    """Under a timeout, the item a thread runs and since when (`now`), and the task's values
+    and failures so far. One lock orders the thread's step to the next item against a stop:
+    an item either starts before the stop, or never in this thread."""
+
+    __slots__ = ("thread", "lock", "now", "stopped", "values", "failures", "started")
+
+    def __init__(self, thread):
+        self.thread = thread
+        self.lock = threading.Lock()
+        self.now = None          # (position, time.monotonic()) of the item running
+        self.stopped = False
+        self.values, self.failures, self.started = [], [], time.perf_counter()
+
+    def begin(self, values, failures):
+        self.values, self.failures, self.started = values, failures, time.perf_counter()
+
+    def mark(self, position):
+        with self.lock:
+            if self.stopped:
+                raise _Stopped
+            self.now = (position, time.monotonic())
+
+    def end(self):
+        pass
+
+    def stop(self) -> tuple[list, list, float]:
+        """Stop the task where it is; (values, failures) of the items it finished, and its time."""
+        with self.lock:
+            self.stopped = True
+            done = len(self.values)
+            return self.values[:done], [f for f in self.failures if f[0] < done], time.perf_counter() - self.started
+
+
 class ThreadBackend(Backend):
     name = "thread"
     kind = "thread"
     guarantees = ("timeout raises TaskTimeout inside Python code of the stuck thread and abandons it "
                   "if it is blocked in C; crashes take the whole process")
     adaptive_maximum = 256
+    item_clock = True
 
     @classmethod
     def default_workers(cls) -> int:
@@ -33,6 +72,7 @@ class ThreadBackend(Backend):
         self.events: queue.SimpleQueue = queue.SimpleQueue()
         self.threads: list[threading.Thread] = []
         self.running: dict[int, threading.Thread] = {}  # task id -> thread running it
+        self.clocks: dict[int, _ItemClock] = {}  # under a timeout: task id -> its item clock
         self.abandoned: set[threading.Thread] = set()
         self.queued = 0
         self.lock = threading.Lock()
@@ -100,25 +140,29 @@ class ThreadBackend(Backend):
             task = self.tasks.get()
             if task is _STOP:
                 return
+            clock = _ItemClock(me) if self.timeout is not None else None
             with self.lock:
                 self.queued -= 1
                 self.running[task.id] = me
+                if clock is not None:
+                    self.clocks[task.id] = clock
             self.events.put(Started(task.id, me.name, time.monotonic()))
             cpu = time.thread_time()
             try:
-                values, failures, elapsed = run_items(task.fn, task.items)
-            except TaskTimeout:  # our own timeout landed between items: the task is gone anyway
+                values, failures, elapsed = run_items(task.fn, task.items, clock=clock)
+            except (TaskTimeout, _Stopped):  # our own timeout landed between items: the task is gone anyway
                 values = None
             except BaseException as exc:  # never die without reporting the task
                 values, failures = every_item_failed(len(task.items), exc)
                 elapsed = 0.0
-            with self.lock:
+            with self.lock:  # its Done is queued before `interrupt` can find it gone
                 self.running.pop(task.id, None)
+                self.clocks.pop(task.id, None)
                 if me in self.abandoned:  # its task timed out and a replacement took its place
                     self.abandoned.discard(me)
                     return
-            if values is not None:
-                self.events.put(Done(task.id, me.name, values, failures, elapsed, time.thread_time() - cpu))
+                if values is not None:
+                    self.events.put(Done(task.id, me.name, values, failures, elapsed, time.thread_time() - cpu))
 
     def prepare(self, fn, timeout=None):
         self.open()  # threads ended by a close (a Pool after Ctrl-C) are started anew
@@ -149,12 +193,32 @@ class ThreadBackend(Backend):
     def cancel(self, task_id) -> None:
         with self.lock:
             thread = self.running.pop(task_id, None)
+            clock = self.clocks.pop(task_id, None)
             if thread is None:
                 return
             self.abandoned.add(thread)
             self.threads.remove(thread)
+        if clock is not None:
+            clock.stop()  # no further item of it starts, wherever the exception lands
         _raise_in_thread(thread, TaskTimeout)
         self._spawn()
+
+    def running_item(self, task_id):
+        clock = self.clocks.get(task_id)
+        return clock.now if clock is not None else None
+
+    def interrupt(self, task_id, position):
+        with self.lock:
+            thread = self.running.pop(task_id, None)
+            clock = self.clocks.pop(task_id, None)
+            if thread is None:  # over: its Done is queued
+                return self.wait(0)
+            self.abandoned.add(thread)
+            self.threads.remove(thread)
+        values, failures, elapsed = clock.stop() if clock is not None else ([], [], 0.0)
+        _raise_in_thread(thread, TaskTimeout)  # where it runs Python code; stuck in C, it is left behind
+        self._spawn()
+        return [Done(task_id, thread.name, values, failures, elapsed)]
 
     def close(self, kill=False) -> None:
         if kill:  # queued tasks are dropped; running ones finish unread in their daemon threads
