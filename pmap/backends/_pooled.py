@@ -162,8 +162,7 @@ class PooledBackend(Backend):
         return self.fn_key
 
     def capacity(self) -> int:
-        per_worker = 1 if self.timeout is not None else 2
-        return per_worker * self.workers - len(self.inflight)
+        return 2 * self.workers - len(self.inflight)
 
     def submit(self, task) -> None:
         payload = self.channel.dumps((task.id, self.fn_key, pack_items(task.items), self.run_dir,

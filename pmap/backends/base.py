@@ -131,8 +131,9 @@ class Backend:
 
     def prepare(self, fn: Callable, timeout: float | None = None) -> Any:
         """Make `fn` runnable by the workers for the next run; returns the handle tasks carry.
-        `timeout` is the run's per-item timeout: a backend that queues tasks internally
-        should then hold no more tasks than workers, so a task starts when it is submitted."""
+        `timeout` is the run's per-item timeout: a backend that queues tasks internally and has
+        no item clock (`item_clock`) should then hold no more tasks than workers, so a task
+        starts when it is submitted."""
         self.timeout = timeout
         return fn
 

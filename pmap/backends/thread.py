@@ -20,14 +20,13 @@ class _Stopped(BaseException):
 
 class _ItemClock:
     """Under a timeout, the item a thread runs and since when (`now`), and the task's values
-    and failures so far. One lock orders the thread's step to the next item against a stop:
-    an item either starts before the stop, or never in this thread."""
+    and failures so far. A thread looks for a stop after it says which item it starts, and a
+    stop is set before the finished items are counted: an item that begins after a stop was
+    counted never runs, and one that had begun is the one the stop interrupts."""
 
-    __slots__ = ("thread", "lock", "now", "stopped", "values", "failures", "started")
+    __slots__ = ("now", "stopped", "values", "failures", "started")
 
-    def __init__(self, thread):
-        self.thread = thread
-        self.lock = threading.Lock()
+    def __init__(self):
         self.now = None          # (position, time.monotonic()) of the item running
         self.stopped = False
         self.values, self.failures, self.started = [], [], time.perf_counter()
@@ -36,20 +35,18 @@ class _ItemClock:
         self.values, self.failures, self.started = values, failures, time.perf_counter()
 
     def mark(self, position):
-        with self.lock:
-            if self.stopped:
-                raise _Stopped
-            self.now = (position, time.monotonic())
+        self.now = (position, time.monotonic())  # one store: never one item's position with another's time
+        if self.stopped:
+            raise _Stopped
 
     def end(self):
         pass
 
     def stop(self) -> tuple[list, list, float]:
         """Stop the task where it is; (values, failures) of the items it finished, and its time."""
-        with self.lock:
-            self.stopped = True
-            done = len(self.values)
-            return self.values[:done], [f for f in self.failures if f[0] < done], time.perf_counter() - self.started
+        self.stopped = True
+        done = len(self.values)
+        return self.values[:done], [f for f in self.failures if f[0] < done], time.perf_counter() - self.started
 
 
 class ThreadBackend(Backend):
@@ -140,7 +137,7 @@ class ThreadBackend(Backend):
             task = self.tasks.get()
             if task is _STOP:
                 return
-            clock = _ItemClock(me) if self.timeout is not None else None
+            clock = _ItemClock() if self.timeout is not None else None
             with self.lock:
                 self.queued -= 1
                 self.running[task.id] = me
