@@ -2,50 +2,14 @@
 item that overruns fails with TaskTimeout; the items its worker finished before it come back
 once, and the items after it run once elsewhere. Executions are counted in a file that every
 worker appends to, so "once" is checked, not assumed."""
-import os
-import time
-
 import pytest
 
 import pmap
+import chunk_helpers
+from chunk_helpers import HoldsTheGil, Logged, runs
 
 CHUNK_BACKENDS = ["thread", "fork", "pool", "process"]
-TIMEOUT = 1.0  # long beside a trivial item on a loaded machine (the first item of a task also unpickles it)
-
-
-class Logged:
-    """x * 10, writing `x` to `path` on every call; hangs on the items in `hang` (in steps of
-    0.05 s, so a thread that is told to stop notices), or only on their first call when
-    `hang_once`."""
-
-    def __init__(self, path, hang=(), hang_once=False, nap=0.0):
-        self.path = str(path)
-        self.hang = set(hang)
-        self.hang_once = hang_once
-        self.nap = nap
-
-    def __call__(self, x):
-        seen_before = x in runs(self.path)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        try:
-            os.write(fd, f"{x}\n".encode())  # one small O_APPEND write: lines never interleave
-        finally:
-            os.close(fd)
-        if x in self.hang and not (self.hang_once and seen_before):
-            for _ in range(72_000):
-                time.sleep(0.05)
-        if self.nap:
-            time.sleep(self.nap)
-        return x * 10
-
-
-def runs(path) -> list:
-    """The items run so far, in the order their runs began, one entry per run."""
-    try:
-        with open(path) as handle:
-            return [int(line) for line in handle.read().split()]
-    except FileNotFoundError:
-        return []
+TIMEOUT = 1.5  # long beside a trivial item on a loaded machine (the first item of a task also unpickles it)
 
 
 def run_chunk(backend, fn, n=7, **options):
@@ -118,16 +82,35 @@ def test_two_hung_items_in_one_chunk(backend, tmp_path):
     assert sorted(runs(log)) == list(range(7))
 
 
-async def async_tens(x):
-    return x * 10
-
-
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("backend", ["serial", "greenlet", "asyncio"])
 def test_backends_without_an_item_clock_take_one_item_per_task(backend, tmp_path):
     if backend == "greenlet":
         pytest.importorskip("gevent", reason="the greenlet backend needs gevent")
-    fn = async_tens if backend == "asyncio" else Logged(tmp_path / "runs")
+    fn = chunk_helpers.async_tens if backend == "asyncio" else Logged(tmp_path / "runs")
     out = pmap.pmap(fn, range(6), backend=backend, chunksize=3, timeout=30)
     assert list(out) == [x * 10 for x in range(6)]
     assert set(out.stats.chunk_sizes) == {1}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("backend", ["fork", "pool"])
+def test_a_worker_that_cannot_answer_is_killed_and_its_items_run_again(backend, tmp_path):
+    # the stop request cannot run in a worker whose main thread holds the GIL in C: after the
+    # grace it is killed, the hung item fails, and the items it had finished run again
+    log = tmp_path / "runs"
+    out = run_chunk(backend, HoldsTheGil(log, stuck=3))
+    assert out[3].kind == "timeout"
+    assert [out[x] for x in range(7) if x != 3] == [x * 10 for x in range(7) if x != 3]
+    counts = {x: runs(log).count(x) for x in range(7)}
+    assert counts[3] == 1 and all(counts[x] == 2 for x in (0, 1, 2)) and all(counts[x] == 1 for x in (4, 5, 6)), counts
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("backend", ["thread", "fork"])
+def test_unordered_results_of_a_stopped_chunk(backend, tmp_path):
+    log = tmp_path / "runs"
+    out = list(pmap.imap(Logged(log, hang={2}), range(7), backend=backend, workers=2, chunksize=7,
+                         timeout=TIMEOUT, on_error="skip", ordered=False))
+    assert sorted(out) == [x * 10 for x in range(7) if x != 2]
+    assert sorted(runs(log)) == list(range(7))
