@@ -537,14 +537,14 @@ def _stop(signum, frame) -> None:
         return  # that task is over: its result has gone, or goes, as usual
     done = len(clock.values)
     failures = [failure for failure in clock.failures if failure[0] < done]
-    body = encode_result(clock.task_id, clock.values[:done], failures, time.perf_counter() - clock.started)
     link = clock.link
     # The lock is held by this very thread when the stop came in the middle of a log record:
     # then nothing is sent, and the caller runs the task's items again.
     if link.lock.acquire(timeout=STOP_SEND_SECONDS):
         try:
+            body = encode_result(clock.task_id, clock.values[:done], failures, time.perf_counter() - clock.started)
             link.conn.send_bytes(b"".join((RESULT, NUMBER.pack(clock.task_id), body)))
-        except OSError:  # the caller has gone: nobody waits for this
+        except Exception:  # nothing sent (the caller has gone, or a value failed to pickle): it runs them again
             pass
         finally:
             link.lock.release()
@@ -627,11 +627,12 @@ def _drop_links_in_child() -> None:
     """A process forked from a worker (by the function) is not that worker: it closes its copies
     of the worker's links, so the caller sees them close when the worker dies, and nothing it
     says reaches the caller as the worker's."""
-    global _own_link
+    global _own_link, _clocked
     for link in [*_links.values(), *([_own_link] if _own_link else [])]:
         link.conn.close()
     _links.clear()
     _own_link = None
+    _clocked = None  # its task is the worker's, not this process's
 
 
 if hasattr(os, "register_at_fork"):

@@ -573,7 +573,8 @@ class _Engine:
         expired = [f for f in self.flights.values() if f.started is not None and now - f.started >= timeout]
         if self.item_clock:
             for flight in expired:
-                self._check_items(flight, now, timeout)
+                if flight.task.id in self.flights:  # not ended by the events of another's stop
+                    self._check_items(flight, now, timeout)
             return
         for flight in expired:
             if self.controller is not None:
