@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from concurrent.futures import BrokenExecutor
 
 from .._worker import pooled_worker_init, run_pooled_task
@@ -17,6 +18,7 @@ from ._procutil import describe_exit
 from .base import Lost
 
 REUSE_SECONDS = 60  # idle workers stay this long, so the next call in a script starts warm
+BREAK_SECONDS = 5.0  # the longest wait for loky to see a worker ended for a timeout
 
 
 class ProcessBackend(PooledBackend):
@@ -129,9 +131,27 @@ class ProcessBackend(PooledBackend):
             return [Lost(task_id, pid, None, f"collateral: {type(error).__name__}", blame=False)]
         return [Lost(task_id, pid, exitcode, describe_exit(exitcode), blame=True)]
 
+    def interrupt(self, task_id, position):
+        executor, ended = self.executor, len(self.ended_pids)
+        events = super().interrupt(task_id, position)
+        if executor is not None and len(self.ended_pids) > ended:
+            # loky breaks the executor once it sees the worker gone: the tasks sent from now on
+            # (the rest of the chunk, a retry) go to a new one, rather than die with the old one
+            deadline = time.monotonic() + BREAK_SECONDS
+            while not _broken(executor) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            self.executor = None
+        return events
+
     def close(self, kill=False) -> None:
         executor, self.executor = self.executor, None
         if executor is not None and (kill or self.inflight):
             executor.shutdown(wait=True, kill_workers=True)
         self.gone_holders.clear()
         super().close(kill)
+
+
+def _broken(executor) -> bool:
+    # `_flags.broken`, private to loky (checked with loky 3.7; `is_warm` reads it too)
+    flags = getattr(executor, "_flags", None)
+    return flags is None or bool(flags.broken)
