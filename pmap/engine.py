@@ -589,8 +589,8 @@ class _Engine:
         `flight.started`): ask the backend which item runs, since when, and stop it there if so."""
         task_id = flight.task.id
         running = self.backend.running_item(task_id)
-        if running is None:  # not started yet, or just finished: no item of it is over time before now
-            flight.started = now
+        if running is None or not 0 <= running[0] < len(flight.task.items):
+            flight.started = now  # not started yet, or just finished: no item of it is over time before now
             return
         position, started = running
         if now - started < timeout:
