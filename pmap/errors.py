@@ -34,11 +34,6 @@ class TaskTimeout(PmapError, TimeoutError):
         return cls(f"item ran longer than its timeout of {seconds:g}s")
 
 
-class ItemNotRun(PmapError):
-    """Never shown to a caller: a task stopped at one item's deadline reports the items its
-    worker did not finish this way, and the engine runs them again elsewhere."""
-
-
 class WorkerCrashed(PmapError):
     """The worker running an item died (segfault, os._exit, kill, out of memory)."""
 
