@@ -114,3 +114,14 @@ def test_unordered_results_of_a_stopped_chunk(backend, tmp_path):
                          timeout=TIMEOUT, on_error="skip", ordered=False))
     assert sorted(out) == [x * 10 for x in range(7) if x != 2]
     assert sorted(runs(log)) == list(range(7))
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("backend", ["thread", "fork"])
+def test_a_seeded_chunk_is_stopped_and_rerun_with_its_own_items(backend, tmp_path):
+    # a seeded task carries its items with their indices; the rest of a stopped chunk goes again as items
+    log = tmp_path / "runs"
+    out = run_chunk(backend, Logged(log, hang={3}), seed=7)
+    assert out[3].kind == "timeout" and out[3].item == 3
+    assert [out[x] for x in range(7) if x != 3] == [x * 10 for x in range(7) if x != 3]
+    assert sorted(runs(log)) == list(range(7))
