@@ -175,6 +175,35 @@ def test_sigkilled_worker_host_loses_nothing(key_file, worker_commands, marker_d
     assert "ended" in log_of(survivor)
 
 
+def sleep_briefly(x):
+    time.sleep(0.002)
+    return x
+
+
+def test_sigkilled_host_holding_several_leases_loses_nothing(key_file, worker_commands):
+    """Short tasks: each worker holds many leases at once. A host SIGKILLed while it holds
+    several loses none of them: every item arrives exactly once, in order, none blamed."""
+    backend = remote_only_driver(key_file)
+    victim = worker_commands(backend.address, key_file)
+    worker_commands(backend.address, key_file)
+    wait_until(lambda: backend.broker.live_workers() == 2, "two workers to join")
+    victim_pids = set(worker_children(victim))
+
+    def victim_holds():
+        with backend.broker.lock:
+            return max((len(w.held) for w in backend.broker.workers.values() if w.pid in victim_pids), default=0)
+
+    with ThreadPoolExecutor(1) as pool:
+        run = pool.submit(pmap.pmap, sleep_briefly, range(3000), backend=backend, chunksize=1)
+        wait_until(lambda: victim_holds() >= 3 or run.done(), "the victim to hold several leases")
+        assert not run.done(), "the run ended before the victim held several leases"
+        for pid in [victim.pid, *victim_pids]:
+            os.kill(pid, signal.SIGKILL)
+        out = run.result(timeout=HANG_GUARD * 2)
+    assert out == list(range(3000))
+    assert out.stats.crashed_workers == 0 and out.stats.retried == 0
+
+
 def test_worker_joining_late_gets_work(key_file, worker_commands, marker_dir):
     backend = remote_only_driver(key_file)
     early = worker_commands(backend.address, key_file)
@@ -474,6 +503,15 @@ def test_broker_drops_quietly_the_result_of_a_task_the_driver_cancelled(caplog):
     assert broker.take_events(0) == [] and broker.refused_results == 0 and not caplog.records
 
 
+def _lease_in_thread(broker, worker, n, wait):
+    """A worker's lease call waiting at the broker, as its fetch thread makes it."""
+    pool = ThreadPoolExecutor(1)
+    call = pool.submit(broker.lease, worker, n, wait)
+    pool.shutdown(wait=False)
+    wait_until(lambda: worker in broker.waiting or call.done(), "the lease call to wait")
+    return call
+
+
 def test_broker_does_not_let_a_busy_worker_prefetch_what_an_idle_one_waits_for():
     broker = Broker(lease_seconds=10, prefetch=1, initializer_bytes=None)
     host, _ = broker.hello_host({"name": "h"})
@@ -481,12 +519,53 @@ def test_broker_does_not_let_a_busy_worker_prefetch_what_an_idle_one_waits_for()
     idle, _ = broker.hello_worker(host, 2)
     broker.put(1, "fn", b"a")
     assert [t[0] for t in broker.lease(busy, 2, 0)] == [1]
-    broker.idle_waiting = 1                # `idle` is waiting in its own lease call
+    waiting = _lease_in_thread(broker, idle, 2, HANG_GUARD)  # `idle` waits in its own lease call
     broker.put(2, "fn", b"b")
     assert broker.lease(busy, 1, 0) == []  # the busy worker does not take it ...
-    broker.idle_waiting = 0
-    assert [t[0] for t in broker.lease(idle, 2, 0)] == [2]  # ... the idle one does
+    assert [t[0] for t in waiting.result(HANG_GUARD)] == [2]  # ... the idle one does
     assert not any(isinstance(e, Done) for e in broker.take_events(0))
+
+
+def test_broker_wakes_one_waiting_worker_per_new_task():
+    """Three idle workers wait for work; one new task wakes one of them, not all three."""
+    broker = Broker(lease_seconds=10, prefetch=1, initializer_bytes=None)
+    host, _ = broker.hello_host({"name": "h"})
+    ids = [broker.hello_worker(host, pid)[0] for pid in (1, 2, 3)]
+    wakes = []
+    calls = []
+    for worker_id in ids:
+        calls.append(_lease_in_thread(broker, worker_id, 1, 3.0))
+        condition = broker.workers[worker_id].ready
+        condition.notify = lambda n=1, worker_id=worker_id, notify=condition.notify: (wakes.append(worker_id),
+                                                                                      notify(n))
+    broker.put(1, "fn", b"a")
+    got = [call.result(HANG_GUARD) for call in calls]
+    assert len(wakes) == 1, f"one task woke {len(wakes)} lease calls"
+    assert sorted(len(tasks) for tasks in got) == [0, 0, 1]  # one took it, the others timed out empty
+
+
+def test_broker_grants_several_tasks_per_call_each_its_own_lease():
+    """A worker asking for several tasks gets them in one call; each is its own lease: only the
+    one it runs is reported started, a result is taken only from the holder, and a death loses
+    them all (blaming only the one running)."""
+    broker = Broker(lease_seconds=10, prefetch=1, initializer_bytes=None)
+    host, _ = broker.hello_host({"name": "h"})
+    holder, _ = broker.hello_worker(host, 1)
+    other, _ = broker.hello_worker(host, 2)
+    for task_id in range(1, 11):
+        broker.put(task_id, "fn", b"p")
+    assert [t[0] for t in broker.lease(holder, 4, 0)] == [1, 2, 3, 4]
+    assert [t[0] for t in broker.complete(holder, [(1, b"r1")], 3)] == [5, 6, 7]  # the report refills
+    broker.complete(other, [(2, b"forged")])  # held by `holder`: refused
+    assert broker.refused_results == 1
+    broker.worker_exited(host, 1, -9)
+    events = broker.take_events(0)
+    started = [e.task_id for e in events if isinstance(e, Started)]
+    assert started == [1, 2]  # the head of what it held, each time it changed
+    lost = {e.task_id: e.blame for e in events if isinstance(e, Lost)}
+    assert lost == {2: True, 3: False, 4: False, 5: False, 6: False, 7: False}
+    assert [e for e in events if type(e) is tuple] == [("done", 1, "h:1", b"r1")]
+    assert list(broker.queue) == [8, 9, 10]  # the rest wait for `other`
 
 
 # ---- hostile and silent peers ---------------------------------------------------------------

@@ -47,9 +47,9 @@ class _HostRecord:
 
 
 class _WorkerRecord:
-    __slots__ = ("id", "host", "pid", "label", "held", "doomed", "state")
+    __slots__ = ("id", "host", "pid", "label", "held", "doomed", "state", "ready", "woken")
 
-    def __init__(self, worker_id, host, pid, label):
+    def __init__(self, worker_id, host, pid, label, lock):
         self.id = worker_id
         self.host = host
         self.pid = pid
@@ -57,6 +57,8 @@ class _WorkerRecord:
         self.held: collections.deque = collections.deque()  # leased task ids, run in this order
         self.doomed = False     # a kill was ordered: its head was cancelled, nothing more starts
         self.state = STARTING
+        self.ready = threading.Condition(lock)  # its waiting lease call is woken through this alone
+        self.woken = False      # woken for a queued task and not yet back in the lock
 
 
 class Broker:
@@ -69,7 +71,6 @@ class Broker:
         self.prefetch = prefetch
         self.initializer_bytes = initializer_bytes
         self.lock = threading.Lock()
-        self.work_ready = threading.Condition(self.lock)
         self.events_ready = threading.Condition(self.lock)
         self.orders_ready = threading.Condition(self.lock)
         self.tasks: dict[int, _TaskRecord] = {}
@@ -79,7 +80,10 @@ class Broker:
         self.workers: dict[int, _WorkerRecord] = {}
         self.labels: dict[int, str] = {}   # every worker ever seen, to name a late result's sender
         self.events: list = []
-        self.idle_waiting = 0   # lease calls waiting from workers that hold nothing
+        # Workers whose lease call waits for work, in the order they came: a new task wakes one
+        # of them, not all (each woken thread would take the lock only to find the task gone).
+        self.waiting: dict[int, _WorkerRecord] = {}
+        self.woken = 0          # of them, woken for a task and not yet back
         self.next_id = 0
         self.refused_results = 0  # results (and reports) not from the worker holding the lease
         self.stopped = threading.Event()
@@ -111,7 +115,7 @@ class Broker:
         with self.lock:
             self.tasks[task_id] = _TaskRecord(fn_key, payload, n_items)
             self.queue.append(task_id)
-            self.work_ready.notify_all()
+            self._wake_one()
 
     def cancel(self, task_id: int) -> None:
         """Forget a task; if a worker is running it, order that worker killed."""
@@ -125,6 +129,7 @@ class Broker:
             worker = self.workers.get(record.holder)
             if worker is not None and worker.held and worker.held[0] == task_id:
                 worker.doomed = True
+                worker.ready.notify()  # its waiting lease call ends: nothing more starts there
                 host = self.hosts.get(worker.host)
                 if host is not None:
                     host.kills.append(worker.pid)
@@ -155,7 +160,8 @@ class Broker:
     def stop(self) -> None:
         self.stopped.set()
         with self.lock:
-            self.work_ready.notify_all()
+            for worker in self.waiting.values():
+                worker.ready.notify()
             self.orders_ready.notify_all()
             self.events_ready.notify_all()
 
@@ -223,7 +229,7 @@ class Broker:
                 return None
             self._touch(host)
             self.next_id += 1
-            worker = _WorkerRecord(self.next_id, host_id, pid, f"{host.name}:{pid}")
+            worker = _WorkerRecord(self.next_id, host_id, pid, f"{host.name}:{pid}", self.lock)
             self.workers[worker.id] = worker
             self.labels[worker.id] = worker.label
             host.workers.add(worker.id)
@@ -246,47 +252,81 @@ class Broker:
             if worker is None or self.stopped.is_set() or worker.doomed or worker.state == FAILED:
                 return None
             worker.state = SERVING  # it asks for work only once its initializer ran
-            idle = not worker.held
-            if idle:
-                self.idle_waiting += 1
+            self.waiting[worker_id] = worker
+            taking = False
             try:
                 while True:
                     if self.stopped.is_set() or worker_id not in self.workers or worker.doomed:
                         return None
-                    now_idle = not worker.held
-                    if now_idle != idle:
-                        self.idle_waiting += 1 if now_idle else -1
-                        idle = now_idle
-                    others_idle = self.idle_waiting - (1 if idle else 0)
-                    if (idle and self.queue) or len(self.queue) > others_idle:
+                    if self.queue and (not worker.held or len(self.queue) > self._idle_waiting(worker)):
+                        taking = True
                         break
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         return []
-                    self.work_ready.wait(remaining)
+                    worker.ready.wait(remaining)
+                    self._back(worker)
             finally:
-                if idle:
-                    self.idle_waiting -= 1
-            granted = []
-            while self.queue and len(granted) < n:
-                others_idle = self.idle_waiting
-                if (granted or worker.held) and len(self.queue) <= others_idle:
-                    break
-                task_id = self.queue.popleft()
-                record = self.tasks[task_id]
-                record.holder = worker_id
-                worker.held.append(task_id)
-                granted.append((task_id, record.fn_key, record.n_items, record.payload))
-            self._start_head(worker)
-            if self.queue:
-                self.work_ready.notify_all()
-            return granted
+                self._back(worker)
+                del self.waiting[worker_id]
+                if not taking and self.queue:
+                    self._wake_one()  # it may have been woken for a task it does not take: pass it on
+            return self._grant(worker, n)
 
-    def complete(self, worker_id: int, results: list) -> None:
+    def _idle_waiting(self, worker: _WorkerRecord) -> int:
+        """Workers other than `worker` that hold nothing and wait for work (lock held)."""
+        return sum(1 for other in self.waiting.values() if not other.held and other is not worker)
+
+    def _back(self, worker: _WorkerRecord) -> None:
+        """A woken lease call holds the lock again (lock held)."""
+        if worker.woken:
+            worker.woken = False
+            self.woken -= 1
+
+    def _wake_one(self) -> None:
+        """Wake one waiting lease call that may take a queued task, an idle worker's first, unless
+        as many are already on their way as there are tasks (lock held)."""
+        if self.woken >= len(self.queue):
+            return
+        chosen = None
+        for worker in self.waiting.values():
+            if worker.woken:
+                continue
+            if not worker.held:
+                chosen = worker
+                break
+            chosen = chosen or worker  # a busy one takes it only if no idle one waits
+        if chosen is not None:
+            chosen.woken = True
+            self.woken += 1
+            chosen.ready.notify()
+
+    def _grant(self, worker: _WorkerRecord, n: int) -> list:
+        """Lease up to `n` queued tasks to `worker`, each its own lease; one that already holds
+        work takes only what the idle workers waiting leave over (lock held)."""
+        granted = []
+        others_idle = self._idle_waiting(worker) if self.queue else 0
+        while self.queue and len(granted) < n:
+            if (granted or worker.held) and len(self.queue) <= others_idle:
+                break
+            task_id = self.queue.popleft()
+            record = self.tasks[task_id]
+            record.holder = worker.id
+            worker.held.append(task_id)
+            granted.append((task_id, record.fn_key, record.n_items, record.payload))
+        self._start_head(worker)
+        if self.queue:
+            self._wake_one()
+        return granted
+
+    def complete(self, worker_id: int, results: list, want: int = 0) -> list:
         """Results as (task_id, result_bytes). One is delivered only when `worker_id` is a
         registered worker holding the task's current lease; a result for a task the driver
-        cancelled meanwhile is dropped quietly, any other is refused: counted, never delivered."""
+        cancelled meanwhile is dropped quietly, any other is refused: counted, never delivered.
+        Returns up to `want` more tasks leased to the worker from what is queued now (as `lease`
+        does, without waiting): a worker busy with short tasks needs one round trip per task."""
         refusals = []
+        granted = []
         with self.lock:
             worker = self.workers.get(worker_id)
             for task_id, data in results:
@@ -300,10 +340,18 @@ class Broker:
                     self.events.append(("done", task_id, worker.label, data))
                 else:
                     refusals.append(f"a result for task {task_id!r} {self._not_holding(worker_id, task_id)}")
-            if worker is not None:
-                self._start_head(worker)
+            if worker is not None and worker_id in self.workers:
+                if want > 0 and not worker.doomed and not self.stopped.is_set():
+                    granted = self._grant(worker, want)
+                else:
+                    self._start_head(worker)
+                if not worker.held and self.queue and worker_id in self.waiting and not worker.woken:
+                    worker.woken = True  # its waiting lease call may take work now that it holds none
+                    self.woken += 1
+                    worker.ready.notify()
             self.events_ready.notify_all()
         self._refused(refusals)
+        return granted
 
     def fatal(self, worker_id: int, error_bytes: bytes) -> None:
         """A worker's initializer failed: `error_bytes` pickle (exception, traceback text)."""
@@ -369,6 +417,7 @@ class Broker:
         """A worker process died: its running task is lost (blamed), the others it held are
         lost unblamed. One that died before asking for work died in its initializer."""
         self.workers.pop(worker.id, None)
+        worker.ready.notify()  # a waiting lease call of its ends
         host = self.hosts.get(worker.host)
         if host is not None:
             host.workers.discard(worker.id)
@@ -383,6 +432,7 @@ class Broker:
         for worker_id in list(host.workers):
             worker = self.workers.pop(worker_id, None)
             if worker is not None:
+                worker.ready.notify()
                 self._lose_held(worker, None, reason, blame_running=False)
         host.workers.clear()
 

@@ -23,12 +23,12 @@ from ...errors import InitializerError, PmapError, TaskTimeout
 from .._options import positive_seconds
 from .._pooled import pickle_function
 from .._procutil import describe_exit, end_process_group
-from ..base import Backend, Done, Fatal, Lost, Started
+from ..base import AHEAD_CHUNKS_PER_SLOT, Backend, Done, Fatal, Lost, Started
 from .wire import (DEFAULT_LEASE_SECONDS, DEFAULT_PREFETCH, EXIT_ERROR, HANDSHAKE_SECONDS, HEARTBEAT_THREAD,
                    LOCAL_RESTARTS, MAX_HANDSHAKES, REFUSAL_LOG_SECONDS, SPLIT, START_WAIT_SECONDS, STOP_GRACE,
                    WORKER_METHODS, WORKER_NOTICE_SECONDS, _Deadline, _close_quietly, _is_loopback,
-                   _key_bytes, _no_delay, _say, format_address, logger, parse_address, read_authkey_file,
-                   write_authkey_file)
+                   _key_bytes, _no_delay, _say, format_address, held_tasks, logger, parse_address,
+                   read_authkey_file, write_authkey_file)
 from .broker import Broker
 
 
@@ -83,6 +83,7 @@ class ManagerBackend(Backend):
         self.local_token = secrets.token_hex(8)
         self.local_restarts = 0
         self.inflight: dict[int, int] = {}   # task id -> number of items
+        self.task_seconds = None             # how long recent tasks took on their workers
         self.unstarted: dict[int, float] = {}  # with a timeout: task id -> when it was submitted
         self.no_workers_since = None
         self.told_how_to_join = False
@@ -181,8 +182,10 @@ class ManagerBackend(Backend):
 
     def capacity(self) -> int:
         slots = max(1, self.local_workers, self.broker.live_workers())
-        self.workers = slots
-        return slots * (1 + self.prefetch) - len(self.inflight)
+        window = slots * held_tasks(self.prefetch, self.task_seconds)  # what the workers may hold
+        # the engine reads ahead by `workers`: let it read as far as the window needs
+        self.workers = max(slots, -(-window // AHEAD_CHUNKS_PER_SLOT))
+        return window - len(self.inflight)
 
     def submit(self, task) -> None:
         # By value what the caller's __main__ defines: a worker's own __main__ is not the caller's.
@@ -263,8 +266,7 @@ class ManagerBackend(Backend):
                                           f"({describe_exit(exitcode)}) before it could run anything"))
         return None
 
-    @staticmethod
-    def _decode_done(task_id, label, data, n_items) -> Done | Lost:
+    def _decode_done(self, task_id, label, data, n_items) -> Done | Lost:
         try:
             decoded = _transfer.loads(data)
         except Exception as exc:  # the message itself does not load (values and exceptions load per item)
@@ -272,6 +274,7 @@ class ManagerBackend(Backend):
         if decoded[0] == SPLIT:  # an item did not unpickle in the worker: the engine runs each alone
             return Lost(task_id, label, None, decoded[1], blame=False)
         _, values, failures, elapsed = decoded
+        self.task_seconds = elapsed if self.task_seconds is None else (self.task_seconds + elapsed) / 2
         return Done(task_id, label, values, failures, elapsed)
 
     def cancel(self, task_id) -> None:

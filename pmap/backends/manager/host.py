@@ -21,7 +21,8 @@ from ..._worker import (WORKER_CATCH, become_worker_process, cached_function, ev
 from ...errors import PmapError
 from .._procutil import describe_exit, end_process_group
 from .wire import (CHILD_START_FAILURES, DRIVER_SILENCE_SECONDS, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK,
-                   EXIT_USAGE, HEARTBEAT_THREAD, JoinError, LEASE_POLL_SECONDS, SPLIT, _CONNECTION_LOST,
+                   EXIT_USAGE, HEARTBEAT_THREAD, JoinError, LEASE_POLL_SECONDS,
+                   held_tasks, SPLIT, _CONNECTION_LOST,
                    _close_quietly, _say, connect, format_address, parse_address, read_authkey_file)
 
 
@@ -297,8 +298,12 @@ def _exit_now(status: int) -> None:
 
 class _WorkerProcess:
     """The main thread runs tasks and reports each one before starting the next, so the
-    broker always knows which task is running (and whom to blame for a crash); a second
-    thread leases the next task (the prefetch) while one runs."""
+    broker always knows which task is running (and whom to blame for a crash); the report
+    asks for the tasks that refill what the worker holds. A second thread asks for work only
+    while the worker holds none, waiting at the broker until some comes.
+
+    A worker holds the task it runs and `prefetch` more; while its tasks are short it holds
+    about HELD_SECONDS of them (`held_tasks`), so that one round trip serves many tasks."""
 
     def __init__(self, config):
         self.config = config
@@ -306,9 +311,11 @@ class _WorkerProcess:
         # process); a worker timing out on a driver that is only slow would lose its task.
         self.broker = connect(config["address"], config["authkey"], deadline=None)
         self.worker_id = None
-        self.capacity = None
+        self.prefetch = 0
+        self.task_seconds = None  # how long its recent tasks took
         self.inbox: collections.deque = collections.deque()
         self.busy = 0
+        self.asking = 0           # tasks asked for whose answer has not come
         self.room = threading.Condition()
         self.functions: dict = {}
 
@@ -316,8 +323,7 @@ class _WorkerProcess:
         hello = self.broker.hello_worker(self.config["host_id"], os.getpid())
         if hello is None:
             return EXIT_OK
-        self.worker_id, prefetch = hello
-        self.capacity = 1 + prefetch
+        self.worker_id, self.prefetch = hello
         os.write(self.config["ready_fd"], b"j")
         os.close(self.config["ready_fd"])
         init = self.broker.initializer()
@@ -339,9 +345,20 @@ class _WorkerProcess:
                     self.room.wait()
                 task_id, fn_key, n_items, payload = self.inbox.popleft()
                 self.busy = 1
+            began = time.perf_counter()
             result = self._run(task_id, fn_key, n_items, payload)
-            self.broker.complete(self.worker_id, [(task_id, result)])
+            elapsed = time.perf_counter() - began
             with self.room:
+                self.task_seconds = elapsed if self.task_seconds is None else (self.task_seconds + elapsed) / 2
+                want = max(0, held_tasks(self.prefetch, self.task_seconds) - len(self.inbox) - self.asking)
+                self.asking += want
+            try:
+                tasks = self.broker.complete(self.worker_id, [(task_id, result)], want)
+            finally:
+                with self.room:
+                    self.asking -= want
+            with self.room:
+                self.inbox.extend(tasks or ())
                 self.busy = 0
                 self.room.notify_all()
 
@@ -374,12 +391,19 @@ class _WorkerProcess:
         _exit_now(EXIT_OK)  # told to stop, or the driver is gone
 
     def _fetch(self) -> None:
+        """Ask for work while the worker holds none (the main thread's reports ask for the rest)."""
         while True:
             with self.room:
-                while len(self.inbox) + self.busy >= self.capacity:
+                while self.inbox or self.busy or self.asking:
                     self.room.wait()
-                want = self.capacity - len(self.inbox) - self.busy
-            tasks = self.broker.lease(self.worker_id, want, LEASE_POLL_SECONDS)
+                want = held_tasks(self.prefetch, self.task_seconds)
+                self.asking += want
+            try:
+                tasks = self.broker.lease(self.worker_id, want, LEASE_POLL_SECONDS)
+            finally:
+                with self.room:
+                    self.asking -= want
+                    self.room.notify_all()
             if tasks is None:
                 return
             if tasks:

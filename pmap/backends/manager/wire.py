@@ -18,6 +18,8 @@ from ...errors import PmapError
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_LEASE_SECONDS = 10.0   # a host silent this long is presumed gone and its tasks reported lost
 DEFAULT_PREFETCH = 1           # tasks a worker holds beyond the one it runs
+HELD_SECONDS = 0.05            # ... or, while tasks are short, about this much work
+MAX_HELD_TASKS = 32            # ... but never more tasks than this
 LEASE_POLL_SECONDS = 0.5       # longest a worker's lease call waits at the broker for work
 CONNECT_PATIENCE = 5.0         # a worker retries a refused connection this long (driver starting)
 DRIVER_SILENCE_SECONDS = 30.0  # a supervisor that cannot reach its driver this long gives up
@@ -173,6 +175,15 @@ def _no_delay(conn) -> None:
             sock.close()  # a duplicate descriptor; the connection keeps its own
     except OSError:
         pass
+
+
+def held_tasks(prefetch: int, task_seconds: float | None) -> int:
+    """How many tasks a worker holds (the one it runs included): 1 + `prefetch`, or while its
+    tasks take `task_seconds` each, enough for about HELD_SECONDS of work, so one round trip to
+    the broker serves many short tasks. With prefetch 0 a worker holds only the task it runs."""
+    if prefetch == 0 or task_seconds is None:
+        return 1 + prefetch
+    return 1 + max(prefetch, min(MAX_HELD_TASKS - 1, int(HELD_SECONDS / max(task_seconds, 1e-6))))
 
 
 # Errors meaning the driver is gone (or refusing us): a worker then exits.
