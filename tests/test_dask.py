@@ -100,6 +100,44 @@ def test_lazy_input_keeps_a_bounded_window_of_futures():
     assert len(seen) < 1000  # the infinite input was read only as far as needed
 
 
+@needs_distributed
+@pytest.mark.parametrize("ordered", [True, False], ids=["ordered", "unordered"])
+def test_short_tasks_go_in_batches_and_each_item_keeps_its_place_and_its_failure(ordered):
+    """One-item tasks that take no time: they are submitted many to a `client.map`, and still
+    every value comes back at its index, and every failure names its own item."""
+    backend = DaskBackend()
+    backend.open()
+    batches = []
+    client_map = backend.client.map
+
+    def counting_map(fn, payloads, *args, **kwargs):
+        batches.append(len(payloads))
+        return client_map(fn, payloads, *args, **kwargs)
+
+    backend.client.map = counting_map
+    items = list(range(400))
+    try:
+        out = pmap.pmap(fail_on_every_seventh, items, backend=backend, chunksize=1, ordered=ordered,
+                        on_error="return")
+    finally:
+        backend.close()
+    failed = [r for r in out if isinstance(r, pmap.Failure)]
+    values = [r for r in out if not isinstance(r, pmap.Failure)]
+    assert sorted(f.index for f in failed) == [i for i in items if i % 7 == 0]
+    assert all(f.item == f.index and f"item {f.index} " in str(f.exception) for f in failed)
+    assert sorted(values) == [i for i in items if i % 7]
+    if ordered:
+        assert [r.index if isinstance(r, pmap.Failure) else r for r in out] == items
+    assert sum(batches) == len(items)
+    assert max(batches) >= 8, f"short tasks were not batched: {batches}"
+
+
+def fail_on_every_seventh(x):
+    if x % 7 == 0:
+        raise ValueError(f"item {x} fails")
+    return x
+
+
 def _counting(seen):
     i = 0
     while True:

@@ -5,10 +5,13 @@ The cluster is, in order of preference: a `Client` given as `client=`, a schedul
 LocalCluster started when the backend opens (worker processes, one thread each, bound to
 loopback, no dashboard) and closed with it. `cluster_options` go to that LocalCluster.
 
-Futures are kept in a bounded window (one per worker thread; more on an adaptive cluster,
-which grows only from queued work). Each future's outcome is fetched by a coroutine of pmap's
-own in the client's event loop, errors included, and `wait` also reads the futures' own
-status, so no outcome goes unreported. Items, results and exceptions travel as bytes pickled
+Futures are kept in a bounded window: one per worker thread; while tasks are short (under
+SHORT_TASK_SECONDS), SHORT_TASKS_PER_THREAD, submitted half a window at a time in one
+`client.map` (one message to the scheduler), which the scheduler queues and hands out as
+threads free; more on an adaptive cluster, which grows only from queued work. Each future's
+outcome is awaited by a coroutine of pmap's own in the client's event loop, errors included,
+results are fetched in batches (what finished while one fetch was on its way goes in the
+next), and `wait` also reads the futures' own status, so no outcome goes unreported. Items, results and exceptions travel as bytes pickled
 the one way every process backend uses (`pmap._transfer`, `pmap._outcome`; what the caller's
 `__main__` defines goes by value), so an item or result that cannot be pickled fails alone;
 each task carries its item count, so a worker that cannot rebuild its items still answers for
@@ -24,9 +27,10 @@ Liveness: joining a scheduler waits `connect_timeout` seconds; a client that los
 scheduler and could not reconnect (dask tries for the same time) ends the run with an error,
 as does a cluster with no workers for `worker_wait` seconds while tasks wait. A timeout cannot
 stop a running dask task: its future is cancelled and the item reported, but the worker's
-thread runs on until the item returns. Each task reports its start through dask's event log,
-so a timeout is clocked from then; with a timeout, a task no worker starts within the timeout
-plus `start_wait` seconds is reported as timed out.
+thread runs on until the item returns. With a timeout, each task reports its start through
+dask's event log, so the timeout is clocked from then, and a task no worker starts within the
+timeout plus `start_wait` seconds is reported as timed out. Without one, no start is reported:
+each report costs the scheduler a message.
 """
 from __future__ import annotations
 
@@ -53,6 +57,11 @@ MISSING = "needs the distributed package: pip install 'pmap-parallel[dask]'"
 # window is assigned to workers at once, so a larger one would stack tasks on a worker, and a
 # worker's death would then implicate every task stacked on it.
 TASKS_PER_THREAD = 1
+# While tasks are short, a round trip to the scheduler is much of each: keep more in flight.
+# A window over twice the threads is one large task group, which the scheduler queues and
+# hands to a worker as a thread frees, so none stack on a worker.
+SHORT_TASK_SECONDS = 0.05
+SHORT_TASKS_PER_THREAD = 64
 # An adaptive cluster grows only from work queued at its scheduler (about one worker per
 # target-duration, 5 s by default, of queued work): keep that much there. A window over twice
 # the threads makes dask queue the tasks at the scheduler, so none stack on a worker.
@@ -81,11 +90,12 @@ SPLIT = "split"                    # the items did not unpickle here: the reason
 INITIALIZER_FAILED = "initializer-failed"  # pickled (exception, traceback text)
 
 
-def run_chunk(fn_key: str, fn_bytes: bytes, init_key, init_bytes, payload: bytes, n_items: int,
-              start_topic=None, task_id=None) -> tuple:
+def run_chunk(payload: bytes, n_items: int, task_id, *, fn_key: str, fn_bytes: bytes, init_key=None,
+              init_bytes=None, start_topic=None) -> tuple:
     """One pmap task of `n_items` items on a dask worker: returns (worker label, kind, data).
     The count travels beside the payload, so a payload that does not unpickle here is still
-    answered item for item."""
+    answered item for item. What is the same for every task of a run comes as keywords, which
+    one `client.map` sends once for all the tasks it submits."""
     label = f"{socket.gethostname()}:{os.getpid()}"
     if start_topic is not None:
         _report_start(start_topic, task_id, label)
@@ -168,7 +178,7 @@ class _Watch:
     __slots__ = ("future", "n_items", "submitted", "started", "settled_since", "fetches")
 
     def __init__(self, future, n_items, now):
-        self.future = future
+        self.future = future      # None until the task is sent (`DaskBackend._send`)
         self.n_items = n_items
         self.submitted = now
         self.started = False
@@ -215,6 +225,10 @@ class DaskBackend(Backend):
         self.cluster = None
         self.owns_client = False
         self.watches: dict[int, _Watch] = {}   # task id -> its future and what is known of it
+        self.unsent: dict[int, bytes] = {}     # task id -> payload, submitted since the last send
+        self.finished: list = []               # (task id, future) finished, for the next fetch (event loop)
+        self.gathering = False                 # a fetch of results is under way (event loop)
+        self.task_seconds = None               # how long recent tasks took on their workers
         self.outcomes: queue.SimpleQueue = queue.SimpleQueue()  # (task id, future, result or error)
         self.wake = threading.Condition()
         self.fn_args = None
@@ -351,44 +365,97 @@ class DaskBackend(Backend):
         if getattr(self.client, "status", "running") != "running":
             return 0  # tasks sent now would wait on a client that may never reconnect
         threads = max(1, self.threads)
-        per_thread = self.tasks_per_thread or (ADAPTIVE_TASKS_PER_THREAD if self.adaptive else TASKS_PER_THREAD)
+        per_thread = self.tasks_per_thread
+        if per_thread is None:
+            short = self.task_seconds is not None and self.task_seconds < SHORT_TASK_SECONDS
+            per_thread = (ADAPTIVE_TASKS_PER_THREAD if self.adaptive
+                          else SHORT_TASKS_PER_THREAD if short else TASKS_PER_THREAD)
         window = threads * per_thread
         if self.adaptive:
             window = max(window, ADAPTIVE_MIN_WINDOW)
-        # the engine sizes its look-ahead from `workers`: let it read as far as the window needs
-        self.workers = max(threads, -(-window // AHEAD_CHUNKS_PER_SLOT))
-        return window - len(self.watches)
+        # The engine sizes its look-ahead from `workers`: let it read twice as far as the window, so
+        # that in ordered runs the window, not an early task still running, decides when to send.
+        self.workers = max(threads, -(-2 * window // AHEAD_CHUNKS_PER_SLOT))
+        room = window - len(self.watches)
+        if (per_thread == SHORT_TASKS_PER_THREAD and self.tasks_per_thread is None and room < window // 2
+                and not self.unsent):
+            return 0  # short tasks go in batches of half the window or more: one message to the scheduler each
+        return room
 
     def submit(self, task) -> None:
+        """Keep the task until the next `wait`, which sends all kept in one `client.map`: one
+        message to the scheduler for the tasks of one dispatch, not one each."""
         # By value what the caller's __main__ defines: a worker's own __main__ is not the caller's.
         payload = _transfer.dumps(pack_items(task.items, main_by_value=True))
-        key = f"pmap-{self.run_prefix}-{task.id}"
-        future = self.client.submit(run_chunk, *self.fn_args, *self.init_args, payload, len(task.items),
-                                    self.start_topic, task.id, key=key, pure=False)
-        self.watches[task.id] = _Watch(future, len(task.items), time.monotonic())
-        self._fetch_soon(task.id, future)
+        self.watches[task.id] = _Watch(None, len(task.items), time.monotonic())
+        self.unsent[task.id] = payload
 
-    def _fetch_soon(self, task_id, future) -> None:
-        self.client.loop.add_callback(self._fetch, task_id, future)
+    def _send(self) -> None:
+        """Submit the tasks kept since the last send, in one message, and fetch their outcomes."""
+        if not self.unsent:
+            return
+        task_ids, payloads = list(self.unsent), list(self.unsent.values())
+        self.unsent.clear()
+        fn_key, fn_bytes = self.fn_args
+        init_key, init_bytes = self.init_args
+        futures = self.client.map(
+            run_chunk, payloads, [self.watches[t].n_items for t in task_ids], task_ids,
+            key=[f"pmap-{self.run_prefix}-{t}" for t in task_ids], pure=False,
+            fn_key=fn_key, fn_bytes=fn_bytes, init_key=init_key, init_bytes=init_bytes,
+            # starts are reported only where a timeout clocks from them: each costs the scheduler a message
+            start_topic=self.start_topic if self.timeout is not None else None)
+        now = time.monotonic()
+        for task_id, future in zip(task_ids, futures):
+            watch = self.watches[task_id]
+            watch.future, watch.submitted = future, now
+        self._fetch_soon(list(zip(task_ids, futures)))
+
+    def _fetch_soon(self, pairs) -> None:
+        """Fetch each (task id, future)'s outcome in the client's event loop."""
+        self.client.loop.add_callback(self._fetch_all, pairs)
+
+    async def _fetch_all(self, pairs) -> None:
+        import asyncio
+        await asyncio.gather(*(self._fetch(task_id, future) for task_id, future in pairs))
 
     async def _fetch(self, task_id, future) -> None:
         """Wait for the future's outcome and fetch its result, in the client's event loop.
         Every outcome is queued, errors included: dask's own `as_completed` drops a future
-        whose result fetch ends in KilledWorker (the worker holding it died meanwhile)."""
+        whose result fetch ends in KilledWorker (the worker holding it died meanwhile).
+        Results are fetched in batches: what finished while one batch was on its way goes in
+        the next, so the scheduler answers one request for many results."""
         try:
             await future._state.wait()
-            if future.status == "finished":
-                # errors="skip": a result lost with its worker is recomputed (dask logs that at
-                # debug level, not as a warning); should that end in an error, the status says which.
-                result = (await self.client._gather([future], errors="skip"))[0]
-            else:
-                result = None
         except BaseException as exc:  # noqa: B036  (CancelledError included: it is an outcome)
-            result = exc
-        self.outcomes.put((task_id, future, result))
+            self._report([(task_id, future, exc)])
+            return
+        if future.status != "finished":
+            self._report([(task_id, future, None)])
+            return
+        self.finished.append((task_id, future))
+        if self.gathering:
+            return  # the fetch under way takes it in its next batch
+        self.gathering = True
+        try:
+            while self.finished:
+                batch, self.finished = self.finished, []
+                try:
+                    # errors="skip": a result lost with its worker is recomputed (dask logs that at debug
+                    # level, not as a warning); should that end in an error, the status says which.
+                    results = await self.client._gather(dict(batch), errors="skip")
+                except BaseException as exc:  # noqa: B036  (an outcome for each of them)
+                    results = dict.fromkeys(dict(batch), exc)
+                self._report([(task_id, future, results.get(task_id)) for task_id, future in batch])
+        finally:
+            self.gathering = False
+
+    def _report(self, outcomes) -> None:
+        for outcome in outcomes:
+            self.outcomes.put(outcome)
         self._notify()
 
     def wait(self, timeout):
+        self._send()
         if self.outcomes.empty() and timeout:
             with self.wake:
                 if self.outcomes.empty():
@@ -427,7 +494,7 @@ class DaskBackend(Backend):
             return self._failed(task_id, watch, _future_error(future) or result)
         # Still pending or lost (recomputed after its result was lost with its worker).
         watch.fetches += 1
-        self._fetch_soon(task_id, future)
+        self._fetch_soon([(task_id, future)])
         return None
 
     def _finished(self, task_id, watch, label, kind, data):
@@ -440,6 +507,7 @@ class DaskBackend(Backend):
             _, values, failures, elapsed = _transfer.loads(data)
         except Exception as exc:  # the message itself does not load (values and exceptions load per item)
             return Done(task_id, label, *every_item_failed(watch.n_items, exc), 0.0)
+        self.task_seconds = elapsed if self.task_seconds is None else (self.task_seconds + elapsed) / 2
         return Done(task_id, label, values, failures, elapsed)
 
     def _initializer_error(self, label, report) -> InitializerError:
@@ -468,6 +536,8 @@ class DaskBackend(Backend):
         events = []
         start_bound = None if self.timeout is None else self.timeout + self.start_wait
         for task_id, watch in list(self.watches.items()):
+            if watch.future is None:  # not sent: a send that failed raised in the caller
+                continue
             status = watch.future.status
             if status in ("finished", "error", "cancelled"):
                 watch.settled_since = watch.settled_since or now
@@ -477,7 +547,7 @@ class DaskBackend(Backend):
                     events.append(self._failed(task_id, watch, _future_error(watch.future)))
                 elif status == "finished" and quiet > FETCH_PATIENCE * watch.fetches:
                     watch.fetches += 1
-                    self._fetch_soon(task_id, watch.future)
+                    self._fetch_soon([(task_id, watch.future)])
                 continue
             watch.settled_since = None
             if start_bound is not None and not watch.started and now - watch.submitted > start_bound:
@@ -496,8 +566,9 @@ class DaskBackend(Backend):
             pass
 
     def cancel(self, task_id) -> None:
+        self.unsent.pop(task_id, None)
         watch = self.watches.pop(task_id, None)
-        if watch is not None:
+        if watch is not None and watch.future is not None:
             self._cancel_future(watch.future)
 
     def describe_worker(self, worker) -> str:
@@ -506,8 +577,9 @@ class DaskBackend(Backend):
     def close(self, kill=False) -> None:
         if self.client is None:
             return
-        futures = [watch.future for watch in self.watches.values()]
+        futures = [watch.future for watch in self.watches.values() if watch.future is not None]
         self.watches.clear()
+        self.unsent.clear()
         try:
             if futures and not self.owns_client and self.client.status == "running":
                 self.client.cancel(futures)  # leave a shared cluster with nothing of ours
