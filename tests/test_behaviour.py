@@ -1,8 +1,10 @@
 """DESIGN section 1, held against every backend through the pmap_backend fixture."""
 import asyncio
 import itertools
+import os
 import pickle
 import threading
+import time
 
 import pytest
 
@@ -46,27 +48,39 @@ def test_unordered_yields_every_result_once(pmap_backend, work):
     assert sorted(out) == items
 
 
-def test_unordered_yields_in_completion_order(pmap_backend, work):
+def test_unordered_yields_in_completion_order(pmap_backend, work, tmp_path):
     if pmap_backend == "serial":
         pytest.skip("serial runs items in input order: completion order is input order")
-    # the first item is slow: with more than one worker it cannot come out first
-    delays = [0.6] + [0.0] * 6
-    out = list(pmap.imap(work(sleep_then_index), list(enumerate(delays)), backend=pmap_backend,
-                         ordered=False, workers=2, chunksize=1))
-    assert sorted(out) == list(range(len(delays)))
+    # The first item ends only once the caller has a result (or after a bound no run nears):
+    # with more than one worker it cannot come out first, however slowly the second one starts.
+    caller_has_one = str(tmp_path / "caller-has-one")
+    items = [(i, caller_has_one) for i in range(7)]
+    out = []
+    for value in pmap.imap(work(first_waits_for_the_caller), items, backend=pmap_backend,
+                           ordered=False, workers=2, chunksize=1):
+        out.append(value)
+        open(caller_has_one, "w").close()
+    assert sorted(out) == list(range(len(items)))
     assert out[0] != 0
 
 
-def sleep_then_index(pair):
-    index, delay = pair
-    pause(delay)
+FIRST_ITEM_PATIENCE = 60.0  # seconds; only ends a run whose other items never ran
+
+
+def first_waits_for_the_caller(pair):
+    index, caller_has_one = pair
+    give_up = time.monotonic() + FIRST_ITEM_PATIENCE
+    while index == 0 and not os.path.exists(caller_has_one) and time.monotonic() < give_up:
+        pause(0.01)
     return index
 
 
-@async_twin(sleep_then_index)
-async def sleep_then_index_async(pair):
-    index, delay = pair
-    await asyncio.sleep(delay)
+@async_twin(first_waits_for_the_caller)
+async def first_waits_for_the_caller_async(pair):
+    index, caller_has_one = pair
+    give_up = time.monotonic() + FIRST_ITEM_PATIENCE
+    while index == 0 and not os.path.exists(caller_has_one) and time.monotonic() < give_up:
+        await asyncio.sleep(0.01)
     return index
 
 

@@ -688,10 +688,15 @@ def test_a_file_target_reaches_workers_started_in_another_directory(key_file, wo
         elsewhere = tmp_path / "elsewhere"
         elsewhere.mkdir()
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-        worker = subprocess.Popen([sys.executable, "-m", "pmap", "worker", f"127.0.0.1:{port}", "--authkey-file",
-                                   key_file], cwd=elsewhere, env=env, stderr=subprocess.DEVNULL)
-        out, err = driver.communicate(timeout=HANG_GUARD)
-        assert worker.wait(HANG_GUARD) == 0
+        with open(tmp_path / "worker.log", "w+") as worker_log:
+            worker = subprocess.Popen([sys.executable, "-m", "pmap", "worker", f"127.0.0.1:{port}",
+                                       "--authkey-file", key_file], cwd=elsewhere, env=env, stderr=worker_log)
+            out, err = driver.communicate(timeout=HANG_GUARD)
+            status = worker.wait(HANG_GUARD)
+            worker_log.seek(0)
+            # exit 0: it heard the driver end (a driver that exits before its stop reaches a
+            # worker leaves it to presume the driver lost, and exit 1)
+            assert status == 0, f"the worker exited {status}:\n{worker_log.read()}\nthe driver said:\n{err}"
     finally:
         driver.kill()
         driver.wait()

@@ -61,7 +61,8 @@ TASKS_PER_THREAD = 1
 # A window over twice the threads is one large task group, which the scheduler queues and
 # hands to a worker as a thread frees, so none stack on a worker.
 SHORT_TASK_SECONDS = 0.05
-SHORT_TASKS_PER_THREAD = 64
+SHORT_TASKS_PER_THREAD = 16
+GATHER_PAUSE = 0.005           # with short tasks, a fetch of results waits this long for more to finish
 # An adaptive cluster grows only from work queued at its scheduler (about one worker per
 # target-duration, 5 s by default, of queued work): keep that much there. A window over twice
 # the threads makes dask queue the tasks at the scheduler, so none stack on a worker.
@@ -367,9 +368,8 @@ class DaskBackend(Backend):
         threads = max(1, self.threads)
         per_thread = self.tasks_per_thread
         if per_thread is None:
-            short = self.task_seconds is not None and self.task_seconds < SHORT_TASK_SECONDS
             per_thread = (ADAPTIVE_TASKS_PER_THREAD if self.adaptive
-                          else SHORT_TASKS_PER_THREAD if short else TASKS_PER_THREAD)
+                          else SHORT_TASKS_PER_THREAD if self._short() else TASKS_PER_THREAD)
         window = threads * per_thread
         if self.adaptive:
             window = max(window, ADAPTIVE_MIN_WINDOW)
@@ -381,6 +381,10 @@ class DaskBackend(Backend):
                 and not self.unsent):
             return 0  # short tasks go in batches of half the window or more: one message to the scheduler each
         return room
+
+    def _short(self) -> bool:
+        """Recent tasks took less than SHORT_TASK_SECONDS on their workers."""
+        return self.task_seconds is not None and self.task_seconds < SHORT_TASK_SECONDS
 
     def submit(self, task) -> None:
         """Keep the task until the next `wait`, which sends all kept in one `client.map`: one
@@ -438,6 +442,9 @@ class DaskBackend(Backend):
         self.gathering = True
         try:
             while self.finished:
+                if self._short():
+                    import asyncio
+                    await asyncio.sleep(GATHER_PAUSE)  # more finish meanwhile: one request fetches them all
                 batch, self.finished = self.finished, []
                 try:
                     # errors="skip": a result lost with its worker is recomputed (dask logs that at debug

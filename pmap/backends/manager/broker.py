@@ -210,16 +210,34 @@ class Broker:
         stall on them."""
         with self.lock:
             host = self.hosts.get(host_id)
-            if host is not None and not host.expired and not self.stopped.is_set():
-                self._drop_host(host, reason=f"its host {host.name} closed its connection")
+            if host is not None and not host.expired:
+                if self.stopped.is_set():
+                    host.expired = True  # gone after the run: nothing of it to report
+                    self.orders_ready.notify_all()
+                else:
+                    self._drop_host(host, reason=f"its host {host.name} closed its connection")
 
     def leave(self, host_id: int) -> None:
-        """A supervisor stopping on its own (Ctrl-C): its tasks are reported lost at once."""
+        """A supervisor stopping on its own (Ctrl-C): its tasks are reported lost at once. One
+        that heard the driver's stop says so too, so the driver knows it may exit."""
         with self.lock:
             host = self.hosts.get(host_id)
             if host is not None:
                 self._drop_host(host, reason=f"its host {host.name} left")
                 del self.hosts[host_id]
+                self.orders_ready.notify_all()  # a closing driver may wait for the last to leave
+
+    def wait_for_hosts_to_leave(self, timeout: float) -> None:
+        """After `stop`: wait up to `timeout` seconds until every connected host has heard it and
+        left. A driver that exited sooner would cut off a stop on its way, and the host would
+        take the silence for a lost driver."""
+        deadline = time.monotonic() + timeout
+        with self.lock:
+            while any(not host.expired for host in self.hosts.values()):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                self.orders_ready.wait(remaining)
 
     # ---- worker side (over the network) ----------------------------------------------
     def hello_worker(self, host_id: int, pid: int):

@@ -287,6 +287,8 @@ class ManagerBackend(Backend):
         self.closing = True
         local_pids = self.broker.worker_pids_on(self.local_token)
         self.broker.stop()
+        if not kill:
+            self.broker.wait_for_hosts_to_leave(STOP_GRACE)
         proc, self.local_proc = self.local_proc, None
         if proc is not None:
             if kill:

@@ -182,6 +182,10 @@ class _Supervisor:
                     end_process_group(pid, grace=0.05)
             if orders["stop"]:
                 self.stop_requested(f"the driver at {format_address(self.address)} ended")
+                try:
+                    self.broker.leave(self.host_id)  # heard: the driver may exit now
+                except _CONNECTION_LOST:
+                    pass  # it did not wait for us
                 return
 
     def _reconnect(self) -> bool:
