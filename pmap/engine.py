@@ -72,7 +72,8 @@ class RunStats:
     wall_seconds: float = 0.0
     busy_seconds: float = 0.0
     busy_by_worker: dict = field(default_factory=dict)
-    startup_seconds: float = 0.0        # opening the backend and preparing the function
+    # preparing the function and waiting for the first worker to begin (a cold pool starting)
+    startup_seconds: float = 0.0
     probe_seconds: float = 0.0          # auto mode's measuring of the first items
     first_result_seconds: float | None = None
     bytes_sent: int | None = None       # pickled tasks and results, where the backend can tell
@@ -82,6 +83,11 @@ class RunStats:
     concurrency: list = field(default_factory=list)
     plan: Any = None
     native_threads: Any = None          # the workers' BLAS/OpenMP limits (pmap.native.NativeLimits)
+
+    @property
+    def startup_share(self) -> float:
+        """Share of the run's wall time spent starting: before any worker ran an item."""
+        return min(1.0, self.startup_seconds / self.wall_seconds) if self.wall_seconds else 0.0
 
     @property
     def utilisation(self) -> float:
@@ -95,7 +101,9 @@ class RunStats:
         chunk = f"{min(sizes)}..{max(sizes)}" if sizes else "-"
         text = (f"{self.items_done} items on {self.backend} x{self.workers} in {self.wall_seconds:.3f}s "
                 f"({self.tasks} tasks, chunk {chunk}, utilisation {self.utilisation:.0%}, "
-                f"start-up {self.startup_seconds * 1e3:.1f} ms")
+                f"start-up {self.startup_seconds * 1e3:.1f} ms ({self.startup_share:.0%})")
+        if self.startup_share > 0.5:
+            text += ", mostly start-up: a warm pool (the next call within a minute, or pmap.Pool) skips it"
         if self.probe_seconds:
             text += f", probe {self.probe_seconds * 1e3:.1f} ms"
         if self.bytes_sent is not None:
@@ -230,6 +238,7 @@ class _Engine:
             self.sizer.observe(*spec.measured)
         self.fn = None
         self.pairs = spec.seed is not None and not spec.indexed_items  # tasks carry (index, item)
+        self.prepared: float | None = None  # seconds prepare took, until the run's first result
         self.clock = spec.clock
         self.controller = None
         self.stragglers = 0
@@ -255,7 +264,8 @@ class _Engine:
             if random_globals == CALLER:  # the caller's own generators are put back after the run
                 caller_state = CallerState()
         self.fn = self.backend.prepare(fn, self.spec.timeout)
-        self.stats.startup_seconds += time.perf_counter() - started
+        self.prepared = time.perf_counter() - started
+        self.stats.startup_seconds += self.prepared
         self.stats.native_threads = getattr(self.backend, "native_limits", None)
         ordered = self.spec.ordered
         try:
@@ -407,6 +417,10 @@ class _Engine:
         stats = self.stats
         stats.busy_seconds += event.elapsed
         stats.busy_by_worker[event.worker] = stats.busy_by_worker.get(event.worker, 0.0) + event.elapsed
+        if self.prepared is not None:  # this run's first result: until its task began, workers were starting
+            began = time.perf_counter() - event.elapsed - self.started
+            stats.startup_seconds += max(0.0, began - self.prepared)
+            self.prepared = None
         if stats.first_result_seconds is None:
             stats.first_result_seconds = time.perf_counter() - self.started
         self.sizer.observe(n, event.elapsed)
