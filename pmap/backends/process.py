@@ -14,11 +14,29 @@ from concurrent.futures import BrokenExecutor
 
 from .._worker import pooled_worker_init, run_pooled_task
 from ._pooled import PooledBackend
-from ._procutil import describe_exit
+from ._procutil import describe_exit, process_exists
 from .base import Lost
 
 REUSE_SECONDS = 60  # idle workers stay this long, so the next call in a script starts warm
 BREAK_SECONDS = 5.0  # the longest wait for loky to see a worker ended for a timeout
+# start_method="forkserver": workers forked from multiprocessing's fork server, which imports
+# these once, cost a fork rather than an interpreter's start and loky's imports (about 0.1 s of
+# CPU each; bench/startup.py). Not the default: the server and each worker import the main
+# module, which then needs `if __name__ == "__main__":` as with spawn; loky's own method does not.
+WORKER_MODULES = ("loky.process_executor", "pmap._worker", "pmap.native")
+START_METHODS = ("loky", "loky_init_main", "spawn", "forkserver")
+
+
+def _preload_worker_modules() -> None:
+    """Add pmap's worker modules to the fork server's preload list, keeping what is on it
+    (`__main__` by default, or the caller's own list). Has no effect on a server already running."""
+    import multiprocessing
+    from multiprocessing import forkserver
+    # the list itself is private to multiprocessing; without it, keep its default
+    current = list(getattr(getattr(forkserver, "_forkserver", None), "_preload_modules", None) or ["__main__"])
+    wanted = list(dict.fromkeys([*current, *WORKER_MODULES]))
+    if wanted != current:
+        multiprocessing.set_forkserver_preload(wanted)
 
 
 class ProcessBackend(PooledBackend):
@@ -27,8 +45,11 @@ class ProcessBackend(PooledBackend):
                   "items in flight (at-least-once for those)")
 
     def __init__(self, workers=None, initializer=None, initargs=(), reuse_timeout=REUSE_SECONDS,
-                 max_tasks_per_worker=None, **options):
+                 max_tasks_per_worker=None, start_method=None, **options):
         super().__init__(workers, initializer, initargs, **options)
+        if start_method is not None and start_method not in START_METHODS:
+            raise ValueError(f"start_method must be one of {', '.join(START_METHODS)}, got {start_method!r}")
+        self.start_method = start_method or "loky"
         self.reuse_timeout = reuse_timeout
         # loky cannot retire one worker, so the whole executor is renewed after this many tasks
         self.tasks_per_executor = max_tasks_per_worker * self.workers if max_tasks_per_worker else None
@@ -37,18 +58,25 @@ class ProcessBackend(PooledBackend):
         self.gone_holders: dict[int, int] = {}  # task id -> pid of the worker that held it when it ended
         self.seen_lock = threading.Lock()  # `seen` is read from loky's thread when a task fails
         self.last_break = None  # (loky's error, its workers' exit codes when it failed the first task)
+        self.worker_pids: set[int] = set()  # workers of the current executor that ran a task
+
+    # What the last run in this process left running, by our own bookkeeping (loky's is private):
+    # (this process's pid, workers, the initializer, the workers' pids, when it ended, their idle limit)
+    _left_running: tuple | None = None
 
     @classmethod
-    def is_warm(cls, workers: int) -> bool:
-        """Whether loky's reusable executor already runs `workers` workers: a run then starts
-        no process."""
-        try:
-            from loky import reusable_executor
-            executor = getattr(reusable_executor._executor_storage, "executor", None)
-            return (executor is not None and not executor._flags.broken and not executor._flags.shutdown
-                    and executor._max_workers == workers)
-        except (ImportError, AttributeError):  # loky's internals moved: assume a cold start
+    def is_warm(cls, workers: int, initializer=None) -> bool:
+        """Whether a run with `workers` workers (and `initializer`) would find loky's executor
+        running: the last run in this process ended cleanly with as many, the same initializer
+        and loky's start method, less than the workers' idle limit ago, and every worker it saw
+        is still alive (one that never got a task started all the same). A run then starts no
+        process."""
+        left = cls._left_running
+        if left is None:
             return False
+        pid, count, init, pids, ended, idle_limit = left
+        return (pid == os.getpid() and count == workers and init is initializer and bool(pids)
+                and time.monotonic() - ended < idle_limit and all(process_exists(p) for p in pids))
 
     def open(self) -> None:
         self._executor()
@@ -56,11 +84,14 @@ class ProcessBackend(PooledBackend):
     def _executor(self):
         if self.executor is None:
             from loky import get_reusable_executor  # a broken or shut down executor is replaced
+            if self.start_method == "forkserver":
+                _preload_worker_modules()
             self.executor = get_reusable_executor(
-                max_workers=self.workers, timeout=self.reuse_timeout,
+                max_workers=self.workers, timeout=self.reuse_timeout, context=self.start_method,
                 initializer=pooled_worker_init, initargs=(self.initializer_bytes(), os.getpid()))
             self.tasks_on_executor = 0
             self.ended_pids.clear()
+            self.worker_pids = set()
         return self.executor
 
     def capacity(self) -> int:
@@ -143,15 +174,26 @@ class ProcessBackend(PooledBackend):
             self.executor = None
         return events
 
+    def _frames(self, link) -> list:
+        events = super()._frames(link)
+        if link.pid is not None:  # known once the worker has said who it is
+            self.worker_pids.add(link.pid)
+        return events
+
     def close(self, kill=False) -> None:
         executor, self.executor = self.executor, None
         if executor is not None and (kill or self.inflight):
             executor.shutdown(wait=True, kill_workers=True)
+        # what auto reads (is_warm): only a clean end with loky's own method leaves its workers for the next run
+        clean = executor is not None and not kill and not self.inflight and self.start_method == "loky"
+        ProcessBackend._left_running = None if not clean else (
+            os.getpid(), self.workers, self.initializer, frozenset(self.worker_pids), time.monotonic(),
+            self.reuse_timeout)
         self.gone_holders.clear()
         super().close(kill)
 
 
 def _broken(executor) -> bool:
-    # `_flags.broken`, private to loky (checked with loky 3.7; `is_warm` reads it too)
+    # `_flags.broken`, private to loky (checked with loky 3.7)
     flags = getattr(executor, "_flags", None)
     return flags is None or bool(flags.broken)
