@@ -220,3 +220,54 @@ def test_cpu_bound_results_that_cannot_be_pickled_stay_in_this_process():
     plan = pmap.explain(make, [200_000] * 60)
     assert plan.backend in {"serial", "thread"}, str(plan)
     assert "first result cannot be pickled" in plan.reason, str(plan)
+
+
+def shut_down_loky():
+    from loky import get_reusable_executor
+    get_reusable_executor().shutdown(wait=True, kill_workers=True)
+
+
+def test_auto_works_while_a_cold_pool_starts_and_leaves_it_warm():
+    # Another library's thread makes fork unsafe and loky is cold: auto used to run this serially
+    # (pricing the pool's start as a wall) and never start the pool. Now the caller runs items
+    # while the workers start, and the next call finds them running.
+    from pmap.backends.process import ProcessBackend
+    from workloads import spin_cpu
+    shut_down_loky()
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait, daemon=True)
+    other.start()
+    try:
+        items = [0.004] * 300
+        out = pmap.pmap(spin_cpu, items)
+        assert out == items
+        plan = out.stats.plan
+        assert plan.backend == "process" and plan.caller_lane, str(plan)
+        assert plan.caller_items > 0, "the calling thread ran no item while the pool started"
+        assert f"while its workers start (it ran {plan.caller_items})" in str(plan)
+        # the workers took over: each starting worker is handed a task to take when it is up
+        assert any(type(worker) is int for worker in out.stats.busy_by_worker), out.stats.busy_by_worker
+        assert ProcessBackend.is_warm(plan.workers), "the pool auto started was not left for the next call"
+        again = pmap.pmap(spin_cpu, items)
+        assert again == items
+        assert again.stats.plan.backend == "process" and not again.stats.plan.caller_lane, str(again.stats.plan)
+    finally:
+        stop.set()
+        other.join()
+
+
+def test_no_caller_lane_under_a_timeout():
+    # an item in the calling thread could not be stopped at its deadline
+    from workloads import spin_cpu
+    shut_down_loky()
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait, daemon=True)
+    other.start()
+    try:
+        out = pmap.pmap(spin_cpu, [0.004] * 300, timeout=30)
+        assert out == [0.004] * 300
+        plan = out.stats.plan
+        assert not plan.caller_lane and plan.caller_items == 0, str(plan)
+    finally:
+        stop.set()
+        other.join()

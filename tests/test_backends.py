@@ -278,3 +278,25 @@ def test_a_main_function_sees_the_globals_its_initializer_set_in_the_worker(tmp_
     done = subprocess.run([sys.executable, str(script), backend], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == repr([(100 + x, True) for x in range(6)])
+
+
+def test_a_process_run_does_not_wait_for_every_worker(tmp_path):
+    # Three of four workers start late (their initializer holds them): the first worker up takes
+    # the items, and the run ends before the others have started.
+    from pmap.backends.process import ProcessBackend
+    from pmap.engine import RunSpec, RunStats, execute
+    from workloads import first_worker_only_starts
+    backend = ProcessBackend(workers=4, initializer=first_worker_only_starts,
+                             initargs=(str(tmp_path / "first"), 30.0))
+    backend.open()
+    stats = RunStats()
+    try:
+        out = [v for batch in execute(backend, RunSpec(pid_of, range(20), chunksize=1), stats) for v in batch]
+    finally:
+        backend.close(kill=True)  # the held workers are ended, not waited for
+    assert len(out) == 20 and len(set(out)) == 1, "items waited for workers that were still starting"
+    assert set(stats.busy_by_worker) == set(out)
+    # the start-up share counts the wait for the first worker
+    assert 0.0 < stats.startup_seconds <= stats.wall_seconds
+    assert 0.0 < stats.startup_share <= 1.0
+    assert f"({stats.startup_share:.0%})" in str(stats)

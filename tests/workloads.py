@@ -130,3 +130,20 @@ def append_item_to(path_and_item):
     for _ in range(20_000):
         pass
     return item
+
+
+def spin_cpu(seconds):
+    """Pure Python for `seconds` of this thread's CPU time, however busy the machine is."""
+    deadline = time.thread_time() + seconds
+    while time.thread_time() < deadline:
+        pass
+    return seconds
+
+
+def first_worker_only_starts(marker, hold_seconds):
+    """An initializer: the first worker to create `marker` goes on at once, the others wait
+    `hold_seconds` (workers that start late)."""
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        time.sleep(hold_seconds)
