@@ -24,7 +24,7 @@ from dataclasses import replace
 from typing import Callable, Iterator
 
 from . import native
-from .backends.base import Backend, Done, Lost, Started, Task
+from .backends.base import Backend, Done, Lost, Task
 from .backends.serial import SerialBackend
 from .backends.thread import ThreadBackend
 from .concurrency import Adaptive
@@ -187,9 +187,9 @@ class EarlyStart:
 class CallerLane(Backend):
     """A cold process pool, and the calling thread as one more worker while the pool's workers
     start: the caller runs a task whenever it has one and no worker has reported anything, so a
-    run never waits for the pool and is never much slower than serial. The pool gets one task
-    per worker still starting, which that worker takes when it is up, and two per worker seen
-    running; once every worker has been seen, the caller takes no more tasks and only waits.
+    run never waits for the pool and is never much slower than serial. The pool gets tasks only
+    for workers that are up (`Backend.workers_up`), two each, so no item waits in a worker that
+    is still starting; once every worker is up, the caller takes no more tasks and only waits.
     The engine keeps every policy: this only decides where each task runs.
 
     The caller's items run as the serial backend runs them: the probe already ran the
@@ -207,7 +207,6 @@ class CallerLane(Backend):
         self.caller = SerialBackend()
         self.fn = None
         self.in_pool: set[int] = set()
-        self.up: set = set()     # workers of the pool seen running a task
         self.lane_open = True
         self.caller_items = 0  # items the calling thread ran
 
@@ -225,9 +224,12 @@ class CallerLane(Backend):
 
     def _pool_room(self) -> int:
         room = self.pool.capacity()
-        if self.lane_open:  # not more than the workers seen can start soon
-            starting = max(0, self.workers - len(self.up))
-            room = min(room, starting + self.DEPTH_PER_WORKER * len(self.up) - len(self.in_pool))
+        if self.lane_open:
+            up = self.pool.workers_up()
+            if up >= self.workers:
+                self.lane_open = False  # the pool is up: the caller only waits from now on
+            else:
+                room = min(room, self.DEPTH_PER_WORKER * up - len(self.in_pool))
         return max(0, room)
 
     def capacity(self) -> int:
@@ -247,13 +249,8 @@ class CallerLane(Backend):
         if not events and self.caller.queue:
             return self.caller.wait(0)
         for event in events:
-            kind = type(event)
-            if kind is Started or kind is Done:
-                self.up.add(event.worker)
-            if kind is Done or kind is Lost:
+            if type(event) is Done or type(event) is Lost:
                 self.in_pool.discard(event.task_id)
-        if self.lane_open and len(self.up) >= self.workers:
-            self.lane_open = False  # the pool is up: the caller only waits from now on
         return events
 
     def cancel(self, task_id) -> None:

@@ -245,8 +245,6 @@ def test_auto_works_while_a_cold_pool_starts_and_leaves_it_warm():
         assert plan.backend == "process" and plan.caller_lane, str(plan)
         assert plan.caller_items > 0, "the calling thread ran no item while the pool started"
         assert f"while its workers start (it ran {plan.caller_items})" in str(plan)
-        # the workers took over: each starting worker is handed a task to take when it is up
-        assert any(type(worker) is int for worker in out.stats.busy_by_worker), out.stats.busy_by_worker
         assert ProcessBackend.is_warm(plan.workers), "the pool auto started was not left for the next call"
         again = pmap.pmap(spin_cpu, items)
         assert again == items
@@ -271,3 +269,39 @@ def test_no_caller_lane_under_a_timeout():
     finally:
         stop.set()
         other.join()
+
+
+def test_the_caller_runs_items_until_the_pool_is_up_then_hands_over():
+    # A pool whose workers are up only once the caller has run 20 items: no item waits in the
+    # pool before that, the caller stops taking items after it, and every item runs once.
+    from pmap.backends.thread import ThreadBackend
+    from pmap.early_start import CallerLane
+    from pmap.engine import RunSpec, RunStats, execute
+
+    ran = {}
+    lock = threading.Lock()
+
+    def record(x):
+        with lock:
+            assert x not in ran, f"item {x} ran twice"
+            ran[x] = threading.current_thread() is threading.main_thread()
+        return x * 3
+
+    class SlowToStart(ThreadBackend):
+        lane = None
+
+        def workers_up(self):
+            return self.workers if self.lane.caller_items >= 20 else 0
+
+    pool = SlowToStart(workers=2)
+    pool.open()
+    lane = pool.lane = CallerLane(pool)
+    try:
+        out = [v for batch in execute(lane, RunSpec(record, list(range(200)), chunksize=4), RunStats()) for v in batch]
+    finally:
+        lane.close()
+    assert out == [x * 3 for x in range(200)]
+    in_caller = sorted(x for x, here in ran.items() if here)
+    assert in_caller == list(range(len(in_caller))), "the pool ran an item before it was up"
+    assert 20 <= len(in_caller) <= 20 + 4, "the caller went on taking items after the pool was up"
+    assert len(ran) == 200 and not lane.lane_open
