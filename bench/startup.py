@@ -1,0 +1,176 @@
+"""What process start-up costs a run, and how much of it pmap hides (issue 29).
+
+    python bench/startup.py                 # 7 rounds; writes bench/results/startup.md
+    python bench/startup.py --rounds 11
+    python bench/startup.py --quick         # 2 rounds (bench/results/quick/startup.md)
+
+Every case runs in a fresh interpreter of its own (a child process), so each process run meets
+a cold pool, as a script's first call does; only the call is timed (`import pmap` is not). Each
+round runs every case once, in a rotating order, so a burst of load elsewhere falls on all of
+them alike; a case's ratio is its time over serial's time for the same work in the same round,
+then the median and the spread (lowest to highest) over the rounds.
+
+Targets (issue 29): in a fresh interpreter with another thread alive, auto on 150 items of
+3 ms of CPU takes at most 0.8x serial; 1,000 items of 1 ms on a cold `process` backend take no
+longer with 8 workers than with 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402  (the bench directory, also when run from elsewhere)
+
+TARGET_AUTO_VS_SERIAL = 0.8
+CHILD_TIMEOUT = 120.0
+
+
+def spin(seconds):
+    """Pure Python for `seconds` of this thread's CPU time, however busy the machine is."""
+    deadline = time.thread_time() + seconds
+    while time.thread_time() < deadline:
+        pass
+    return seconds
+
+
+# name -> (work: items, seconds of CPU each; how the child runs it; serial case it is compared with)
+CASES = {
+    "serial 150 x 3 ms": ((150, 0.003), "serial", None),
+    "auto 150 x 3 ms": ((150, 0.003), "auto", "serial 150 x 3 ms"),
+    "auto 150 x 3 ms, second call": ((150, 0.003), "auto-second", "serial 150 x 3 ms"),
+    "process 150 x 3 ms": ((150, 0.003), "process", "serial 150 x 3 ms"),
+    "serial 1000 x 1 ms": ((1000, 0.001), "serial", None),
+    "process x2 1000 x 1 ms": ((1000, 0.001), "process:2", "serial 1000 x 1 ms"),
+    "process x8 1000 x 1 ms": ((1000, 0.001), "process:8", "serial 1000 x 1 ms"),
+    "process x2 forkserver 1000 x 1 ms": ((1000, 0.001), "process:2:forkserver", "serial 1000 x 1 ms"),
+    "process x8 forkserver 1000 x 1 ms": ((1000, 0.001), "process:8:forkserver", "serial 1000 x 1 ms"),
+}
+
+
+def child(case: str) -> None:
+    """Run one case here (a fresh interpreter) with another thread alive, as after any library
+    that starts one (joblib, a database driver): fork is then unsafe and auto will not use it."""
+    import pmap
+    (count, seconds), how, _ = CASES[case]
+    items = [seconds] * count
+    stop = threading.Event()
+    threading.Thread(target=stop.wait, name="another-library", daemon=True).start()
+    stats = None
+    if how == "serial":
+        start = time.perf_counter()
+        out = [spin(x) for x in items]
+    else:
+        options: dict = {}
+        if how.startswith("process"):
+            _, *rest = how.split(":")
+            options["backend"] = "process"
+            if rest:
+                options["workers"] = int(rest[0])
+            if len(rest) > 1:
+                options["start_method"] = rest[1]
+        if how == "auto-second":
+            pmap.pmap(spin, items)  # the first call, untimed: it leaves the pool it started
+        start = time.perf_counter()
+        out = pmap.pmap(spin, items, **options)
+        stats = out.stats
+    elapsed = time.perf_counter() - start
+    stop.set()
+    assert out == items, "wrong results"
+    record = {"seconds": elapsed}
+    if stats is not None:
+        record.update(startup_share=stats.startup_share, workers=stats.workers, backend=stats.backend)
+        if stats.plan is not None:
+            record.update(plan=stats.plan.backend, caller_items=stats.plan.caller_items)
+    print(json.dumps(record))
+
+
+def run_case(case: str) -> dict:
+    result = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", case],
+                            capture_output=True, text=True, timeout=CHILD_TIMEOUT)
+    if result.returncode != 0:
+        raise RuntimeError(f"{case} failed:\n{result.stderr}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def measure(rounds: int) -> dict[str, list[dict]]:
+    names = list(CASES)
+    records: dict[str, list[dict]] = {name: [] for name in names}
+    for round_number in range(rounds):
+        shift = (round_number * 3) % len(names)
+        for name in names[shift:] + names[:shift]:
+            records[name].append(run_case(name))
+        common.log(f"round {round_number + 1}/{rounds} done")
+    return records
+
+
+def report(records: dict[str, list[dict]], rounds: int) -> list[str]:
+    rows = []
+    ratios: dict[str, float] = {}
+    for name, (_, _, versus) in CASES.items():
+        runs = records[name]
+        seconds = [r["seconds"] for r in runs]
+        if versus is not None:
+            per_round = [r["seconds"] / s["seconds"] for r, s in zip(runs, records[versus])]
+            ratio = statistics.median(per_round)
+            ratios[name] = ratio
+            ratio_cell = f"{ratio:.2f}x ({min(per_round):.2f} - {max(per_round):.2f})"
+        else:
+            ratio_cell = "1"
+        shares = [r["startup_share"] for r in runs if "startup_share" in r]
+        caller = [r["caller_items"] for r in runs if "caller_items" in r]
+        notes = []
+        if shares:
+            notes.append(f"start-up share {statistics.median(shares):.0%}")
+        if runs and "plan" in runs[0]:
+            notes.append("auto chose " + "/".join(sorted({r["plan"] for r in runs})))
+        if any(caller):
+            notes.append(f"caller ran {statistics.median(caller):.0f} items")
+        rows.append([name, common.seconds_text(statistics.median(seconds)),
+                     f"{common.seconds_text(min(seconds))} - {common.seconds_text(max(seconds))}",
+                     ratio_cell, ", ".join(notes) or "-"])
+    auto = ratios.get("auto 150 x 3 ms")
+    two, eight = ratios.get("process x2 1000 x 1 ms"), ratios.get("process x8 1000 x 1 ms")
+    verdicts = []
+    if auto is not None:
+        verdicts.append(f"- auto, 150 x 3 ms, cold, another thread alive: {auto:.2f}x serial, target "
+                        f"<= {TARGET_AUTO_VS_SERIAL}x: {'met' if auto <= TARGET_AUTO_VS_SERIAL else '**missed**'}")
+    if two is not None and eight is not None:
+        verdicts.append(f"- cold `process`, 1000 x 1 ms: 8 workers {eight / two:.2f}x the time of 2, target "
+                        f"<= 1.0x: {'met' if eight <= two else '**missed**'}")
+    fs_two, fs_eight = ratios.get("process x2 forkserver 1000 x 1 ms"), ratios.get("process x8 forkserver 1000 x 1 ms")
+    if fs_two is not None and fs_eight is not None:
+        verdicts.append(f"- the same with `start_method=\"forkserver\"`: 8 workers {fs_eight / fs_two:.2f}x the time of 2")
+    lines = ["# Process start-up", ""] + common.header_lines("startup.py") + [
+        "",
+        f"Each case in a fresh interpreter with another thread alive (fork is then unsafe); medians of {rounds} "
+        "rounds, the cases in a rotating order each round; ratios against serial for the same work in the "
+        "same round (median, and lowest - highest). Items are pure Python spinning for their CPU time.", ""]
+    lines += common.markdown_table(["case", "median", "range", "vs serial", "notes"], rows)
+    lines += ["", "## Targets", ""] + verdicts
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--quick", action="store_true", help="2 rounds, written under results/quick")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(args.child)
+    rounds = 2 if args.quick else args.rounds
+    lines = report(measure(rounds), rounds)
+    path = common.write_results("startup.md", lines, args.quick)
+    print("\n".join(lines))
+    print(f"\nwritten: {os.path.relpath(path)}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
