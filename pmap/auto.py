@@ -296,7 +296,7 @@ def decide(meter: Meter, remaining: int | None, fn, workers,
         process_class = resolve_backend_class(process_name)
         if process_class.unavailable_reason() is None:
             start = _process_start(process_class, fork_safe, proc_workers)
-            caller_lane = caller_may_run and start == PROCESS_START_COLD
+            caller_lane = caller_may_run and not fork_safe and start > 0.0  # a cold loky pool
             estimate = _overlapped_estimate if caller_lane else _process_estimate
             estimates[process_name] = estimate(work, proc_workers, cores, start)
 

@@ -186,8 +186,8 @@ class EarlyStart:
 
 class CallerLane(Backend):
     """A cold process pool, and the calling thread as one more worker while the pool's workers
-    start: the caller runs a task whenever it has one and no worker has reported anything, so a
-    run never waits for the pool and is never much slower than serial. The pool gets tasks only
+    start: the caller runs a task whenever it holds one and the pool has nothing to report, so
+    a run never waits for the pool and is never much slower than serial. The pool gets tasks only
     for workers that are up (`Backend.workers_up`), two each, so no item waits in a worker that
     is still starting; once every worker is up, the caller takes no more tasks and only waits.
     The engine keeps every policy: this only decides where each task runs.
@@ -197,7 +197,7 @@ class CallerLane(Backend):
     cannot be killed."""
 
     reports_start = True
-    DEPTH_PER_WORKER = 2  # tasks a worker seen running holds: one running, one waiting
+    DEPTH_PER_WORKER = 2  # tasks a worker that is up holds: one running, one waiting
 
     def __init__(self, pool: Backend):  # the pool is opened; Backend.__init__ would check options again
         self.pool = pool
