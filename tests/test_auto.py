@@ -222,53 +222,45 @@ def test_cpu_bound_results_that_cannot_be_pickled_stay_in_this_process():
     assert "first result cannot be pickled" in plan.reason, str(plan)
 
 
-def shut_down_loky():
+@pytest.fixture
+def cold_pool_and_another_thread():
+    """loky's workers ended, and a thread of "another library" alive: fork is unsafe here."""
     from loky import get_reusable_executor
     get_reusable_executor().shutdown(wait=True, kill_workers=True)
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait, daemon=True)
+    other.start()
+    yield
+    stop.set()
+    other.join()
 
 
-def test_auto_works_while_a_cold_pool_starts_and_leaves_it_warm():
-    # Another library's thread makes fork unsafe and loky is cold: auto used to run this serially
-    # (pricing the pool's start as a wall) and never start the pool. Now the caller runs items
-    # while the workers start, and the next call finds them running.
+def test_auto_works_while_a_cold_pool_starts_and_leaves_it_warm(cold_pool_and_another_thread):
+    # Auto used to run this serially where loky was cold (pricing the pool's start as a wall)
+    # and never start the pool. Now the caller runs items while the workers start, and the next
+    # call finds them running.
     from pmap.backends.process import ProcessBackend
     from workloads import spin_cpu
-    shut_down_loky()
-    stop = threading.Event()
-    other = threading.Thread(target=stop.wait, daemon=True)
-    other.start()
-    try:
-        items = [0.004] * 300
-        out = pmap.pmap(spin_cpu, items)
-        assert out == items
-        plan = out.stats.plan
-        assert plan.backend == "process" and plan.caller_lane, str(plan)
-        assert plan.caller_items > 0, "the calling thread ran no item while the pool started"
-        assert f"while its workers start (it ran {plan.caller_items})" in str(plan)
-        assert ProcessBackend.is_warm(plan.workers), "the pool auto started was not left for the next call"
-        again = pmap.pmap(spin_cpu, items)
-        assert again == items
-        assert again.stats.plan.backend == "process" and not again.stats.plan.caller_lane, str(again.stats.plan)
-    finally:
-        stop.set()
-        other.join()
+    items = [0.004] * 300
+    out = pmap.pmap(spin_cpu, items)
+    assert out == items
+    plan = out.stats.plan
+    assert plan.backend == "process" and plan.caller_lane, str(plan)
+    assert plan.caller_items > 0, "the calling thread ran no item while the pool started"
+    assert f"while its workers start (it ran {plan.caller_items})" in str(plan)
+    assert ProcessBackend.is_warm(plan.workers), "the pool auto started was not left for the next call"
+    again = pmap.pmap(spin_cpu, items)
+    assert again == items
+    assert again.stats.plan.backend == "process" and not again.stats.plan.caller_lane, str(again.stats.plan)
 
 
-def test_no_caller_lane_under_a_timeout():
+def test_no_caller_lane_under_a_timeout(cold_pool_and_another_thread):
     # an item in the calling thread could not be stopped at its deadline
     from workloads import spin_cpu
-    shut_down_loky()
-    stop = threading.Event()
-    other = threading.Thread(target=stop.wait, daemon=True)
-    other.start()
-    try:
-        out = pmap.pmap(spin_cpu, [0.004] * 300, timeout=30)
-        assert out == [0.004] * 300
-        plan = out.stats.plan
-        assert not plan.caller_lane and plan.caller_items == 0, str(plan)
-    finally:
-        stop.set()
-        other.join()
+    out = pmap.pmap(spin_cpu, [0.004] * 300, timeout=30)
+    assert out == [0.004] * 300
+    plan = out.stats.plan
+    assert not plan.caller_lane and plan.caller_items == 0, str(plan)
 
 
 def test_the_caller_runs_items_until_the_pool_is_up_then_hands_over():
