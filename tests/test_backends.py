@@ -300,3 +300,18 @@ def test_a_process_run_does_not_wait_for_every_worker(tmp_path):
     assert 0.0 < stats.startup_seconds <= stats.wall_seconds
     assert 0.0 < stats.startup_share <= 1.0
     assert f"({stats.startup_share:.0%})" in str(stats)
+
+
+@pytest.mark.skipif("forkserver" not in __import__("multiprocessing").get_all_start_methods(),
+                    reason="this platform has no fork server")
+def test_process_workers_forked_from_the_fork_server():
+    from workloads import parent_pid_of
+    parents = pmap.pmap(parent_pid_of, range(20), backend="process", workers=2, start_method="forkserver",
+                        chunksize=1)
+    assert os.getpid() not in parents, "the workers were not forked by the fork server"
+    assert pmap.pmap(square, range(50), backend="process", workers=2, start_method="forkserver") == \
+        [x * x for x in range(50)]
+    from pmap.backends.process import ProcessBackend
+    assert not ProcessBackend.is_warm(2), "auto would take the fork server's pool for loky's own"
+    with pytest.raises(ValueError, match="start_method must be one of"):
+        pmap.pmap(square, [1], backend="process", start_method="vfork")

@@ -147,3 +147,7 @@ def first_worker_only_starts(marker, hold_seconds):
         os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
     except FileExistsError:
         time.sleep(hold_seconds)
+
+
+def parent_pid_of(_):
+    return os.getppid()
