@@ -54,6 +54,22 @@ CASES = {
 }
 
 
+def cpu_of_all() -> float:
+    """CPU seconds of this process and every process it started (the workers, loky's resource
+    tracker, the fork server), ended or alive: what a run costs whatever the load."""
+    import psutil
+    me = psutil.Process()
+    times = me.cpu_times()
+    total = times.user + times.system + times.children_user + times.children_system
+    for process in me.children(recursive=True):
+        try:
+            child_times = process.cpu_times()
+        except psutil.Error:
+            continue  # ended meanwhile: counted with the children above once reaped
+        total += child_times.user + child_times.system
+    return total
+
+
 def child(case: str) -> None:
     """Run one case here (a fresh interpreter) with another thread alive, as after any library
     that starts one (joblib, a database driver): fork is then unsafe and auto will not use it."""
@@ -64,6 +80,7 @@ def child(case: str) -> None:
     threading.Thread(target=stop.wait, name="another-library", daemon=True).start()
     stats = None
     if how == "serial":
+        cpu_before = cpu_of_all()
         start = time.perf_counter()
         out = [spin(x) for x in items]
     else:
@@ -77,13 +94,15 @@ def child(case: str) -> None:
                 options["start_method"] = rest[1]
         if how == "auto-second":
             pmap.pmap(spin, items)  # the first call, untimed: it leaves the pool it started
+        cpu_before = cpu_of_all()
         start = time.perf_counter()
         out = pmap.pmap(spin, items, **options)
         stats = out.stats
     elapsed = time.perf_counter() - start
+    cpu = cpu_of_all() - cpu_before
     stop.set()
     assert out == items, "wrong results"
-    record = {"seconds": elapsed}
+    record = {"seconds": elapsed, "cpu": cpu}
     if stats is not None:
         record.update(startup_share=stats.startup_share, workers=stats.workers, backend=stats.backend)
         if stats.plan is not None:
@@ -110,7 +129,7 @@ def measure(rounds: int) -> dict[str, list[dict]]:
     return records
 
 
-def report(records: dict[str, list[dict]], rounds: int) -> list[str]:
+def report(records: dict[str, list[dict]], rounds: int, header: list[str]) -> list[str]:
     rows = []
     ratios: dict[str, float] = {}
     for name, (_, _, versus) in CASES.items():
@@ -132,9 +151,10 @@ def report(records: dict[str, list[dict]], rounds: int) -> list[str]:
             notes.append("auto chose " + "/".join(sorted({r["plan"] for r in runs})))
         if any(caller):
             notes.append(f"caller ran {statistics.median(caller):.0f} items")
+        cpu = statistics.median(r["cpu"] for r in runs)
         rows.append([name, common.seconds_text(statistics.median(seconds)),
                      f"{common.seconds_text(min(seconds))} - {common.seconds_text(max(seconds))}",
-                     ratio_cell, ", ".join(notes) or "-"])
+                     ratio_cell, common.seconds_text(cpu), ", ".join(notes) or "-"])
     auto = ratios.get("auto 150 x 3 ms")
     two, eight = ratios.get("process x2 1000 x 1 ms"), ratios.get("process x8 1000 x 1 ms")
     verdicts = []
@@ -147,12 +167,15 @@ def report(records: dict[str, list[dict]], rounds: int) -> list[str]:
     fs_two, fs_eight = ratios.get("process x2 forkserver 1000 x 1 ms"), ratios.get("process x8 forkserver 1000 x 1 ms")
     if fs_two is not None and fs_eight is not None:
         verdicts.append(f"- the same with `start_method=\"forkserver\"`: 8 workers {fs_eight / fs_two:.2f}x the time of 2")
-    lines = ["# Process start-up", ""] + common.header_lines("startup.py") + [
+    lines = ["# Process start-up", ""] + header + [
         "",
         f"Each case in a fresh interpreter with another thread alive (fork is then unsafe); medians of {rounds} "
         "rounds, the cases in a rotating order each round; ratios against serial for the same work in the "
-        "same round (median, and lowest - highest). Items are pure Python spinning for their CPU time.", ""]
-    lines += common.markdown_table(["case", "median", "range", "vs serial", "notes"], rows)
+        "same round (median, and lowest - highest). Items are pure Python spinning for their CPU time. "
+        "'CPU, all processes' (median) is the CPU time of the run's own process and of every process it "
+        "started, which load elsewhere does not inflate: on an idle machine of N cores a run takes at "
+        "least that over N.", ""]
+    lines += common.markdown_table(["case", "median", "range", "vs serial", "CPU, all processes", "notes"], rows)
     lines += ["", "## Targets", ""] + verdicts
     return lines
 
@@ -166,7 +189,8 @@ def main() -> None:
     if args.child:
         return child(args.child)
     rounds = 2 if args.quick else args.rounds
-    lines = report(measure(rounds), rounds)
+    header = common.header_lines("startup.py")  # the load average before the runs add to it
+    lines = report(measure(rounds), rounds, header)
     path = common.write_results("startup.md", lines, args.quick)
     print("\n".join(lines))
     print(f"\nwritten: {os.path.relpath(path)}", file=sys.stderr)
