@@ -197,6 +197,9 @@ class CallerLane(Backend):
     cannot be killed."""
 
     reports_start = True
+    # a seed= run: each item runs alone, in the caller or in a worker process, and is seeded
+    # per item either way; the caller's generators are put back after the run (pmap.seeding)
+    random_globals = "caller"
     DEPTH_PER_WORKER = 2  # tasks a worker that is up holds: one running, one waiting
 
     def __init__(self, pool: Backend):  # the pool is opened; Backend.__init__ would check options again

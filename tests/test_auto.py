@@ -254,6 +254,18 @@ def test_auto_works_while_a_cold_pool_starts_and_leaves_it_warm(cold_pool_and_an
     assert again.stats.plan.backend == "process" and not again.stats.plan.caller_lane, str(again.stats.plan)
 
 
+def test_a_seeded_run_with_the_caller_working_equals_serial(cold_pool_and_another_thread):
+    # items in the calling thread and in the workers are each seeded per item, and the
+    # caller's own generator is put back after the run
+    import random
+    from workloads import spin_then_draw
+    before = random.getstate()
+    out = pmap.pmap(spin_then_draw, range(300), seed=7)
+    assert out.stats.plan.caller_lane and out.stats.plan.caller_items > 0, str(out.stats.plan)
+    assert random.getstate() == before
+    assert out == pmap.pmap(spin_then_draw, range(300), seed=7, backend="serial")
+
+
 def test_no_caller_lane_under_a_timeout(cold_pool_and_another_thread):
     # an item in the calling thread could not be stopped at its deadline
     from workloads import spin_cpu

@@ -151,3 +151,12 @@ def first_worker_only_starts(marker, hold_seconds):
 
 def parent_pid_of(_):
     return os.getppid()
+
+
+def spin_then_draw(x):
+    """4 ms of CPU, then the module-level generator's next number and the item's own."""
+    import random
+
+    import pmap
+    spin_cpu(0.004)
+    return x, random.random(), pmap.rng().random()
