@@ -218,6 +218,7 @@ class CallerLane(Backend):
     bytes_sent = property(lambda self: self.pool.bytes_sent)  # type: ignore[assignment]
     bytes_received = property(lambda self: self.pool.bytes_received)  # type: ignore[assignment]
     native_limits = property(lambda self: self.pool.native_limits)  # type: ignore[assignment]
+    item_clock = property(lambda self: self.pool.item_clock)  # type: ignore[assignment]
 
     def prepare(self, fn, timeout=None):
         self.fn, self.timeout = fn, timeout
@@ -263,6 +264,13 @@ class CallerLane(Backend):
 
     def set_concurrency(self, tasks: int) -> None:
         self.pool.set_concurrency(tasks)
+
+    # per-item timeouts are the pool's (the caller takes no task under a timeout)
+    def running_item(self, task_id):
+        return self.pool.running_item(task_id)
+
+    def interrupt(self, task_id, position):
+        return self.pool.interrupt(task_id, position)
 
     def describe_worker(self, worker) -> str:
         return "the calling thread" if worker == "main" else self.pool.describe_worker(worker)

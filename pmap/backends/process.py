@@ -197,8 +197,8 @@ class ProcessBackend(PooledBackend):
             self.executor = None
         return events
 
-    def _frames(self, link) -> list:
-        events = super()._frames(link)
+    def _frames(self, link, frames=None) -> list:
+        events = super()._frames(link, frames)
         if link.pid is not None:  # known once the worker has said who it is
             self.worker_pids.add(link.pid)
         return events
