@@ -9,12 +9,13 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # what a type checker sees (`X as X` re-exports); at run time names load on first use
     from .backends.base import backends as backends  # a function: `pmap.backends()` lists them
     from .aio import AsyncResults as AsyncResults, aimap as aimap, apmap as apmap
-    from .api import (Pool as Pool, ResultList as ResultList, Results as Results, imap as imap,
-                      pmap as pmap, starmap as starmap)
+    from .api import ResultList as ResultList, Results as Results, imap as imap, pmap as pmap, starmap as starmap
     from .auto import Plan as Plan, explain as explain
     from .backends.base import (Backend as Backend, BackendInfo as BackendInfo,
                                 register_backend as register_backend)
     from .comparison import ResultsDiffer as ResultsDiffer, compare as compare
+    from .executor import Executor as Executor
+    from .pool import Pool as Pool
     from .engine import RunStats as RunStats
     from .errors import (BackendUnavailable as BackendUnavailable, Failure as Failure,
                          InitializerError as InitializerError, PmapError as PmapError,
@@ -26,11 +27,11 @@ if TYPE_CHECKING:  # what a type checker sees (`X as X` re-exports); at run time
     from .seeding import item_seed as item_seed, rng as rng
 
 _EXPORTS = {
-    "pmap": "api", "imap": "api", "starmap": "api", "Pool": "api", "Results": "api", "ResultList": "api",
+    "pmap": "api", "imap": "api", "starmap": "api", "Pool": "pool", "Results": "api", "ResultList": "api",
     "apmap": "aio", "aimap": "aio", "AsyncResults": "aio",
     "explain": "auto", "Plan": "auto",
     "Backend": "backends.base", "BackendInfo": "backends.base", "register_backend": "backends.base",
-    "compare": "comparison", "ResultsDiffer": "comparison",
+    "compare": "comparison", "ResultsDiffer": "comparison", "Executor": "executor",
     "RunStats": "engine", "Options": "options", "Adaptive": "concurrency",
     "shared_array": "shared", "to_shared": "shared",
     "rng": "seeding", "item_seed": "seeding",

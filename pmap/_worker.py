@@ -40,6 +40,13 @@ class StarCall:
         return (StarCall, (self.func,))
 
 
+def call_submitted(call):
+    """Run one submitted call, `(func, args, kwargs)`: the function of an Executor's or a
+    Pool's long run, whose items each carry their own function."""
+    func, args, kwargs = call
+    return func(*args, **kwargs)
+
+
 class caller_interrupts:
     """Within it (in the main thread), a real Ctrl-C raises CallerInterrupt, so the function
     runs in the caller's own thread (serial, greenlet, asyncio) can tell it from a

@@ -1,10 +1,7 @@
-"""pmap / imap / starmap / Pool: check the arguments, then hand a run to the engine."""
+"""pmap / imap / starmap: check the arguments, then hand a run to the engine."""
 from __future__ import annotations
 
 import itertools
-import sys
-import threading
-import weakref
 from typing import Any, Callable, Iterable, Iterator, List, TypeVar
 
 from ._worker import StarCall
@@ -73,18 +70,17 @@ class Results(Iterator[R]):
             pass
 
 
-def _run(func: Callable, items: Iterable, star: bool, options: Options,
-         pool: Backend | None = None, pool_bounds: Adaptive | None = None, indexed: bool = False) -> Results:
+def _run(func: Callable, items: Iterable, star: bool, options: Options, indexed: bool = False) -> Results:
     check_callable(func)
     check_iterable(items)
     fn = StarCall(func) if star else func
     stats = RunStats()
-    auto = options.backend == "auto" and pool is None
+    auto = options.backend == "auto"
     if auto and options.backend_options:
         raise TypeError(f"backend option(s) {', '.join(sorted(options.backend_options))} need an "
                         "explicit backend=..., since auto mode may pick any backend")
-    instance, bounds = pool, pool_bounds
-    if not auto and pool is None:  # opened before the bar is drawn: a backend that fails leaves no bar
+    instance, bounds = None, None
+    if not auto:  # opened before the bar is drawn: a backend that fails leaves no bar
         instance, bounds = _open(options)
     callback, close_progress = make_progress(options.progress, stats, total=known_length(items))
     spec = options.run_spec(fn, items, callback, concurrency=bounds, indexed_items=indexed)
@@ -97,14 +93,10 @@ def _run(func: Callable, items: Iterable, star: bool, options: Options,
             raise
     else:
         gen = execute(instance, spec, stats)
-    owned = pool is None
 
     def finish(ok: bool) -> None:
         close_progress()
-        if owned:
-            instance.close(kill=not ok)
-        elif isinstance(sys.exc_info()[1], KeyboardInterrupt):
-            instance.close(kill=True)  # Ctrl-C during a Pool call ends the Pool's workers too
+        instance.close(kill=not ok)
 
     return Results(gen, stats, finish)
 
@@ -193,85 +185,3 @@ def imap_with_options(func: Callable[[Any], R], items: Iterable[Any], options: O
     items are (index, item) pairs, and a `seed=` stream follows their index, not their position
     (a resumed run skips the items it has)."""
     return _run(func, items, False, options, indexed=indexed)
-
-
-class Pool:
-    """Workers kept across calls. Use as a context manager, or call `close()`.
-
-    One call runs at a time: an `imap` must be exhausted or closed before the next call.
-    Each call takes the per-call options of `pmap` (chunksize, timeout, retries, retry_on,
-    backoff, on_error, progress, seed); the Pool's workers are fixed when it is made.
-    """
-
-    def __init__(self, backend: str | type | Backend = "process", workers: Workers = None,
-                 initializer: Callable[..., Any] | None = None, initargs: tuple = (),
-                 inner_threads: int | None = None, **backend_options: Any):
-        if backend == "auto":
-            raise ValueError("Pool needs a concrete backend ('process', 'thread', 'fork', ...); "
-                             "use pmap.explain(func, items) to see which one auto would pick")
-        self._options = Options.from_arguments(locals())
-        self._backend, self._bounds = _open(self._options)
-        self._closed = False
-        # The open lazy call, weakly: a caller who breaks out of `for r in pool.imap(...)` holds no
-        # reference to it, and dropping it closes it (Results.__del__) so the next call may start.
-        self._active: weakref.ref[Results] | None = None
-        self._lock = threading.Lock()
-
-    @property
-    def backend(self) -> str:
-        return self._backend.name
-
-    @property
-    def workers(self) -> int:
-        return self._backend.workers
-
-    def _start(self, func: Callable, items: Iterable, star: bool, ordered: bool, call_options: dict) -> Results:
-        with self._lock:
-            if self._closed:
-                raise ValueError("Pool is closed")
-            active = self._active() if self._active is not None else None
-            if active is not None and not active._closed:
-                raise RuntimeError("a previous imap on this Pool is still open; exhaust or close it first")
-            options = self._options.for_pool_call(call_options, ordered)
-            results = _run(func, items, star, options, pool=self._backend, pool_bounds=self._bounds)
-            self._active = weakref.ref(results)
-            return results
-
-    def map(self, func: Callable[[Any], R], items: Iterable[Any], **options: Any) -> ResultList[R]:
-        return _collect(self._start(func, items, False, True, options))
-
-    def imap(self, func: Callable[[Any], R], items: Iterable[Any], **options: Any) -> Results[R]:
-        return self._start(func, items, False, True, options)
-
-    def imap_unordered(self, func: Callable[[Any], R], items: Iterable[Any], **options: Any) -> Results[R]:
-        return self._start(func, items, False, False, options)
-
-    def starmap(self, func: Callable[..., R], arg_tuples: Iterable[Iterable[Any]],
-                **options: Any) -> ResultList[R]:
-        return _collect(self._start(func, arg_tuples, True, True, options))
-
-    def close(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            active = self._active() if self._active is not None else None
-            if active is not None:
-                active.close()
-        self._backend.close()
-
-    def terminate(self) -> None:
-        """End the workers at once."""
-        with self._lock:
-            self._closed = True
-        self._backend.close(kill=True)
-
-    def __enter__(self) -> "Pool":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc_type is not None:
-            self.terminate()
-        else:
-            self.close()
-        return False

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
@@ -54,6 +56,57 @@ class RunSpec:
     # The items are (index, item) pairs already, indexed by the caller (the command line's resumed
     # runs skip items), and the function takes the pair: the seed's index is the pair's.
     indexed_items: bool = False
+    # Each finished item's value (or its Failure) by index, as it ends, instead of the run's output:
+    # the targets of a Feed's items (futures) are settled as their items finish, in any order.
+    deliver: Callable[[int, Any], None] | None = None
+
+
+class Feed:
+    """Items that arrive over time (a Pool's or an Executor's submissions), as a run's `items`.
+    The engine takes what has come; "nothing yet" is not the end, which comes only when the feed
+    is closed and empty. `stop()` ends the run at once (terminate, Ctrl-C). Thread-safe: any
+    thread puts, the run's thread takes. `wake` (the backend's) interrupts the engine's wait."""
+
+    def __init__(self, wake: Callable[[], None]):
+        self._items: deque = deque()
+        self._lock = threading.Lock()
+        self._wake = wake
+        self._wake_pending = False  # one wake per take: a burst of puts costs one
+        self.closed = False
+        self.stopped = False
+
+    def put(self, item: Any) -> None:
+        with self._lock:
+            if self.closed:
+                raise RuntimeError("cannot add work to a closed feed")
+            self._items.append(item)
+            wake = not self._wake_pending
+            self._wake_pending = True
+        if wake:
+            self._wake()
+
+    def close(self, stop: bool = False) -> list:
+        """No more items; with `stop`, end the run now. Returns the items never taken when stopping."""
+        with self._lock:
+            self.closed = True
+            left = []
+            if stop:
+                self.stopped = True
+                left, self._items = list(self._items), deque()
+        self._wake()
+        return left
+
+    def take(self, n: int) -> tuple[list, bool]:
+        """Up to `n` items that have come, and whether the feed is over (closed and empty)."""
+        with self._lock:
+            self._wake_pending = False
+            items = self._items
+            taken = [items.popleft() for _ in range(min(n, len(items)))]
+            return self.admit(taken), self.closed and not items
+
+    def admit(self, items: list) -> list:
+        """The items to run of those taken (called under the feed's lock); all of them here."""
+        return items
 
 
 @dataclass
@@ -214,9 +267,10 @@ class _Engine:
         self.stats = stats
         stats.backend = backend.name
         stats.workers = backend.workers
+        self.feed = spec.items if isinstance(spec.items, Feed) else None
         self.sequence = spec.items if type(spec.items) in SLICED_TYPES else None  # one C copy per chunk
         self.read_position = spec.items_offset
-        self.source = iter(spec.items) if self.sequence is None else None
+        self.source = iter(spec.items) if self.sequence is None and self.feed is None else None
         self.source_error: BaseException | None = None
         self.exhausted = False
         self.next_index = spec.start_index
@@ -278,6 +332,8 @@ class _Engine:
                     yield from self._emit_ordered()
                 elif self.ready:
                     yield self._take_ready()
+                if self.feed is not None and self.feed.stopped:
+                    return  # what is in flight is the feed's owner's to end
                 self._dispatch()
                 if not self.flights and not self.requeued and (self.exhausted or self.source_error):
                     break
@@ -341,6 +397,9 @@ class _Engine:
             self._submit(block, 0, index, items, 0)
 
     def _read(self, n: int) -> list:
+        if self.feed is not None:
+            items, self.exhausted = self.feed.take(n)
+            return items
         if self.sequence is not None:
             start = self.read_position
             items = self.sequence[start:start + n]
@@ -480,6 +539,12 @@ class _Engine:
         """Put finished values in their slots (ordered) or the ready queue (unordered)."""
         if n_ok:
             self._progress(n_ok)
+        if self.spec.deliver is not None:
+            deliver, first = self.spec.deliver, flight.first_index
+            for k, value in enumerate(values):
+                if value is not _PENDING:
+                    deliver(first + k, value)
+            return
         if flight.block is None:
             if skip_pending:
                 self.ready.extend(v for v in values if v is not _PENDING)
@@ -497,6 +562,9 @@ class _Engine:
         block.missing -= n_ok
 
     def _fill_slot(self, flight: _Flight, pos: int, value: Any) -> None:
+        if self.spec.deliver is not None:
+            self.spec.deliver(flight.first_index + pos, value)
+            return
         if flight.block is None:
             if value is not _SKIP:
                 self.ready.append(value)

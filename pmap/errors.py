@@ -125,6 +125,14 @@ def add_note(exc: BaseException, note: str) -> None:
 
 def raise_failure(failure: Failure, backend_name: str):
     """Re-raise the original exception in the caller, with the worker's traceback and a note."""
+    exc = failure_exception(failure, backend_name)
+    _RAISED_FAILURES.append(exc)
+    raise exc
+
+
+def failure_exception(failure: Failure, backend_name: str) -> BaseException:
+    """The original exception, with the worker's traceback as its cause and a note naming the
+    item: how a failure reads in the caller (raised by a run, or by a future's result())."""
     exc = failure.exception
     if failure.traceback and not isinstance(exc, (TaskTimeout, WorkerCrashed)):
         exc.__cause__ = RemoteTraceback(failure.traceback)
@@ -132,8 +140,7 @@ def raise_failure(failure: Failure, backend_name: str):
     tries = f", after {failure.attempts} attempts" if failure.attempts > 1 else ""
     add_note(exc, f"pmap: item {failure.index} ({short_repr(failure.item)}) failed "
                   f"on backend {backend_name!r}{where}{tries}")
-    _RAISED_FAILURES.append(exc)
-    raise exc
+    return exc
 
 
 # Item exceptions raise_failure raised lately: at the API they leave pmap's frames behind.

@@ -11,7 +11,7 @@ import math
 import numbers
 from dataclasses import dataclass, field, fields
 from types import MappingProxyType
-from typing import Any, Callable, ClassVar, Literal, Mapping, Optional, Union
+from typing import Any, Callable, Literal, Mapping, Optional, Union
 
 from .concurrency import Adaptive
 from .engine import RunSpec
@@ -45,10 +45,6 @@ class Options:
     inner_threads: int | None = None    # native (BLAS/OpenMP) threads per worker; None: CPUs // workers
     seed: int | None = None             # item i's random stream derives from (seed, i) (pmap.seeding)
     backend_options: Mapping[str, Any] = field(default_factory=dict)
-
-    # What one call on an open Pool may set; the rest belong to the Pool's workers.
-    PER_CALL: ClassVar[tuple] = ("chunksize", "ordered", "timeout", "retries", "retry_on", "backoff",
-                                 "on_error", "progress", "seed")
 
     def __post_init__(self) -> None:
         if isinstance(self.workers, str):
@@ -106,14 +102,6 @@ class Options:
         values = {name: arguments[name] for name in FIELD_NAMES if name in arguments}
         values.update(overrides)
         return cls(**values)
-
-    def for_pool_call(self, call_options: Mapping[str, Any], ordered: bool) -> "Options":
-        """These options (a Pool's) with one call's own settings, which may only be per-call ones."""
-        unknown = set(call_options) - set(self.PER_CALL)
-        if unknown:
-            raise TypeError(f"unexpected option(s) for a Pool call: {', '.join(sorted(unknown))}")
-        defaults = {name: DEFAULTS[name] for name in self.PER_CALL}
-        return Options(**{**self.as_dict(), **defaults, **call_options, "ordered": ordered})
 
     def as_dict(self) -> dict:
         return {name: getattr(self, name) for name in FIELD_NAMES}

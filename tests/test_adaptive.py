@@ -166,7 +166,7 @@ def test_a_pool_keeps_its_adaptive_bounds_across_calls():
         for _ in range(2):
             out = pool.map(nap, [0.01] * 200)
             assert out == [0.01] * 200
-            assert 2 <= max(limit for _, limit, _ in out.stats.concurrency) <= 32
+            assert 2 <= max(limit for _, limit, _ in pool.stats.concurrency) <= 32
 
 
 def test_the_command_line_takes_j_adaptive(tmp_path):

@@ -339,18 +339,10 @@ def test_asyncio_works_inside_a_running_loop():
     assert 50 <= meter.peak <= 100
 
 
-def test_asyncio_pool_created_outside_a_loop_works_inside_one():
-    async def double(x):
-        await asyncio.sleep(0)
-        return 2 * x
-
-    with pmap.Pool(backend="asyncio", workers=4) as pool:
-        assert pool.map(double, range(5)) == [0, 2, 4, 6, 8]
-
-        async def inside():
-            return pool.map(double, range(5, 8))
-
-        assert asyncio.run(inside()) == [10, 12, 14]
+def test_asyncio_is_refused_by_pool_and_executor_with_the_way_out():
+    for make in (pmap.Pool, pmap.Executor):
+        with pytest.raises(ValueError, match="async def.*backend='thread'.*apmap"):
+            make(backend="asyncio")
 
 
 def test_asyncio_initializer_may_be_async():

@@ -28,15 +28,16 @@ def test_public_signatures_spell_out_every_option_with_its_declared_default(entr
         assert default == wanted, (entry.__name__, name)
 
 
-def test_pool_call_options_are_the_declared_per_call_ones():
-    with pmap.Pool(backend="thread", workers=2) as pool:
-        for name in Options.PER_CALL:
-            assert name in FIELD_NAMES
-        with pytest.raises(TypeError, match="unexpected option.*for a Pool call: workers"):
-            pool.map(square, [1], workers=3)
+def test_pool_and_executor_take_the_policy_options_and_check_them():
+    for make in (pmap.Pool, pmap.Executor):
         with pytest.raises(ValueError, match="backoff must be a finite"):
-            pool.map(square, [1], backoff=math.nan)
-        assert pool.map(square, [1, 2], retries=1, timeout=math.inf) == [1, 4]
+            make(backend="thread", backoff=math.nan)
+        with pytest.raises(ValueError, match="on_error must be one of"):
+            make(backend="thread", on_error="ignore")
+    with pmap.Pool(backend="thread", workers=2, retries=1, timeout=math.inf) as pool:
+        assert pool.map(square, [1, 2]) == [1, 4]
+        with pytest.raises(TypeError):
+            pool.map(square, [1], retries=3)  # the policy is the Pool's, not one call's
 
 
 def test_an_infinite_timeout_is_no_timeout():

@@ -59,6 +59,7 @@ class PooledBackend(Backend):
         super().__init__(workers, initializer, initargs, **options)
         self.errors: queue.SimpleQueue = queue.SimpleQueue()  # (task id, error, seen then): a task the pool failed
         self.wake_r, self.wake_w = multiprocessing.Pipe(duplex=False)
+        self.woken = False  # wake_r was readable: the wait in progress returns
         self.inflight: set[int] = set()
         self.channel = _transfer.Channel()  # big buffers through shared memory, released on close
         self.run_dir, self.listener = _open_run_dir()
@@ -165,7 +166,8 @@ class PooledBackend(Backend):
         return 2 * self.workers - len(self.inflight)
 
     def submit(self, task) -> None:
-        payload = self.channel.dumps((task.id, self.fn_key, pack_items(task.items), self.run_dir,
+        payload = self.channel.dumps((task.id, self.fn_key, pack_items(task.items, self.items_hold_functions),
+                                      self.run_dir,
                                       self.timeout is not None))
         self._send(task.id, payload)
         self.bytes_sent += _transfer.wire_size(payload)
@@ -182,9 +184,13 @@ class PooledBackend(Backend):
         deadline = None if timeout is None else time.monotonic() + timeout
         while not events:  # a worker's HELLO, a log record: no event, wait on
             events = self._wait_once(None if deadline is None else max(0.0, deadline - time.monotonic()))
-            if deadline is not None and time.monotonic() >= deadline:
+            if self.woken or (deadline is not None and time.monotonic() >= deadline):
                 break
+        self.woken = False
         return events
+
+    def wake(self) -> None:
+        self.wake_w.send_bytes(b"")
 
     def _wait_once(self, timeout) -> list:
         events = []
@@ -260,6 +266,7 @@ class PooledBackend(Backend):
         events = []
         while self.wake_r.poll():
             self.wake_r.recv_bytes()
+            self.woken = True
         while True:
             try:
                 task_id, error, seen_then = self.errors.get_nowait()

@@ -103,6 +103,9 @@ class Backend:
     # (alone, in the caller's process: seeded per item, put back after the run) or "shared" (items
     # run at once in one process: left alone, and only pmap.rng() is reproducible).
     random_globals: str = "shared"
+    # Set by a run whose items carry their own functions (an Executor's calls): a backend whose
+    # workers lack the caller's __main__ then sends the functions defined there by value.
+    items_hold_functions: bool = False
 
     def __init__(self, workers: int | None = None, initializer: Callable | None = None,
                  initargs: tuple = (), inner_threads: int | None = None, **options: Any):
@@ -152,6 +155,11 @@ class Backend:
     def wait(self, timeout: float | None) -> list:
         """Block up to `timeout` seconds for events; return them (maybe none)."""
         raise NotImplementedError
+
+    def wake(self) -> None:
+        """Make a `wait` in progress (or the next one) return soon, with or without events.
+        Called from any thread: new work has arrived for a run fed over time (`engine.Feed`).
+        Without it such work waits for the end of the current wait (at most `engine.WAIT_SLICE`)."""
 
     def cancel(self, task_id: int) -> None:
         """Stop a running task (its time is up), replacing its worker if need be.

@@ -231,7 +231,8 @@ class DaskBackend(Backend):
         self.gathering = False                 # a fetch of results is under way (event loop)
         self.task_seconds = None               # how long recent tasks took on their workers
         self.outcomes: queue.SimpleQueue = queue.SimpleQueue()  # (task id, future, result or error)
-        self.wake = threading.Condition()
+        self.outcome_ready = threading.Condition()
+        self.woken = False  # wake() was called: the next wait returns at once
         self.fn_args = None
         self.init_args = (None, None)
         self.run_prefix = uuid.uuid4().hex[:12]
@@ -301,8 +302,13 @@ class DaskBackend(Backend):
         self._notify()
 
     def _notify(self) -> None:
-        with self.wake:
-            self.wake.notify_all()
+        with self.outcome_ready:
+            self.outcome_ready.notify_all()
+
+    def wake(self) -> None:
+        with self.outcome_ready:
+            self.woken = True
+            self.outcome_ready.notify_all()
 
     # ---- watching the cluster (never blocks the caller) -----------------------------------
     def _refresh(self, now: float) -> None:
@@ -464,9 +470,10 @@ class DaskBackend(Backend):
     def wait(self, timeout):
         self._send()
         if self.outcomes.empty() and timeout:
-            with self.wake:
-                if self.outcomes.empty():
-                    self.wake.wait(timeout)
+            with self.outcome_ready:
+                if self.outcomes.empty() and not self.woken:
+                    self.outcome_ready.wait(timeout)
+                self.woken = False
         now = time.monotonic()
         events = self._watch_cluster(now)
         while True:

@@ -15,6 +15,7 @@ import threading
 import time
 import traceback
 import warnings
+import weakref
 from collections import deque
 
 from .. import _logs, _transfer, native
@@ -70,6 +71,11 @@ def _worker_main(conn, slot, functions, initializer, initargs, max_tasks, parent
         done += 1
         if max_tasks and done >= max_tasks:
             return  # recycled: the parent starts a fresh worker
+
+
+def _close_fds(*fds) -> None:
+    for fd in fds:
+        os.close(fd)
 
 
 def _start_reader(conn):
@@ -142,6 +148,9 @@ class ForkBackend(Backend):
         self.bytes_sent = 0
         self.bytes_received = 0
         self.channel = _transfer.Channel()  # big buffers through shared memory, released on close
+        self.wake_r, self.wake_w = os.pipe()  # a byte here ends a wait (wake)
+        os.set_blocking(self.wake_w, False)
+        weakref.finalize(self, _close_fds, self.wake_r, self.wake_w)  # kept across close(): a Pool reopens
 
     # ---- workers ---------------------------------------------------------------------
     def _fork(self) -> _Worker:
@@ -248,13 +257,12 @@ class ForkBackend(Backend):
         for worker in self.workers_list:
             handles[worker.conn] = worker
             handles[worker.proc.sentinel] = worker
-        if not handles:
-            if timeout:
-                time.sleep(timeout)
-            return events
-        ready = multiprocessing.connection.wait(list(handles), timeout)
+        ready = multiprocessing.connection.wait([self.wake_r, *handles], timeout)
         dead = []
         for handle in ready:
+            if handle == self.wake_r:
+                os.read(self.wake_r, 4096)
+                continue
             worker = handles[handle]
             if worker in dead:
                 continue
@@ -320,6 +328,12 @@ class ForkBackend(Backend):
         if len(self.workers_list) < self.workers and self.functions:
             self._fork()
         return events
+
+    def wake(self) -> None:
+        try:
+            os.write(self.wake_w, b"w")
+        except BlockingIOError:  # the pipe is full: the wait returns anyway
+            pass
 
     def cancel(self, task_id) -> None:
         worker = self.by_task.get(task_id)

@@ -68,6 +68,7 @@ class GreenletBackend(Backend):
         self._thread_ident = None     # gevent objects belong to the hub of one thread
         self._pool = None
         self._wake = None
+        self._waker = None
         self._events: list = []
         self._outstanding: dict = {}  # task id -> greenlet, from submit until its Done is handed over
         self._cancelled: set = set()  # greenlets told to stop, kept until they are gone
@@ -106,6 +107,9 @@ class GreenletBackend(Backend):
         self._thread_ident = ident
         self._pool = gevent.pool.Pool(self.workers)
         self._wake = gevent.event.Event()
+        # wake() comes from other threads; only the hub's async watcher may be poked from there
+        self._waker = gevent.get_hub().loop.async_()
+        self._waker.start(self._wake.set)
         self._events = []
 
     def close(self, kill=False) -> None:
@@ -174,6 +178,11 @@ class GreenletBackend(Backend):
             if type(event) is Done:
                 self._outstanding.pop(event.task_id, None)
         return events
+
+    def wake(self) -> None:
+        waker = self._waker
+        if waker is not None:
+            waker.send()
 
     def cancel(self, task_id) -> None:
         greenlet = self._outstanding.pop(task_id, None)

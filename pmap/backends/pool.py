@@ -19,11 +19,12 @@ import time
 
 from .._worker import pooled_worker_init, run_pooled_task
 from ._pooled import PooledBackend
-from ._procutil import describe_exit
+from ._procutil import describe_exit, end_process_group
 from ..errors import BackendUnavailable
 from .base import Fatal, Lost
 
 REAP_WAIT_SECONDS = 1.0  # the Pool's own thread reaps a dead worker as soon as it sees it end
+KILL_GRACE_SECONDS = 0.05  # a killed worker's time to end before SIGKILL
 
 
 def default_start_method() -> str:
@@ -195,6 +196,9 @@ class PoolBackend(PooledBackend):
     def close(self, kill=False) -> None:
         pool, self.pool = self.pool, None
         if pool is not None:
+            if kill:  # Pool.terminate only signals its workers: what they started would outlive them
+                for proc in list(pool._pool):
+                    end_process_group(proc.pid, alive=proc.is_alive, grace=KILL_GRACE_SECONDS)
             if kill or self.inflight or self.orphaned:
                 pool.terminate()
             else:

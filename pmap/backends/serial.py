@@ -25,6 +25,7 @@ class SerialBackend(Backend):
         super().__init__(1, initializer, initargs, **options)
         self.queue: deque = deque()
         self._initialized = False
+        self._woken = threading.Event()
 
     def open(self) -> None:
         if self.initializer is not None and not self._initialized:
@@ -39,14 +40,17 @@ class SerialBackend(Backend):
 
     def wait(self, timeout):
         if not self.queue:
-            if timeout:
-                time.sleep(timeout)
+            if timeout and self._woken.wait(timeout):
+                self._woken.clear()
             return []
         task = self.queue.popleft()
         started = Started(task.id, "main", time.monotonic())
         with caller_interrupts(), _alarm(self.timeout):
             values, failures, elapsed = run_items(task.fn, task.items)
         return [started, Done(task.id, "main", values, failures, elapsed)]
+
+    def wake(self) -> None:
+        self._woken.set()
 
     def close(self, kill=False) -> None:
         self.queue.clear()

@@ -12,6 +12,7 @@ from ..errors import InitializerError, TaskTimeout
 from .base import Backend, Done, Fatal, Started, usable_cpus
 
 _STOP = None
+_WAKE = object()  # put among the events by wake(): not an event, only an end to a wait
 
 
 class _Stopped(BaseException):
@@ -185,7 +186,10 @@ class ThreadBackend(Backend):
             try:
                 events.append(self.events.get_nowait())
             except queue.Empty:
-                return events
+                return [event for event in events if event is not _WAKE]
+
+    def wake(self) -> None:
+        self.events.put(_WAKE)
 
     def cancel(self, task_id) -> None:
         with self.lock:

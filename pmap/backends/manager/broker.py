@@ -84,6 +84,7 @@ class Broker:
         # of them, not all (each woken thread would take the lock only to find the task gone).
         self.waiting: dict[int, _WorkerRecord] = {}
         self.woken = 0          # of them, woken for a task and not yet back
+        self.driver_woken = False  # wake(): the driver's next take_events returns at once
         self.next_id = 0
         self.refused_results = 0  # results (and reports) not from the worker holding the lease
         self.stopped = threading.Event()
@@ -137,10 +138,16 @@ class Broker:
 
     def take_events(self, timeout: float | None) -> list:
         with self.lock:
-            if not self.events and (timeout is None or timeout > 0):
+            if not self.events and not self.driver_woken and (timeout is None or timeout > 0):
                 self.events_ready.wait(timeout)
+            self.driver_woken = False
             events, self.events = self.events, []
             return events
+
+    def wake(self) -> None:
+        with self.lock:
+            self.driver_woken = True
+            self.events_ready.notify_all()
 
     def live_workers(self) -> int:
         return len(self.workers)

@@ -277,6 +277,10 @@ class ManagerBackend(Backend):
         self.task_seconds = elapsed if self.task_seconds is None else (self.task_seconds + elapsed) / 2
         return Done(task_id, label, values, failures, elapsed)
 
+    def wake(self) -> None:
+        if self.broker is not None:
+            self.broker.wake()
+
     def cancel(self, task_id) -> None:
         if self.inflight.pop(task_id, None) is not None:
             self.broker.cancel(task_id)
