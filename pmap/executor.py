@@ -24,6 +24,11 @@ from .errors import Failure, ItemNotPicklable, failure_exception, short_repr
 from .options import OnError, Options
 
 
+# shutdown(cancel_futures=True) lets the engine take, for this long at most, the calls its workers
+# have room for: as a standard executor's workers would have taken them already.
+CANCEL_SETTLE_SECONDS = 0.05
+
+
 class _Shown:
     """How a submitted call reads in a failure's note: `func(1, x=2)`."""
 
@@ -47,10 +52,12 @@ class _Submissions(Feed):
     def __init__(self, wake: Callable[[], None], start: Callable[[Any], bool]):
         super().__init__(wake)
         self._start = start
+        self.took = threading.Event()  # set as the engine takes entries
         self.targets: dict[int, tuple] = {}  # item index -> (target, call); only the run's thread
         self._taken = 0
 
     def admit(self, entries: list) -> list:
+        self.took.set()
         calls = []
         for target, call in entries:
             if self._start(target):
@@ -59,8 +66,14 @@ class _Submissions(Feed):
                 calls.append(call)
         return calls
 
-    def take_pending(self) -> list:
-        """The entries not yet taken by the engine, removed."""
+    def take_pending(self, settle_seconds: float = 0.0) -> list:
+        """The entries not yet taken by the engine, removed; first, the engine is given up to
+        `settle_seconds` to take what its workers have room for (it may not have run since
+        they were put)."""
+        if settle_seconds:
+            self.took.clear()
+            self._wake()
+            self.took.wait(settle_seconds)
         with self._lock:
             entries, self._items = list(self._items), type(self._items)()
         return entries
@@ -277,8 +290,8 @@ class Executor(cf.Executor):
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         with self._shutdown_lock:
             self._shutdown = True
-            if cancel_futures:
-                for future, _ in self._service.feed.take_pending():
+            if cancel_futures:  # calls the workers have room for start; the others are cancelled
+                for future, _ in self._service.feed.take_pending(settle_seconds=CANCEL_SETTLE_SECONDS):
                     future.cancel()
             self._service.close()
         if wait:

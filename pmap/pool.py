@@ -6,6 +6,7 @@ crashes its worker or passes its `timeout` fails only its own result, and the Po
 from __future__ import annotations
 
 import collections
+import itertools
 import multiprocessing
 import multiprocessing.pool
 import threading
@@ -304,16 +305,22 @@ class Pool:
         result = IMapIterator(ordered)
         # The input is read in a thread of its own, as multiprocessing's task handler reads it:
         # imap returns at once, and a slow or endless iterable holds up no one.
-        threading.Thread(target=self._feed_imap, args=(func, iter(iterable), result),
+        threading.Thread(target=self._feed_imap, args=(func, iter(iterable), chunksize, result),
                          name="pmap-pool-imap", daemon=True).start()
         return result
 
-    def _feed_imap(self, func, items, result: IMapIterator) -> None:
+    def _feed_imap(self, func, items, chunksize: int, result: IMapIterator) -> None:
         position = 0
         try:
-            for item in items:
-                self._put(result, position, func, (item,), {})
-                position += 1
+            while True:
+                # Read a chunk whole before sending it: as in multiprocessing, an error of the
+                # iterable takes the place of the chunk it broke, and ends the results.
+                chunk = list(itertools.islice(items, chunksize))
+                for item in chunk:
+                    self._put(result, position, func, (item,), {})
+                    position += 1
+                if len(chunk) < chunksize:
+                    break
         except Exception as exc:  # the iterable failed (or the Pool closed): that is the last value
             result._set(position, None, exc)
             position += 1

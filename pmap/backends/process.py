@@ -104,6 +104,8 @@ class ProcessBackend(PooledBackend):
         return len(self.up_pids)
 
     def _executor(self):
+        if self.executor is not None and self.executor._flags.shutdown:  # loky's; see _send
+            self.executor = None
         if self.executor is None:
             from loky import get_reusable_executor  # a broken or shut down executor is replaced
             if self.start_method == "forkserver":
@@ -127,12 +129,17 @@ class ProcessBackend(PooledBackend):
         return super().capacity()
 
     def _send(self, task_id, payload) -> None:
+        from loky.process_executor import ShutdownExecutorError
         self.tasks_on_executor += 1
         try:
             future = self._executor().submit(run_pooled_task, payload)
         except BrokenExecutor as exc:  # a worker died since wait() last looked: this task never ran
             self.executor = None  # the next task gets a new executor
             self._report_error(task_id, exc)
+            return
+        except ShutdownExecutorError as exc:  # another run shut loky's shared executor down: never ran
+            self.executor = None
+            self._report_error(task_id, BrokenExecutor(str(exc)))
             return
         self._remember_workers()  # now, so their exit codes outlive loky's clean-up
         future.add_done_callback(lambda done: self._future_done(task_id, done))

@@ -161,6 +161,7 @@ class ThreadBackend(Backend):
                     return
                 if values is not None:
                     self.events.put(Done(task.id, me.name, values, failures, elapsed, time.thread_time() - cpu))
+            task = values = failures = None  # held no longer than the task: the caller may free them
 
     def prepare(self, fn, timeout=None):
         self.open()  # threads ended by a close (a Pool after Ctrl-C) are started anew

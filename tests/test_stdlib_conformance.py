@@ -1,0 +1,72 @@
+"""CPython's own test suites for multiprocessing.Pool and concurrent.futures, run against
+pmap.Pool and pmap.Executor. They load from the interpreter's `test` package, which many
+installs leave out: the tests are skipped there, with that reason.
+
+Tests that cannot pass by design are named in KNOWN_DIFFERENCES with the reason; they are
+expected to fail (strict), so a change that makes one pass is noticed."""
+import functools
+import unittest
+
+import pytest
+
+import pmap
+
+try:
+    from test import _test_multiprocessing as mp_tests
+    from test.test_concurrent_futures import executor as cf_executor
+    from test.test_concurrent_futures import test_as_completed, test_shutdown, test_wait, util as cf_util
+except ImportError as exc:  # the interpreter ships without its test suite
+    pytest.skip(f"this interpreter has no importable CPython test package ({exc})", allow_module_level=True)
+
+POOL_BACKENDS = ("fork", "pool", "process", "thread")
+EXECUTOR_BACKENDS = ("thread", "process", "fork")
+
+KNOWN_DIFFERENCES = {
+    # multiprocessing.Pool internals: `_pool` is the list of its worker Process objects.
+    "test_make_pool": "reads Pool._pool, multiprocessing's private list of worker processes",
+    # The child interpreter imports the executor by name from concurrent.futures itself.
+    "test_interpreter_shutdown": "the child runs `from concurrent.futures import <executor>`",
+    "test_submit_after_interpreter_shutdown": "the child runs `from concurrent.futures import <executor>`",
+    "test_hang_gh83386": "the child runs `from concurrent.futures import <executor>`",
+}
+
+
+def _pool_case(backend):
+    class Case(mp_tests._TestPool, unittest.TestCase):
+        TYPE = "threads" if backend == "thread" else "processes"  # what the suite expects of each kind
+        Pool = staticmethod(functools.partial(pmap.Pool, backend=backend))
+    Case.__name__ = Case.__qualname__ = f"TestPmapPool_{backend}"
+    return Case
+
+
+def _executor_type(backend):
+    class Executor(pmap.Executor):
+        def __init__(self, max_workers=None, **kwargs):
+            super().__init__(max_workers, backend=backend, **kwargs)
+    Executor.__name__ = Executor.__qualname__ = f"PmapExecutor_{backend}"
+    return Executor
+
+
+def _executor_case(suite, backend):
+    mixin = type(f"{backend}Mixin", (cf_util.ExecutorMixin,), {"executor_type": _executor_type(backend)})
+    name = f"TestPmapExecutor_{backend}_{suite.__name__}"
+    return type(name, (suite, mixin, cf_util.BaseTestCase), {"__qualname__": name})
+
+
+def _mark_known(case):
+    for name in KNOWN_DIFFERENCES:
+        test = getattr(case, name, None)
+        if test is not None:
+            setattr(case, name, unittest.expectedFailure(test))
+    return case
+
+
+for _backend in POOL_BACKENDS:
+    _case = _mark_known(_pool_case(_backend))
+    globals()[_case.__name__] = _case
+for _backend in EXECUTOR_BACKENDS:
+    for _suite in (cf_executor.ExecutorTest, test_as_completed.AsCompletedTests, test_wait.WaitTests,
+                   test_shutdown.ExecutorShutdownTest):
+        _case = _mark_known(_executor_case(_suite, _backend))
+        globals()[_case.__name__] = _case
+del _case, _backend
