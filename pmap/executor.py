@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import atexit
 import concurrent.futures as cf
-import multiprocessing.util  # noqa: F401  (imported first, so our exit hook runs before its own)
 import sys
 import threading
 import weakref
@@ -55,6 +54,16 @@ class _Submissions(Feed):
         self.took = threading.Event()  # set as the engine takes entries
         self.targets: dict[int, tuple] = {}  # item index -> (target, call); only the run's thread
         self._taken = 0
+
+    @property
+    def stopped(self) -> bool:
+        # Also when the program ended on an uncaught Ctrl-C: exit hooks (loky's among them) may
+        # wait for running calls, and the run's own thread then ends them (see _end_at_exit).
+        return self._stopped or _exiting_after_ctrl_c()
+
+    @stopped.setter
+    def stopped(self, value: bool) -> None:
+        self._stopped = value
 
     def admit(self, entries: list) -> list:
         self.took.set()
@@ -103,6 +112,7 @@ class Service:
         self.thread = threading.Thread(target=self._drive, name=f"pmap-{name}-dispatcher", daemon=True)
         self.thread.start()
         _LIVE.add(self)
+        _watch_exit()
 
     @property
     def workers(self) -> int:
@@ -171,13 +181,34 @@ def _stopped() -> BaseException:
 
 
 _LIVE: "weakref.WeakSet[Service]" = weakref.WeakSet()
+_exit_watched = False
 
 
-@atexit.register
+def _watch_exit() -> None:
+    """Run `_end_at_exit` as the interpreter exits, before the pools' own exit hooks (loky's, and
+    concurrent.futures', wait for running work): the hooks of threading run newest first, so it
+    is registered once a backend has been opened (and its library has registered its own)."""
+    global _exit_watched
+    if _exit_watched:
+        return
+    _exit_watched = True
+    register = getattr(threading, "_register_atexit", None)  # concurrent.futures' own hook
+    try:
+        register(_end_at_exit)
+    except (TypeError, RuntimeError):  # no such hook here, or the interpreter is already exiting
+        atexit.register(_end_at_exit)
+
+
+def _exiting_after_ctrl_c() -> bool:
+    """The interpreter is exiting, and the program ended on an uncaught KeyboardInterrupt."""
+    return (getattr(threading, "_SHUTTING_DOWN", False)  # set as threading's exit hooks start
+            and isinstance(getattr(sys, "last_exc", getattr(sys, "last_value", None)), KeyboardInterrupt))
+
+
 def _end_at_exit() -> None:
     """At exit, calls still queued are finished first, as the standard library's executors do;
     after an uncaught Ctrl-C they are dropped and the workers killed at once."""
-    interrupted = isinstance(getattr(sys, "last_exc", getattr(sys, "last_value", None)), KeyboardInterrupt)
+    interrupted = _exiting_after_ctrl_c()
     for service in list(_LIVE):
         if interrupted:
             service.stop()
