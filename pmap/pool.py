@@ -187,9 +187,8 @@ class Pool:
     initializer, initargs
         Called as `initializer(*initargs)` in each worker as it starts.
     maxtasksperchild : int, optional
-        A worker is replaced after this many tasks (backends fork, pool and process; process
-        renews its whole executor). pmap groups calls into tasks by their measured time, so with
-        a `timeout` (one call per task) this counts calls.
+        A worker is replaced after this many calls (backends fork, pool and process; process
+        renews its whole executor after `maxtasksperchild` calls per worker). Others refuse it.
     backend : str
         A pmap backend: "process" (the default), "fork", "pool", "thread", "greenlet", "manager",
         "dask" or "serial".
@@ -225,8 +224,15 @@ class Pool:
             if isinstance(maxtasksperchild, bool) or not isinstance(maxtasksperchild, int) or maxtasksperchild < 1:
                 raise ValueError("maxtasksperchild must be a positive int or None")
             backend_options["max_tasks_per_worker"] = maxtasksperchild
-        options = Options.from_arguments(locals())
-        self._service = make_service(options, _start, _settle, "Pool")
+        # A task is one call then, so a worker is replaced after maxtasksperchild calls
+        options = Options.from_arguments(locals(), chunksize=1 if maxtasksperchild else None)
+        try:
+            self._service = make_service(options, _start, _settle, "Pool")
+        except TypeError as exc:
+            if maxtasksperchild is not None and "max_tasks_per_worker" in str(exc):
+                raise TypeError(f"maxtasksperchild needs workers that are processes (backend 'fork', 'pool' or "
+                                f"'process'), not backend {backend!r}") from None
+            raise
         self._lock = threading.Lock()
         self._state = _RUN
 
