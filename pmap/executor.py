@@ -347,6 +347,9 @@ def make_service(options: Options, start: Callable, settle: Callable, name: str)
     if options.backend == "auto":
         raise ValueError(f"a {name} needs a concrete backend ('process', 'thread', 'fork', ...); "
                          "use pmap.explain(func, items) to see which one auto would pick")
+    if options.on_error == "skip":
+        raise ValueError(f"on_error='skip' has no meaning for a {name}: each call has its own result; "
+                         "use 'raise' (the default) or 'return'")
     if backend_class(options.backend).name == "asyncio":
         raise ValueError(f"a {name} runs plain calls, and backend 'asyncio' runs only async def functions: "
                          "use backend='thread', or pmap.apmap / pmap.aimap for async def functions")
