@@ -63,9 +63,10 @@ class RunSpec:
 
 class Feed:
     """Items that arrive over time (a Pool's or an Executor's submissions), as a run's `items`.
-    The engine takes what has come; "nothing yet" is not the end, which comes only when the feed
-    is closed and empty. `stop()` ends the run at once (terminate, Ctrl-C). Thread-safe: any
-    thread puts, the run's thread takes. `wake` (the backend's) interrupts the engine's wait."""
+    The engine takes what has come; "nothing yet" is not the end, which comes only when the
+    feed is closed and empty; `close(stop=True)` ends the run at once (terminate, Ctrl-C).
+    Thread-safe: any thread puts, the run's thread takes. `wake` (the backend's) interrupts the
+    engine's wait."""
 
     def __init__(self, wake: Callable[[], None]):
         self._items: deque = deque()
@@ -101,8 +102,10 @@ class Feed:
         with self._lock:
             self._wake_pending = False
             items = self._items
-            taken = [items.popleft() for _ in range(min(n, len(items)))]
-            return self.admit(taken), self.closed and not items
+            taken: list = []
+            while not taken and items:  # what admit drops (a cancelled call) does not end the take
+                taken = self.admit([items.popleft() for _ in range(min(n, len(items)))])
+            return taken, self.closed and not items
 
     def admit(self, items: list) -> list:
         """The items to run of those taken (called under the feed's lock); all of them here."""

@@ -185,9 +185,10 @@ _exit_watched = False
 
 
 def _watch_exit() -> None:
-    """Run `_end_at_exit` as the interpreter exits, before the pools' own exit hooks (loky's, and
-    concurrent.futures', wait for running work): the hooks of threading run newest first, so it
-    is registered once a backend has been opened (and its library has registered its own)."""
+    """Run `_end_at_exit` as the interpreter exits. threading's exit hooks (where
+    concurrent.futures and loky wait for their running work, and after which loky takes no
+    more) run newest first: registered once the first Executor or Pool has opened its backend
+    (and loky registered its own hook), ours runs first."""
     global _exit_watched
     if _exit_watched:
         return

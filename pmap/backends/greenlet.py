@@ -109,6 +109,7 @@ class GreenletBackend(Backend):
         self._wake = gevent.event.Event()
         # wake() comes from other threads; only the hub's async watcher may be poked from there
         self._waker = gevent.get_hub().loop.async_()
+        self._waker.ref = False  # it alone does not keep the hub's loop running
         self._waker.start(self._wake.set)
         self._events = []
 

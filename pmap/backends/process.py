@@ -117,6 +117,12 @@ class ProcessBackend(PooledBackend):
             self.ended_pids.clear()
             self.worker_pids = set()
             self.up_pids, self.up_probes = set(), []
+            # Workers and loky's manager thread start now, not at the first task (loky's
+            # `_ensure_executor_running`, which its submit calls): its exit hook is then registered
+            # before an Executor's, which must run first (see pmap.executor._watch_exit).
+            ensure_running = getattr(self.executor, "_ensure_executor_running", None)
+            if ensure_running is not None:
+                ensure_running()
         return self.executor
 
     def capacity(self) -> int:
