@@ -147,8 +147,10 @@ def test_overlapping_thread_runs_restore_the_pools_only_when_the_last_ends():
     first = pmap.Pool(backend="thread", workers=max(2, CPUS))
     second = pmap.Pool(backend="thread", workers=1, inner_threads=1)
     first.close()
+    first.join()  # as multiprocessing's: close() asks, join() waits for the workers to end
     assert set(parent_blas_threads().values()) == {1}  # the second run still holds its limit
     second.close()
+    second.join()
     assert parent_blas_threads() == before
 
 
