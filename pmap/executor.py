@@ -261,6 +261,8 @@ class Executor(cf.Executor):
         `__cause__`); "return": its result is a `pmap.Failure`.
     inner_threads : int, optional
         Native (BLAS/OpenMP) threads per worker.
+    seed : int, optional
+        The random streams of the n-th call submitted derive from `(seed, n)` (`pmap.rng()`).
     **backend_options
         Options of the backend (for example `start_method` for "pool").
 
@@ -275,7 +277,7 @@ class Executor(cf.Executor):
                  timeout: float | None = None, retries: int = 0,
                  retry_on: type[BaseException] | tuple[type[BaseException], ...] = (Exception,),
                  backoff: float = 0.0, on_error: OnError = "raise", inner_threads: int | None = None,
-                 **backend_options: Any):
+                 seed: int | None = None, **backend_options: Any):
         if max_workers is not None and not isinstance(max_workers, bool) and isinstance(max_workers, int) \
                 and max_workers <= 0:
             raise ValueError("max_workers must be greater than 0")

@@ -192,8 +192,9 @@ class Pool:
     backend : str
         A pmap backend: "process" (the default), "fork", "pool", "thread", "greenlet", "manager",
         "dask" or "serial".
-    timeout, retries, retry_on, backoff, on_error, inner_threads, **backend_options
-        As for `pmap.Executor`: per call, for every call of the Pool.
+    timeout, retries, retry_on, backoff, on_error, inner_threads, seed, **backend_options
+        As for `pmap.Executor`: per call, for every call of the Pool (with `seed`, the n-th call
+        submitted to the Pool draws from the streams of `(seed, n)`).
 
     Raises
     ------
@@ -208,7 +209,7 @@ class Pool:
                  backend: str | type = "process", workers: Workers = None, timeout: float | None = None,
                  retries: int = 0, retry_on: type[BaseException] | tuple[type[BaseException], ...] = (Exception,),
                  backoff: float = 0.0, on_error: OnError = "raise", inner_threads: int | None = None,
-                 **backend_options: Any):
+                 seed: int | None = None, **backend_options: Any):
         self._state = _TERMINATE  # until the workers are up: __del__ of a half-made Pool says nothing
         if processes is not None and workers is not None:
             raise TypeError("give processes or workers, not both")

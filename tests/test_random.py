@@ -219,11 +219,15 @@ def test_item_seed_and_random_are_the_same_without_numpy(tmp_path):
 @pytest.mark.parametrize("backend", ["thread", "process"])
 def test_pool_calls_take_seed(backend):
     expected = pmap.pmap(seeded_draws, range(20), backend="serial", seed=5)
-    with pmap.Pool(backend=backend, workers=2) as pool:
-        mapped = pool.map(seeded_draws, range(20), seed=5, chunksize=3)
-        unordered = sorted(pool.imap_unordered(seeded_draws, range(20), seed=5))
-        starred = pool.starmap(seeded_draws, [(i,) for i in range(20)], seed=5)
-        unseeded = pool.map(only_own_streams, [1], on_error="return")
+    # seed is the Pool's: its n-th call draws from (seed, n), so each Pool here starts at call 0
+    with pmap.Pool(backend=backend, workers=2, seed=5) as pool:
+        mapped = pool.map(seeded_draws, range(20), chunksize=3)
+    with pmap.Pool(backend=backend, workers=2, seed=5) as pool:
+        unordered = sorted(pool.imap_unordered(seeded_draws, range(20)))
+    with pmap.Pool(backend=backend, workers=2, seed=5) as pool:
+        starred = pool.starmap(seeded_draws, [(i,) for i in range(20)])
+    with pmap.Pool(backend=backend, workers=2, on_error="return") as pool:
+        unseeded = pool.map(only_own_streams, [1])
     for out in (mapped, unordered, starred):
         assert _comparable(list(out), backend) == _comparable(expected, backend)
     assert isinstance(unseeded[0], pmap.Failure) and isinstance(unseeded[0].exception, RuntimeError)
