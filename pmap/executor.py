@@ -263,6 +263,10 @@ class Executor(cf.Executor):
         Native (BLAS/OpenMP) threads per worker.
     seed : int, optional
         The random streams of the n-th call submitted derive from `(seed, n)` (`pmap.rng()`).
+    chunksize : int, optional
+        Calls per task. None (the default) groups calls that arrive together by their measured
+        time, for throughput; a fast call may then finish with a slow one sent beside it. 1
+        runs every call alone, as the standard executors do.
     **backend_options
         Options of the backend (for example `start_method` for "pool").
 
@@ -277,7 +281,7 @@ class Executor(cf.Executor):
                  timeout: float | None = None, retries: int = 0,
                  retry_on: type[BaseException] | tuple[type[BaseException], ...] = (Exception,),
                  backoff: float = 0.0, on_error: OnError = "raise", inner_threads: int | None = None,
-                 seed: int | None = None, **backend_options: Any):
+                 seed: int | None = None, chunksize: int | None = None, **backend_options: Any):
         if max_workers is not None and not isinstance(max_workers, bool) and isinstance(max_workers, int) \
                 and max_workers <= 0:
             raise ValueError("max_workers must be greater than 0")

@@ -195,3 +195,28 @@ def test_ctrl_c_ends_the_work_promptly_and_leaves_no_process(pmap_backend, drive
         alive = [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
         time.sleep(0.05)
     assert not alive, f"workers {[c.pid for c in alive]} outlived the Ctrl-C"
+
+
+def wait_for_file(path):
+    """Blocks until `path` exists (made by the test once it has seen what it waits for)."""
+    while not os.path.exists(path):
+        time.sleep(0.01)
+    return "released"
+
+
+@pytest.mark.timeout(HANG)
+@pytest.mark.pmap_backends("thread", "process", "fork")
+def test_chunksize_one_runs_every_call_alone(pmap_backend, tmp_path):
+    gate = str(tmp_path / "gate")
+    with pmap.Executor(2, backend=pmap_backend, chunksize=1) as executor:
+        calls = [executor.submit(square, x) for x in range(30)]  # a backlog, which would be chunked
+        blocked = executor.submit(wait_for_file, gate)
+        fast = executor.submit(square, 9)
+        try:  # submitted right behind a call that blocks, it still ends on its own
+            assert fast.result(timeout=HANG / 2) == 81
+            assert not blocked.done()
+        finally:
+            open(gate, "w").close()
+        assert blocked.result(timeout=HANG / 2) == "released"
+        assert [f.result() for f in calls] == [x * x for x in range(30)]
+        assert set(executor.stats.chunk_sizes) == {1}

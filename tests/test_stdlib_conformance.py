@@ -31,6 +31,15 @@ KNOWN_DIFFERENCES = {
 }
 
 
+# Passes or fails with timing, by a documented difference (docs/dropin.md): calls that arrive
+# together may share one task, so map(time.sleep, [0, 0, 6], timeout=5) can see its second 0
+# wait behind the 6 s call and time out before it. Skipped, not expected to fail.
+TIMING_DIFFERENCES = {
+    "test_map_timeout": "pmap may run calls that arrive together as one task: a fast call can "
+                        "wait for a slow one submitted with it (docs/dropin.md)",
+}
+
+
 def _pool_case(backend):
     class Case(mp_tests._TestPool, unittest.TestCase):
         TYPE = "threads" if backend == "thread" else "processes"  # what the suite expects of each kind
@@ -58,6 +67,9 @@ def _mark_known(case):
         test = getattr(case, name, None)
         if test is not None:
             setattr(case, name, unittest.expectedFailure(test))
+    for name, reason in TIMING_DIFFERENCES.items():
+        if getattr(case, name, None) is not None:
+            setattr(case, name, unittest.skip(reason)(getattr(case, name)))
     return case
 
 
