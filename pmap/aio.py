@@ -196,7 +196,8 @@ def _pull_from_loop(source: AsyncIterable, loop, stopping: threading.Event):
 def aimap(func: Callable, items: Iterable | AsyncIterable, *, workers: Workers = None,
           chunksize: int | None = None, ordered: bool = True, timeout: float | None = None,
           retries: int = 0, retry_on=(Exception,), backoff: float = 0.0, on_error: OnError = "raise",
-          progress: Progress = False, initializer: Callable | None = None, initargs: tuple = (),
+          progress: Progress = False, max_ahead_bytes: int | str = "64MiB",
+          initializer: Callable | None = None, initargs: tuple = (),
           inner_threads: int | None = None, seed: int | None = None) -> AsyncResults:
     """Lazy `apmap`: `async for result in pmap.aimap(fetch, urls): ...`. Items may be an
     async iterable. Call it from a coroutine; the coroutines run on that coroutine's loop.
@@ -208,7 +209,8 @@ def aimap(func: Callable, items: Iterable | AsyncIterable, *, workers: Workers =
 async def apmap(func: Callable, items: Iterable | AsyncIterable, *, workers: Workers = None,
                 chunksize: int | None = None, ordered: bool = True, timeout: float | None = None,
                 retries: int = 0, retry_on=(Exception,), backoff: float = 0.0, on_error: OnError = "raise",
-                progress: Progress = False, initializer: Callable | None = None, initargs: tuple = (),
+                progress: Progress = False, max_ahead_bytes: int | str = "64MiB",
+                initializer: Callable | None = None, initargs: tuple = (),
                 inner_threads: int | None = None, seed: int | None = None) -> list:
     """`await pmap.apmap(fetch, urls, workers=50)`: the list `pmap.pmap` would return, computed on
     the running loop with at most `workers` coroutines at a time. Same options as `pmap.pmap`."""

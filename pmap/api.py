@@ -138,12 +138,17 @@ def pmap(func: Callable[[Any], R], items: Iterable[Any], *, backend: str | type 
          timeout: float | None = None, retries: int = 0,
          retry_on: type[BaseException] | tuple[type[BaseException], ...] = (Exception,),
          backoff: float = 0.0, on_error: OnError = "raise", progress: Progress = False,
-         initializer: Callable[..., Any] | None = None, initargs: tuple = (),
+         max_ahead_bytes: int | str = "64MiB", initializer: Callable[..., Any] | None = None, initargs: tuple = (),
          inner_threads: int | None = None, seed: int | None = None, **backend_options: Any) -> ResultList[R]:
-    """`list(map(func, items))`, in parallel. See the README for every option.
+    """`list(map(func, items))`, in parallel. See the README for the other options.
 
     Parameters
     ----------
+    max_ahead_bytes : int or str, default "64MiB"
+        The most bytes of items sent to workers and of results not yet yielded that the run
+        holds before it reads more input: an int, or a size such as "256MB" or "1GiB". Chunks
+        shrink so every worker still gets its share. Sizes are pickled sizes on process backends,
+        `sys.getsizeof` elsewhere; see docs/memory.md. `.stats.peak_bytes_held` reports the peak.
     seed : int, optional
         Gives item i a random stream of its own derived from (seed, i), the same on every backend,
         worker count, chunk size, retry and resume: read it with `pmap.rng()` (a numpy Generator)
@@ -152,6 +157,11 @@ def pmap(func: Callable[[Any], R], items: Iterable[Any], *, backend: str | type 
         `numpy.random` are seeded from it too; on thread, greenlet and asyncio they are shared
         by items running at once, so only `pmap.rng()` and `pmap.item_seed()` are reproducible
         (docs/randomness.md). None (the default): no seeding, at no cost.
+
+    Raises
+    ------
+    ValueError, TypeError
+        A bad option (`max_ahead_bytes` of 0, "12 parsecs" or 1.5), before any work starts.
     """
     return _collect(_run(func, items, False, Options.from_arguments(locals())))
 
@@ -161,10 +171,10 @@ def imap(func: Callable[[Any], R], items: Iterable[Any], *, backend: str | type 
          timeout: float | None = None, retries: int = 0,
          retry_on: type[BaseException] | tuple[type[BaseException], ...] = (Exception,),
          backoff: float = 0.0, on_error: OnError = "raise", progress: Progress = False,
-         initializer: Callable[..., Any] | None = None, initargs: tuple = (),
+         max_ahead_bytes: int | str = "64MiB", initializer: Callable[..., Any] | None = None, initargs: tuple = (),
          inner_threads: int | None = None, seed: int | None = None, **backend_options: Any) -> Results[R]:
     """Lazy `pmap`: reads input as needed, keeps memory bounded, yields as results are ready.
-    `seed=` as for `pmap.pmap`."""
+    `max_ahead_bytes=` and `seed=` as for `pmap.pmap`."""
     return _run(func, items, False, Options.from_arguments(locals()))
 
 
@@ -173,9 +183,10 @@ def starmap(func: Callable[..., R], arg_tuples: Iterable[Iterable[Any]], *,
             chunksize: int | None = None, ordered: bool = True, timeout: float | None = None,
             retries: int = 0, retry_on: type[BaseException] | tuple[type[BaseException], ...] = (Exception,),
             backoff: float = 0.0, on_error: OnError = "raise", progress: Progress = False,
-            initializer: Callable[..., Any] | None = None, initargs: tuple = (),
+            max_ahead_bytes: int | str = "64MiB", initializer: Callable[..., Any] | None = None, initargs: tuple = (),
             inner_threads: int | None = None, seed: int | None = None, **backend_options: Any) -> ResultList[R]:
-    """`[func(*args) for args in arg_tuples]`, in parallel. `seed=` as for `pmap.pmap`."""
+    """`[func(*args) for args in arg_tuples]`, in parallel. `max_ahead_bytes=` and `seed=` as for
+    `pmap.pmap`."""
     return _collect(_run(func, arg_tuples, True, Options.from_arguments(locals())))
 
 

@@ -520,6 +520,7 @@ def explain(func: Callable, items: Iterable, *, workers: int | None = None, chun
             ordered: bool = True, timeout: float | None = None, retries: int = 0,
             retry_on: type[BaseException] | tuple[type[BaseException], ...] = (Exception,),
             backoff: float = 0.0, on_error: str = "return", progress: Any = False,
+            max_ahead_bytes: int | str = "64MiB",
             initializer: Callable[..., Any] | None = None, initargs: tuple = (),
             inner_threads: int | None = None, seed: int | None = None) -> Plan:
     """What `backend="auto"` would choose for `func` over `items`, and why. Takes the options

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import sys
 import threading
 import time
 from collections import deque
@@ -13,7 +14,7 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple
 from ._outcome import split_undecoded
 from ._worker import MAX_TIMED_ITEMS, is_async
 from .backends.base import AHEAD_CHUNKS_PER_SLOT, Backend, Done, Fatal, Lost, Started, Task, free_threaded, usable_cpus
-from .chunking import TARGET_CHUNK_SECONDS, ChunkSizer
+from .chunking import MAX_CHUNK_BYTES, TARGET_CHUNK_SECONDS, ChunkSizer
 from .concurrency import Adaptive, ConcurrencyController
 from .errors import Failure, ItemNotPicklable, PmapError, TaskTimeout, WorkerCrashed, raise_failure
 from .seeding import CALLER, CallerState, Seeded, SeededAsync
@@ -23,6 +24,8 @@ _PENDING = object()           # a slot still being computed
 _TASK_IDS = itertools.count()  # unique across runs, so a Pool tells its runs' events apart
 WAIT_SLICE = 0.5              # longest single wait, so liveness and deadlines are rechecked
 MAX_AHEAD_ITEMS = 100_000     # and in items: many workers times big chunks must not read far ahead
+MAX_AHEAD_BYTES = 64 << 20    # and in bytes: items in flight and results not yet yielded (max_ahead_bytes)
+SIZE_SAMPLES = 8              # values sized by sys.getsizeof per task, where nothing pickled them
 MAX_RECORDED_CHUNKS = 1000    # stats keep this many chunk sizes, so memory stays flat
 SLICED_TYPES = (list, tuple)  # input read by slicing; anything else is iterated
 # An item lost this many times (beyond its retries) with no worker to blame fails as a crash:
@@ -48,6 +51,7 @@ class RunSpec:
     measured: tuple | None = None        # (items, seconds) already measured, seeds chunk sizes
     chunk_seconds: float = TARGET_CHUNK_SECONDS  # what adaptive chunks aim at
     concurrency: Adaptive | None = None  # items in flight follow measured throughput (resizable backends)
+    max_ahead_bytes: int = MAX_AHEAD_BYTES  # bytes of items in flight and results held, before reading more
     # The engine's time for timeouts, backoff, deadlines and the concurrency controller. A backend's
     # Started times must come from the same clock (every built-in backend uses time.monotonic).
     clock: Callable[[], float] = time.monotonic
@@ -134,6 +138,9 @@ class RunStats:
     first_result_seconds: float | None = None
     bytes_sent: int | None = None       # pickled tasks and results, where the backend can tell
     bytes_received: int | None = None
+    # The most bytes of items in flight and results not yet yielded held at once: pickled sizes
+    # where the backend pickles tasks, else sys.getsizeof (shallow) of items and of all results.
+    peak_bytes_held: int = 0
     chunk_sizes: list = field(default_factory=list)
     # (seconds into the run, tasks allowed in flight, items/s) at each change of an adaptive run
     concurrency: list = field(default_factory=list)
@@ -164,6 +171,7 @@ class RunStats:
             text += f", probe {self.probe_seconds * 1e3:.1f} ms"
         if self.bytes_sent is not None:
             text += f", {_size(self.bytes_sent)} sent, {_size(self.bytes_received or 0)} received"
+        text += f", peak {_size(self.peak_bytes_held)} held"
         if self.native_threads is not None:
             text += f", {self.native_threads}"
         return (text + f"); failed {self.failed}, skipped {self.skipped}, retried {self.retried}, "
@@ -195,13 +203,14 @@ class _Block:
     """Output slots for consecutive input indices, filled as tasks finish (ordered mode).
     The slots are made on first use: a task that fills the whole block hands over its list."""
 
-    __slots__ = ("size", "_values", "missing", "has_skips")
+    __slots__ = ("size", "_values", "missing", "has_skips", "nbytes")
 
     def __init__(self, n: int):
         self.size = n
         self._values = None
         self.missing = n
         self.has_skips = False
+        self.nbytes = 0   # of the values it holds
 
     @property
     def values(self) -> list:
@@ -235,9 +244,10 @@ class _Flight:
     with their indices), and how often each was tried."""
 
     __slots__ = ("task", "items", "block", "offset", "first_index", "attempts", "losses", "started", "worker",
-                 "stopping")
+                 "stopping", "nbytes")
 
     def __init__(self, task, items, block, offset, first_index, attempts, losses=0):
+        self.nbytes = 0                 # of its items, as sent
         self.task = task
         self.items = items
         self.block = block
@@ -248,6 +258,38 @@ class _Flight:
         self.started = None             # under a timeout: when its running item began, or a time before that
         self.worker = None
         self.stopping = None            # the position of the item whose deadline stopped it
+
+
+class _Flights(dict):
+    """Tasks in flight by id, and the bytes of their items, kept however a task leaves (the
+    engine adds one by `[id] =` and removes it by `pop` or `del`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.nbytes = 0
+
+    def __setitem__(self, task_id: int, flight: _Flight) -> None:
+        super().__setitem__(task_id, flight)
+        self.nbytes += flight.nbytes
+
+    def __delitem__(self, task_id: int) -> None:
+        self.nbytes -= self[task_id].nbytes
+        super().__delitem__(task_id)
+
+    def pop(self, task_id: int, *default: Any) -> Any:
+        if task_id in self:
+            self.nbytes -= self[task_id].nbytes
+        return super().pop(task_id, *default)
+
+
+def _sampled_size(values: list) -> int:
+    """sys.getsizeof of `values`, from at most SIZE_SAMPLES of them spread over the list: a
+    task's cost stays flat however many items it has."""
+    n = len(values)
+    if n <= SIZE_SAMPLES:
+        return sum(map(sys.getsizeof, values))
+    sample = values[::n // SIZE_SAMPLES][:SIZE_SAMPLES]
+    return sum(map(sys.getsizeof, sample)) * n // SIZE_SAMPLES
 
 
 def execute(backend: Backend, spec: RunSpec, stats: RunStats | None = None,
@@ -279,7 +321,8 @@ class _Engine:
         self.next_index = spec.start_index
         self.emit_index = spec.start_index  # ordered mode: first index not yet yielded
         self.blocks: dict[int, _Block] = {}
-        self.flights: dict[int, _Flight] = {}
+        self.flights = _Flights()
+        self.result_bytes = 0              # of values delivered and not yet yielded
         self.requeued: list = []  # heap of (ready_at, seq, _Rerun)
         self.requeue_seq = itertools.count()
         self.ready: list = []              # unordered mode: values to yield
@@ -290,7 +333,9 @@ class _Engine:
             chunksize = 1
         elif self.item_clock and chunksize is not None:
             chunksize = min(chunksize, MAX_TIMED_ITEMS)  # what a worker's slot can name
-        self.sizer = ChunkSizer(chunksize, backend.workers, remaining, spec.chunk_seconds)
+        # Chunks small enough that every worker's share of the look-ahead fits in its byte budget.
+        chunk_bytes = min(MAX_CHUNK_BYTES, spec.max_ahead_bytes // (max(1, backend.workers) * AHEAD_CHUNKS_PER_SLOT))
+        self.sizer = ChunkSizer(chunksize, backend.workers, remaining, spec.chunk_seconds, max(1, chunk_bytes))
         if spec.measured:
             self.sizer.observe(*spec.measured)
         self.fn = None
@@ -370,6 +415,8 @@ class _Engine:
         slots = self.controller.limit if self.controller is not None else self.backend.workers
         ahead_chunks = max(1, slots) * AHEAD_CHUNKS_PER_SLOT
         limit = max(ahead_chunks, min(ahead_chunks * self.sizer.size(), MAX_AHEAD_ITEMS))
+        if self.flights and self.flights.nbytes + self.result_bytes >= self.spec.max_ahead_bytes:
+            return False  # with nothing in flight there is room: an item bigger than the budget still runs
         if self.spec.ordered:
             return self.next_index - self.emit_index < limit
         return len(self.ready) < limit
@@ -426,6 +473,7 @@ class _Engine:
         sent = list(zip(range(index, index + len(items)), items)) if self.pairs else items
         task = Task(next(_TASK_IDS), self.fn, sent)
         flight = _Flight(task, items, block, offset, index, attempts, losses)
+        bytes_before = self.backend.bytes_sent
         try:
             self.backend.submit(task)
         except ItemNotPicklable as exc:  # find the item that cannot be sent; it alone fails
@@ -434,11 +482,14 @@ class _Engine:
                 return
             self._record_failure(flight, 0, exc, "", "error", worker=None, retryable=False)
             return
+        # the size the backend pickled, else the items' own (not pickled a second time to know it)
+        flight.nbytes = _sampled_size(items) if bytes_before is None else self.backend.bytes_sent - bytes_before
         self._track(flight)
 
     def _track(self, flight: _Flight) -> None:
         task = flight.task
         self.flights[task.id] = flight
+        self._note_held()
         self.stats.tasks += 1
         if len(self.stats.chunk_sizes) < MAX_RECORDED_CHUNKS:
             self.stats.chunk_sizes.append(len(task.items))
@@ -485,7 +536,8 @@ class _Engine:
             self.prepared = None
         if stats.first_result_seconds is None:
             stats.first_result_seconds = time.perf_counter() - self.started
-        self.sizer.observe(n, event.elapsed)
+        result_bytes = _sampled_size(values)
+        self.sizer.observe(n, event.elapsed, flight.nbytes + result_bytes)
         if self.controller is not None:
             self.controller.record(n, event.elapsed, sum(_is_congestion(exc) for _, exc, _ in failures),
                                    flight.started, event.cpu)
@@ -495,9 +547,9 @@ class _Engine:
                 timed_out = isinstance(exc, TaskTimeout)  # a backend that times items out itself
                 self._record_failure(flight, pos, exc, tb, "timeout" if timed_out else "error", event.worker,
                                      retryable=timed_out or isinstance(exc, self.spec.retry_on))
-            self._deliver(flight, values, n - len(failures), skip_pending=True)
+            self._deliver(flight, values, n - len(failures), result_bytes, skip_pending=True)
         else:
-            self._deliver(flight, values, n)
+            self._deliver(flight, values, n, result_bytes)
 
     def _on_stopped(self, flight: _Flight, values: list, failures: list, event: Done | None) -> None:
         """A task stopped at item `flight.stopping`'s deadline finished its first len(values)
@@ -517,7 +569,7 @@ class _Engine:
             self._record_failure(flight, pos, exc, tb, "timeout" if timed_out else "error", worker,
                                  retryable=timed_out or isinstance(exc, self.spec.retry_on))
         if done:
-            self._deliver(flight, values, done - len(failures), skip_pending=bool(failures))
+            self._deliver(flight, values, done - len(failures), _sampled_size(values), skip_pending=bool(failures))
         stopped = flight.stopping
         items = flight.items
         if stopped >= done:
@@ -538,8 +590,8 @@ class _Engine:
         for pos in range(n):
             self._record_failure(flight, pos, error, "", "error", event.worker, retryable=False)
 
-    def _deliver(self, flight: _Flight, values: list, n_ok: int, skip_pending: bool = False) -> None:
-        """Put finished values in their slots (ordered) or the ready queue (unordered)."""
+    def _deliver(self, flight: _Flight, values: list, n_ok: int, nbytes: int, skip_pending: bool = False) -> None:
+        """Put finished values (of `nbytes`) in their slots (ordered) or the ready queue (unordered)."""
         if n_ok:
             self._progress(n_ok)
         if self.spec.deliver is not None:
@@ -548,6 +600,8 @@ class _Engine:
                 if value is not _PENDING:
                     deliver(first + k, value)
             return
+        self.result_bytes += nbytes
+        self._note_held()
         if flight.block is None:
             if skip_pending:
                 self.ready.extend(v for v in values if v is not _PENDING)
@@ -555,6 +609,7 @@ class _Engine:
                 self.ready.extend(values)
             return
         block = flight.block
+        block.nbytes += nbytes
         if skip_pending:
             slots = block.values
             for k, value in enumerate(values):
@@ -720,13 +775,20 @@ class _Engine:
                 return
             del blocks[self.emit_index]
             self.emit_index += block.size
+            self.result_bytes -= block.nbytes
             values = [v for v in block.values if v is not _SKIP] if block.has_skips else block.values
             if values:
                 yield values
 
     def _take_ready(self) -> list:
         ready, self.ready = self.ready, []
+        self.result_bytes = 0
         return ready
+
+    def _note_held(self) -> None:
+        held = self.flights.nbytes + self.result_bytes
+        if held > self.stats.peak_bytes_held:
+            self.stats.peak_bytes_held = held
 
     def _progress(self, n: int) -> None:
         stats = self.stats

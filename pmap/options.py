@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Any, Callable, Literal, Mapping, Optional, Union
@@ -18,6 +19,10 @@ from .engine import RunSpec
 from .seeding import check_seed
 
 ON_ERROR_CHOICES = ("raise", "return", "skip")
+# A size in bytes as a person writes it: 1000 bytes to the KB, 1024 to the KiB.
+SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+              "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*", re.IGNORECASE)
 
 # What the public signatures accept, spelled once for type checkers and readers.
 Workers = Union[int, Literal["adaptive"], Adaptive, None]  # None: the backend's default
@@ -40,6 +45,7 @@ class Options:
     backoff: float = 0.0                # seconds before the first retry, doubling per attempt
     on_error: str = "raise"
     progress: Any = False               # True, False, a label for the bar, or a callable taking (done, total)
+    max_ahead_bytes: int | str = "64MiB"  # items in flight and results not yet yielded; an int or "256MB"
     initializer: Callable | None = None
     initargs: tuple = ()
     inner_threads: int | None = None    # native (BLAS/OpenMP) threads per worker; None: CPUs // workers
@@ -89,6 +95,7 @@ class Options:
         check_seed(self.seed)
         if self.seed is not None:
             object.__setattr__(self, "seed", self.seed.__index__())  # a numpy integer becomes an int
+        object.__setattr__(self, "max_ahead_bytes", parse_size("max_ahead_bytes", self.max_ahead_bytes))
         object.__setattr__(self, "timeout", timeout)
         object.__setattr__(self, "retry_on", retry_on)
         object.__setattr__(self, "initargs", tuple(self.initargs))
@@ -126,7 +133,7 @@ class Options:
                        retry_on=self.retry_on, backoff=self.backoff, on_error=self.on_error,
                        chunksize=self.chunksize,
                        progress=progress, total=known_length(items), concurrency=concurrency, seed=self.seed,
-                       indexed_items=indexed_items)
+                       indexed_items=indexed_items, max_ahead_bytes=self.max_ahead_bytes)
 
 
 FIELD_NAMES = tuple(f.name for f in fields(Options))
@@ -151,6 +158,24 @@ def known_length(items: Any) -> int | None:
         return len(items)
     except Exception:  # no __len__, or one that raises: the length is unknown, as for a generator
         return None
+
+
+def parse_size(name: str, value: Any) -> int:
+    """Bytes from an int or a string such as "256MB", "1.5GiB" or "4096" (see SIZE_UNITS)."""
+    given = value
+    if isinstance(value, str):
+        match = _SIZE.fullmatch(value)
+        unit = match.group(2).lower() if match else None
+        if unit is None or unit and unit not in SIZE_UNITS:
+            raise ValueError(f"{name} must be a number of bytes or a size such as '256MB' or '1GiB' "
+                             f"(units B, KB, MB, GB, TB, KiB, MiB, GiB, TiB), got {value!r}")
+        value = int(float(match.group(1)) * SIZE_UNITS.get(unit, 1))
+    elif isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer number of bytes or a size such as '256MB', "
+                        f"not {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be at least 1 byte, got {given!r}")
+    return int(value)
 
 
 def _is_number(value: Any) -> bool:

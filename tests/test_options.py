@@ -120,8 +120,8 @@ def test_no_import_cycle_among_the_package_modules():
 # The command line's flag for each option (`ordered` is its negation, `--unordered`).
 CLI_FLAGS = {"backend": "--backend", "workers": "--workers", "chunksize": "--chunksize", "ordered": "--unordered",
              "timeout": "--timeout", "retries": "--retries", "retry_on": "--retry-on", "backoff": "--backoff",
-             "on_error": "--on-error", "progress": "--progress", "initializer": "--initializer",
-             "initargs": "--initargs", "seed": "--seed", "backend_options": "--option",
+             "on_error": "--on-error", "progress": "--progress", "max_ahead_bytes": "--max-ahead-bytes",
+             "initializer": "--initializer", "initargs": "--initargs", "seed": "--seed", "backend_options": "--option",
              "inner_threads": "--option"}  # -o inner_threads=N: Options moves it to its field
 
 

@@ -47,7 +47,7 @@ def parse_backend_options(pairs: list[str]) -> dict:
 
 
 def api_options(*, backend: str, workers, chunksize, timeout, retries, backoff, on_error, option,
-                seed=None) -> Options:
+                seed=None, max_ahead_bytes: str | None = None) -> Options:
     """The API's options from the command line's words, checked by the API's own rules before
     anything is imported or written; a bad value is one line naming the flag."""
     if on_error not in ON_ERROR_CHOICES:
@@ -55,7 +55,8 @@ def api_options(*, backend: str, workers, chunksize, timeout, retries, backoff, 
     try:
         return Options(backend=backend, workers=parse_workers(workers), chunksize=chunksize, timeout=timeout, retries=retries,
                        backoff=backoff, on_error="return" if on_error == "record" else on_error,
-                       seed=seed, backend_options=parse_backend_options(option))
+                       seed=seed, backend_options=parse_backend_options(option),
+                       **({} if max_ahead_bytes is None else {"max_ahead_bytes": max_ahead_bytes}))
     except (TypeError, ValueError) as exc:
         raise UsageError(as_flags(str(exc))) from None
 

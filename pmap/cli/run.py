@@ -98,6 +98,10 @@ def run_command(
         help="backend name, or auto [default: auto; thread with --cmd]", show_default=False)] = None,
     workers: WorkersOpt = None,
     chunksize: ChunksizeOpt = None,
+    max_ahead_bytes: Annotated[Optional[str], typer.Option(
+        "--max-ahead-bytes", metavar="SIZE",
+        help="most bytes of items in flight and results not yet written, before more input is read: "
+             "a number of bytes or a size such as 256MB or 1GiB [default: 64MiB]", show_default=False)] = None,
     timeout: Annotated[Optional[float], typer.Option(
         "--timeout", help="seconds per item (per try); a command's whole process group is killed")] = None,
     retries: Annotated[int, typer.Option("--retries", help="re-runs of an item that failed")] = 0,
@@ -154,7 +158,8 @@ def run_command(
         code = _run(target=target, items=items, command=command, input_path=input_path, range_text=range_text,
                     as_json=as_json, star=star, as_csv=as_csv, as_tsv=as_tsv, to_format=to_format,
                     unordered=unordered, with_index=with_index, tag=tag, output_path=output_path,
-                    backend=backend, workers=workers, chunksize=chunksize, timeout=timeout, retries=retries,
+                    backend=backend, workers=workers, chunksize=chunksize, max_ahead_bytes=max_ahead_bytes,
+                    timeout=timeout, retries=retries,
                     retry_on=retry_on, backoff=backoff, seed=seed, on_error=on_error, halt_text=halt_text,
                     initializer=initializer, initargs=initargs, progress=progress, desc=desc, dry_run=dry_run,
                     explain=explain, journal_path=journal_path, keep_failures=keep_failures,
@@ -180,7 +185,8 @@ def _formats(as_json: bool, star: bool, as_csv: bool, as_tsv: bool, to_format: s
 
 
 def _run(*, target, items, command, input_path, range_text, as_json, star, as_csv, as_tsv, to_format, unordered,
-         with_index, tag, output_path, backend, workers, chunksize, timeout, retries, retry_on, backoff, seed, on_error,
+         with_index, tag, output_path, backend, workers, chunksize, max_ahead_bytes, timeout, retries, retry_on,
+         backoff, seed, on_error,
          halt_text, initializer, initargs, progress, desc, dry_run, explain, journal_path, keep_failures,
          joblog_path, option, gevent) -> int:
     # Everything that can be wrong with the command is checked before a file is written.
@@ -206,7 +212,8 @@ def _run(*, target, items, command, input_path, range_text, as_json, star, as_cs
     if keep_failures and not journal_path:
         raise UsageError("--keep-failures is about resuming: it needs --journal FILE")
     options = api_options(backend=backend, workers=workers, chunksize=chunksize, timeout=timeout,
-                          retries=retries, backoff=backoff, on_error=on_error, option=option, seed=seed)
+                          retries=retries, backoff=backoff, on_error=on_error, option=option, seed=seed,
+                          max_ahead_bytes=max_ahead_bytes)
     on_error = options.on_error
     check_backend(backend)
     init_arguments = parse_initargs(initargs)
