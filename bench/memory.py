@@ -9,8 +9,11 @@ Every run is a fresh process. In it a sampling thread reads, every 20 ms, the RS
 process and of all its descendants (the workers), summed; growth is the peak of that sum less
 the caller's RSS just before the run. Fork's workers share pages with the caller copy-on-write,
 which their RSS counts again, so fork's growth is an upper bound. Time is the run's wall time,
-start-up included. Target: growth under 300 MB, and time per byte no more than 1.1x that of
-the 1 KB run of the baseline (the code before byte budgets), measured in the same session.
+start-up included; CPU is the CPU time of the caller and its workers during the run, which
+load from elsewhere changes much less than wall time (a reniced run on a busy machine waits).
+Target: growth under 300 MB, and time per byte no more than 1.1x that of the 1 KB run of the
+baseline (the code before byte budgets), measured in the same session; rounds run every cell
+once in turn, so load from elsewhere falls on all of them alike.
 """
 from __future__ import annotations
 
@@ -40,23 +43,32 @@ def items(count: int, size: int):
         yield template[start:start + size]
 
 
-class PeakRss:
-    """Samples the summed RSS of this process and its descendants until stopped."""
+class Usage:
+    """Samples the summed RSS of this process and its descendants, and the CPU time each has
+    used, until stopped."""
 
     def __init__(self):
         import psutil
         self.me = psutil.Process()
+        self.cpu_before = self._cpu(self.me)
+        self.cpu: dict = {}   # pid -> CPU seconds last seen
         self.peak = self.total()
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._sample, daemon=True)
         self.thread.start()
 
+    @staticmethod
+    def _cpu(process) -> float:
+        times = process.cpu_times()
+        return times.user + times.system
+
     def total(self) -> int:
         import psutil
-        rss = self.me.memory_info().rss
-        for child in self.me.children(recursive=True):
+        rss = 0
+        for process in [self.me, *self.me.children(recursive=True)]:
             try:
-                rss += child.memory_info().rss
+                rss += process.memory_info().rss
+                self.cpu[process.pid] = self._cpu(process)
             except psutil.Error:  # a worker that ended between the listing and the read
                 pass
         return rss
@@ -65,10 +77,12 @@ class PeakRss:
         while not self.stopping.wait(SAMPLE_SECONDS):
             self.peak = max(self.peak, self.total())
 
-    def stop(self) -> int:
+    def stop(self) -> tuple[int, float]:
+        """The peak RSS, and the CPU seconds used since the start (a worker's, as last seen)."""
         self.stopping.set()
         self.thread.join()
-        return max(self.peak, self.total())
+        peak = max(self.peak, self.total())
+        return peak, sum(self.cpu.values()) - self.cpu_before
 
 
 def child(backend: str, size: int, count: int) -> None:
@@ -80,15 +94,15 @@ def child(backend: str, size: int, count: int) -> None:
     warnings.simplefilter("ignore")  # the data-rate warning: moving bytes is what this measures
     options = {"start_method": "fork"} if backend == "pool" else {}  # this script's __main__ is not importable
     before = psutil.Process().memory_info().rss
-    sampler = PeakRss()
+    usage = Usage()
     started = time.perf_counter()
     results = pmap.imap(len, items(count, size), backend=backend, **options)
     total = sum(results)
     seconds = time.perf_counter() - started
-    peak = sampler.stop()
+    peak, cpu = usage.stop()
     assert total == count * size, (total, count * size)
     stats = results.stats
-    common.emit({"seconds": seconds, "growth_mb": (peak - before) / 1e6,
+    common.emit({"seconds": seconds, "cpu": cpu, "growth_mb": (peak - before) / 1e6,
                  "peak_held_mb": getattr(stats, "peak_bytes_held", 0) / 1e6,
                  "max_chunk": max(stats.chunk_sizes) if stats.chunk_sizes else None,
                  "workers": stats.workers})
@@ -146,27 +160,32 @@ def main() -> None:
 
 
 def print_table(args, cells: list, runs: dict) -> None:
-    per_byte_base = {}
+    base = {}  # backend -> (wall, CPU) seconds per byte of the baseline's 1 KB run
     for (backend, size, code), outputs in runs.items():
         if code == "baseline" and outputs:
-            per_byte_base[backend] = statistics.median(o["seconds"] for o in outputs) / (args.items * size)
+            base[backend] = tuple(statistics.median(o[key] for o in outputs) / (args.items * size)
+                                  for key in ("seconds", "cpu"))
     rows = []
     for cell in cells:
         backend, size, code = cell
         outputs = runs[cell]
         if not outputs:
-            rows.append([backend, f"{size / 1000:g} KB", code, "failed", "", "", "", ""])
+            rows.append([backend, f"{size / 1000:g} KB", code, "failed"] + [""] * 7)
             continue
         seconds = [o["seconds"] for o in outputs]
-        growth = [o["growth_mb"] for o in outputs]
-        ratio = ""
-        if backend in per_byte_base:
-            ratio = f"{statistics.median(seconds) / (args.items * size) / per_byte_base[backend]:.2f}x"
-        rows.append([backend, f"{size / 1000:g} KB", code, spread(growth, 0), spread(seconds, 2),
-                     f"{statistics.median(seconds) / (args.items * size) * 1e9:.2f}", ratio,
-                     f"{max(o['peak_held_mb'] for o in outputs):.1f}" if code == "this" else "-"])
-    header = ["backend", "item", "code", "peak RSS growth MB (min-max)", "time s (min-max)", "ns per byte",
-              "per byte vs baseline 1 KB", "peak held MB (.stats)"]
+        cpu = [o["cpu"] for o in outputs]
+        per_byte = statistics.median(seconds) / (args.items * size)
+        cpu_per_byte = statistics.median(cpu) / (args.items * size)
+        ratios = ["", ""]
+        if backend in base:
+            ratios = [f"{per_byte / base[backend][0]:.2f}x", f"{cpu_per_byte / base[backend][1]:.2f}x"]
+        rows.append([backend, f"{size / 1000:g} KB", code, spread([o["growth_mb"] for o in outputs], 0),
+                     spread(seconds, 2), spread(cpu, 2), f"{per_byte * 1e9:.2f}", *ratios,
+                     f"{max(o['peak_held_mb'] for o in outputs):.1f}" if code == "this" else "-",
+                     max(o["max_chunk"] or 0 for o in outputs)])
+    header = ["backend", "item", "code", "peak RSS growth MB (min-max)", "time s (min-max)", "CPU s (min-max)",
+              "ns per byte", "time per byte vs baseline 1 KB", "CPU per byte vs baseline 1 KB",
+              "peak held MB (.stats)", "largest chunk"]
     lines = common.header_lines("memory.py") + [
         f"`pmap.imap(len, items)` over {args.items:,} items from a generator; medians of {args.repeat} "
         f"run(s), each in a fresh process. Targets: growth under {TARGET_GROWTH_MB} MB, time per byte "
