@@ -138,8 +138,8 @@ class RunStats:
     first_result_seconds: float | None = None
     bytes_sent: int | None = None       # pickled tasks and results, where the backend can tell
     bytes_received: int | None = None
-    # The most bytes of items in flight and results not yet yielded held at once: pickled sizes
-    # where the backend pickles tasks, else sys.getsizeof (shallow) of items and of all results.
+    # The most bytes of items in flight and results not yet yielded held at once: items at their
+    # pickled size where the backend pickles tasks, else by sys.getsizeof (shallow), as results.
     peak_bytes_held: int = 0
     chunk_sizes: list = field(default_factory=list)
     # (seconds into the run, tasks allowed in flight, items/s) at each change of an adaptive run
@@ -247,7 +247,6 @@ class _Flight:
                  "stopping", "nbytes")
 
     def __init__(self, task, items, block, offset, first_index, attempts, losses=0):
-        self.nbytes = 0                 # of its items, as sent
         self.task = task
         self.items = items
         self.block = block
@@ -258,6 +257,7 @@ class _Flight:
         self.started = None             # under a timeout: when its running item began, or a time before that
         self.worker = None
         self.stopping = None            # the position of the item whose deadline stopped it
+        self.nbytes = 0                 # of its items, as sent
 
 
 class _Flights(dict):
@@ -411,12 +411,12 @@ class _Engine:
 
     # ---- dispatch -------------------------------------------------------------------
     def _room_ahead(self) -> bool:
+        if self.flights and self.flights.nbytes + self.result_bytes >= self.spec.max_ahead_bytes:
+            return False  # with nothing in flight there is room: an item bigger than the budget still runs
         # Read each time: a remote backend's workers come and go, an adaptive run's limit moves.
         slots = self.controller.limit if self.controller is not None else self.backend.workers
         ahead_chunks = max(1, slots) * AHEAD_CHUNKS_PER_SLOT
         limit = max(ahead_chunks, min(ahead_chunks * self.sizer.size(), MAX_AHEAD_ITEMS))
-        if self.flights and self.flights.nbytes + self.result_bytes >= self.spec.max_ahead_bytes:
-            return False  # with nothing in flight there is room: an item bigger than the budget still runs
         if self.spec.ordered:
             return self.next_index - self.emit_index < limit
         return len(self.ready) < limit
