@@ -104,7 +104,8 @@ def row(backend: str, workers: int, count: int, size: int, runs: list) -> list:
     seconds = [r["seconds"] for r in runs]
     per_item = [s / count * 1e6 for s in seconds]
     middle = statistics.median(seconds)
-    return [backend, workers, f"{count:,}", f"{size / 1000:g} KB", f"{statistics.median(r['startup'] for r in runs):.2f}",
+    startup = statistics.median(r["startup"] for r in runs)
+    return [backend, workers, f"{count:,}", f"{size / 1000:g} KB", f"{startup:.2f}",
             f"{middle:.3f} ({min(seconds):.3f}-{max(seconds):.3f})",
             f"{statistics.median(per_item):.2f} ({min(per_item):.2f}-{max(per_item):.2f})",
             f"{middle / (count * size) * 1e9:.2f}", f"{max(r['peak_held_mb'] for r in runs):.1f}"]
