@@ -91,11 +91,10 @@ def main() -> None:
         lines += common.markdown_table(["backend", "workers", "items", "item size", "start-up s",
                                         "run s (min-max)", "µs per item (min-max)", "ns per byte",
                                         "peak held MB"], rows, first_left=1)
-    text = "\n".join(lines)
-    print(text)
-    if args.output:
-        with open(args.output, "w") as handle:
-            handle.write(text + "\n")
+        if args.output:  # after each sweep, so a long session keeps what it finished
+            with open(args.output, "w") as handle:
+                handle.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 def row(backend: str, workers: int, count: int, size: int, runs: list) -> list:
