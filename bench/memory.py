@@ -132,6 +132,7 @@ def main() -> None:
         child(args.child[0], int(args.child[1]), int(args.child[2]))
         return
     common.install_signal_handlers()
+    header = common.header_lines("memory.py")  # the load average at the start
     if args.quick:
         args.items, args.repeat = 3_000, 1
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -156,10 +157,10 @@ def main() -> None:
                 continue
             runs[cell].append(result.output)
             common.log(f"round {round_ + 1}: {backend:8} {size:>7} B {code:8} {json.dumps(result.output)}")
-    print_table(args, cells, runs)
+    print_table(args, header, cells, runs)
 
 
-def print_table(args, cells: list, runs: dict) -> None:
+def print_table(args, header_lines: list, cells: list, runs: dict) -> None:
     base = {}  # backend -> (wall, CPU) seconds per byte of the baseline's 1 KB run
     for (backend, size, code), outputs in runs.items():
         if code == "baseline" and outputs:
@@ -186,7 +187,7 @@ def print_table(args, cells: list, runs: dict) -> None:
     header = ["backend", "item", "code", "peak RSS growth MB (min-max)", "time s (min-max)", "CPU s (min-max)",
               "ns per byte", "time per byte vs baseline 1 KB", "CPU per byte vs baseline 1 KB",
               "peak held MB (.stats)", "largest chunk"]
-    lines = common.header_lines("memory.py") + [
+    lines = header_lines + [
         f"`pmap.imap(len, items)` over {args.items:,} items from a generator; medians of {args.repeat} "
         f"run(s), each in a fresh process. Targets: growth under {TARGET_GROWTH_MB} MB, time per byte "
         f"at most {TARGET_PER_BYTE}x the baseline's 1 KB run.", ""]
