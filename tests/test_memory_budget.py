@@ -219,3 +219,18 @@ def test_the_command_line_takes_a_budget_and_refuses_a_bad_one_in_one_line():
                          timeout=WAIT_LIMIT)
     assert bad.returncode != 0 and bad.stdout == ""
     assert bad.stderr.count("\n") == 1 and "--max-ahead-bytes must be a number of bytes" in bad.stderr
+
+
+def _hangs_on_five(data: bytes) -> int:
+    if data[0] == 5:
+        time.sleep(WAIT_LIMIT)
+    return len(data)
+
+
+def test_nothing_is_lost_when_a_task_stops_at_a_deadline_under_a_tight_budget():
+    items = (bytes([i]) * 50_000 for i in range(60))
+    out = pmap.pmap(_hangs_on_five, items, backend="fork", workers=2, timeout=5.0, on_error="return",
+                    max_ahead_bytes="300KB")
+    assert isinstance(out[5], pmap.Failure) and out[5].kind == "timeout"
+    assert out[:5] + out[6:] == [50_000] * 59
+    assert out.stats.peak_bytes_held <= 300_000 + 2 * 50_100
