@@ -11,9 +11,9 @@ import time
 import pytest
 
 import pmap
+from pmap.backends.base import open_backend
 from pmap.chunking import MAX_CHUNK, MAX_CHUNK_BYTES, ChunkSizer
 from pmap.options import Options
-from workloads import square
 
 ITEM = 200_000          # bytes of one big item
 WAIT_LIMIT = 120.0      # seconds a gated function or a test waits at most, so nothing hangs
@@ -54,12 +54,15 @@ def reads_while_blocked(gate: str, fn, count: int, make, settled: int, backend: 
     open the gate and finish. The workers start first, so none is forked beside that thread."""
     reads: list = []
     out: list = []
-    with pmap.Pool(backend=backend, workers=workers) as pool:
-        assert pool.map(len, [b""] * workers) == [0] * workers  # the workers start here
-        results = pool.imap(functools.partial(fn, gate), counted(reads, count, make), max_ahead_bytes=max_ahead_bytes)
+    opened = open_backend(backend, workers)
+    try:
+        results = pmap.imap(functools.partial(fn, gate), counted(reads, count, make), backend=opened,
+                            max_ahead_bytes=max_ahead_bytes)
         consumer = threading.Thread(target=lambda: out.extend(results))
         consumer.start()
         seen = _count_when_settled(reads, settled, gate, consumer)
+    finally:
+        opened.close()
     return seen, out, results.stats
 
 
@@ -199,14 +202,6 @@ def test_a_bad_budget_is_refused_before_any_work(given, error, words):
     with pytest.raises(error, match=words.replace("(", r"\(").replace(".", r"\.")):
         pmap.pmap(calls.append, [1, 2], backend="serial", max_ahead_bytes=given)
     assert calls == []
-
-
-def test_a_pool_call_takes_its_own_budget():
-    with pmap.Pool(backend="thread", workers=2) as pool:
-        out = pool.map(len, [bytes(50_000)] * 40, max_ahead_bytes="100KB")
-        assert out == [50_000] * 40 and out.stats.peak_bytes_held < 100_000 + 2 * 50_100
-        with pytest.raises(ValueError, match="max_ahead_bytes must be at least 1 byte"):
-            pool.map(square, [1], max_ahead_bytes=0)
 
 
 def test_the_command_line_takes_a_budget_and_refuses_a_bad_one_in_one_line():
