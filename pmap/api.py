@@ -82,7 +82,7 @@ def _run(func: Callable, items: Iterable, star: bool, options: Options, indexed:
     instance, bounds = None, None
     if not auto:  # opened before the bar is drawn: a backend that fails leaves no bar
         instance, bounds = _open(options)
-    callback, close_progress = make_progress(options.progress, stats, total=known_length(items))
+    callback, close_progress = make_progress(options.progress, stats, total=known_length(items), auto=auto)
     spec = options.run_spec(fn, items, callback, concurrency=bounds, indexed_items=indexed)
     if auto:
         try:

@@ -55,8 +55,10 @@ class ProgressBar:
     count, elapsed and remaining time, the mean rate since the run started, and failures."""
 
     def __init__(self, description: str = DEFAULT_DESCRIPTION, stats=None, *, stream: TextIO | None = None,
-                 total: int | None = None, initial: int = 0, clock: Callable[[], float] = time.monotonic):
+                 total: int | None = None, initial: int = 0, clock: Callable[[], float] = time.monotonic,
+                 auto: bool = False):
         self.description = description
+        self.auto = auto              # an auto run: the backend is chosen once its plan is set
         self.stats = stats            # read for the failure count
         self.stream = stream if stream is not None else sys.stderr
         self.terminal = is_terminal(self.stream)
@@ -85,7 +87,11 @@ class ProgressBar:
         """Whether the run is past auto mode's probe (which runs on serial before `plan` is set).
         An explicit serial run never forks either way; it goes without the ticker."""
         stats = self.stats
-        return stats is not None and (stats.plan is not None or stats.backend not in ("", "serial"))
+        if stats is None:
+            return False
+        if self.auto:  # its probe runs items on serial, then on threads (the GIL probe), before the plan
+            return stats.plan is not None
+        return stats.backend not in ("", "serial")
 
     def start_ticker(self) -> None:
         """Start the ticker (once): call it when the backend is running, never before a fork
@@ -196,13 +202,14 @@ class ProgressBar:
 
 
 def make_progress(progress, stats, description: str = DEFAULT_DESCRIPTION,
-                  total: int | None = None) -> tuple[Callable | None, Callable[[], None]]:
+                  total: int | None = None, auto: bool = False) -> tuple[Callable | None, Callable[[], None]]:
     """Turn the `progress=` argument (checked already: True, False, a label or a callable) into
     (callback, closer). A string draws the bar with that label; `total`, when known, lets the
-    bar's first frame show it."""
+    bar's first frame show it; `auto`: the run is auto mode's, whose bar starts its ticker only
+    once the plan is made."""
     if progress is False or progress is None:
         return None, lambda: None
     if progress is True or isinstance(progress, str):
-        bar = ProgressBar(progress if isinstance(progress, str) else description, stats, total=total)
+        bar = ProgressBar(progress if isinstance(progress, str) else description, stats, total=total, auto=auto)
         return bar, bar.close
     return progress, lambda: None

@@ -96,9 +96,12 @@ def test_the_ticker_waits_for_the_backend_to_be_chosen_and_ends_with_the_bar():
     stream = os.fdopen(write_end, "w")
     try:
         stats = RunStats(backend="serial")  # auto mode's probe: no plan yet
-        bar = ProgressBar("job", stats, total=10, stream=stream)
+        bar = ProgressBar("job", stats, total=10, stream=stream, auto=True)
         bar(1, 10)
         assert ticker_threads() == []  # a thread now would make auto refuse to fork
+        stats.backend = "thread"  # the GIL probe runs two items on threads, still before the plan
+        bar(1, 10)
+        assert ticker_threads() == []
         stats.plan, stats.backend = "fork chosen", "fork"
         bar(2, 10)
         assert len(ticker_threads()) == 1
