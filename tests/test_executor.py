@@ -205,7 +205,7 @@ def wait_for_file(path):
 
 
 @pytest.mark.timeout(HANG)
-@pytest.mark.pmap_backends("thread", "process", "fork")
+@pytest.mark.pmap_backends("thread", "process")  # one shared queue: fork queues a task per worker ahead
 def test_chunksize_one_runs_every_call_alone(pmap_backend, tmp_path):
     gate = str(tmp_path / "gate")
     with pmap.Executor(2, backend=pmap_backend, chunksize=1) as executor:
