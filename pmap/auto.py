@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import threading
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Iterator
@@ -282,8 +281,9 @@ def decide(meter: Meter, remaining: int | None, fn, workers,
     proc_workers = capped(workers or _process_workers(work, cores))
     estimates = {"serial": serial_seconds, "thread": _thread_estimate(work, thread_workers, thread_lanes)}
 
-    fork_hazard = None if threading.active_count() > 1 else native.fork_hang_risk()
-    fork_safe = fork_supported() and threading.active_count() == 1 and fork_hazard is None
+    threads_left_behind = native.threads_a_fork_leaves_behind()
+    fork_hazard = None if threads_left_behind else native.fork_hang_risk()
+    fork_safe = fork_supported() and not threads_left_behind and fork_hazard is None
     process_name = "fork" if fork_safe else "process"
     # Processes cannot start faster than a fork: when even that loses to serial, skip the
     # picklability check, which costs more than tiny work.

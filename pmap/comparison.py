@@ -315,11 +315,16 @@ def compare(func: Callable, items: Iterable, backends: Iterable[str] | None = No
                  [backends] if isinstance(backends, str) else list(backends)):
         if name not in names:
             names.append(name)
+    from ._worker import callable_name, is_async
+    if not is_async(func):
+        if backends is not None and ASYNC_ONLY.intersection(names):  # a usage error, not a disagreement
+            named = ", ".join(repr(name) for name in names if name in ASYNC_ONLY)
+            raise TypeError(f"compare: backend {named} runs only async def functions, and {callable_name(func)} "
+                            "is a plain function; leave it out of backends= (the default list does), "
+                            "or compare an async def function")
     reasons = _availability(names)
-    if backends is None:
-        from ._worker import is_async
-        if not is_async(func):
-            reasons.update({name: "skipped: runs async def functions only" for name in names if name in ASYNC_ONLY})
+    if backends is None and not is_async(func):
+        reasons.update({name: "skipped: runs async def functions only" for name in names if name in ASYNC_ONLY})
     differ = _first_difference if ordered else _multiset_difference
 
     rows: dict[str, BackendRun] = {}

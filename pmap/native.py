@@ -248,6 +248,21 @@ def native_thread_count() -> int:
     return max(0, os_threads - threading.active_count())
 
 
+def threads_a_fork_leaves_behind() -> int:
+    """Python threads, besides the calling one, whose locks a forked child could find held.
+    The threads of loky's reusable executor, which the process backend keeps between runs, do
+    not count: a forked worker never uses that executor, and multiprocessing renews its queues'
+    locks in a child after a fork."""
+    threads = set(threading.enumerate())
+    threads.discard(threading.current_thread())
+    reusable = sys.modules.get("loky.reusable_executor")  # not loaded: no process run has started one
+    executor = getattr(getattr(reusable, "_executor_storage", None), "executor", None)
+    if executor is not None:
+        threads.discard(getattr(executor, "_executor_manager_thread", None))
+        threads.discard(getattr(getattr(executor, "_call_queue", None), "_thread", None))
+    return len(threads)
+
+
 def _gnu_openmp_loaded() -> bool:
     return any(pool.get("prefix") == GNU_OPENMP_PREFIX for pool in loaded_pools())
 

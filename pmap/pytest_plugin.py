@@ -19,9 +19,17 @@ differing index, and the returned table holds each backend's time and stats:
 """
 from __future__ import annotations
 
+import importlib
+
 import pytest
 
 # pmap itself is imported only when a test uses it, not whenever pytest starts.
+
+
+# Warnings about a backend the fixture chose, not the test's author: the greenlet case warns that
+# the test process is not monkey-patched, which is true of every test run and no fault of the
+# test. A project that runs its tests with `-W error` must still pass.
+_CHOSEN_FOR_YOU = {"greenlet": ("pmap.backends.greenlet.NotCooperativeWarning",)}
 
 
 def default_backend_names() -> list[str]:
@@ -48,7 +56,8 @@ def _params(names):
         elif not info.available:
             params.append(pytest.param(name, id=name, marks=pytest.mark.skip(reason=f"backend {name!r} unavailable: {info.reason}")))
         else:
-            params.append(pytest.param(name, id=name))
+            params.append(pytest.param(name, id=name, marks=[pytest.mark.filterwarnings(f"ignore::{warning}")
+                                                             for warning in _CHOSEN_FOR_YOU.get(name, ())]))
     return params
 
 
@@ -73,5 +82,12 @@ def assert_backends_agree(func, items, backends=None, *, ordered: bool = True, r
     Returns the `pmap.compare` table (times, speedups, stats) for further checks.
     """
     __tracebackhide__ = True
+    import warnings
+
     from .comparison import compare
-    return compare(func, items, backends, repeat=repeat, ordered=ordered, equal=equal, check=True, **options)
+    with warnings.catch_warnings():
+        for name in _CHOSEN_FOR_YOU if backends is None else ():
+            for warning in _CHOSEN_FOR_YOU[name]:
+                module, _, category = warning.rpartition(".")
+                warnings.filterwarnings("ignore", category=getattr(importlib.import_module(module), category))
+        return compare(func, items, backends, repeat=repeat, ordered=ordered, equal=equal, check=True, **options)

@@ -179,11 +179,12 @@ class ForkBackend(Backend):
 
     def _warn_if_threaded(self) -> None:
         global _warned_threads
-        if _warned_threads or threading.active_count() <= 1:
+        others = native.threads_a_fork_leaves_behind()
+        if _warned_threads or not others:
             return
         _warned_threads = True  # once per process: the risk is the same on every fork
         warn_user(
-            f"pmap: the fork backend is forking a process that runs {threading.active_count() - 1} other "
+            f"pmap: the fork backend is forking a process that runs {others} other "
             "thread(s); a lock one of them holds at that moment stays locked in the worker. "
             "Use backend='process' if a run hangs.")
 

@@ -1,0 +1,95 @@
+"""What a new user meets on the first day: warnings pmap should not give, usage errors named
+as such. Each case runs in a fresh interpreter, as a user's script or test suite would."""
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import pmap
+from workloads import square
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_python(tmp_path, code, *args, name="script.py"):
+    (tmp_path / name).write_text(textwrap.dedent(code))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+    return subprocess.run([sys.executable, *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=240)
+
+
+@pytest.mark.timeout(250)
+def test_fork_after_a_process_run_does_not_warn_about_lokys_threads(tmp_path):
+    child = run_python(tmp_path, """
+        import threading
+        import pmap
+
+        def square(x):
+            return x * x
+
+        if __name__ == "__main__":
+            pmap.pmap(square, range(10), backend="process")   # leaves loky's executor threads
+            assert threading.active_count() > 1, threading.enumerate()
+            assert pmap.pmap(square, range(10), backend="fork") == [x * x for x in range(10)]
+            plan = pmap.explain(square, range(10**6))
+            assert "other threads run" not in plan.reason, plan
+        """, "-W", "error", "script.py")
+    assert child.returncode == 0, child.stderr
+
+
+@pytest.mark.timeout(250)
+def test_fork_still_warns_about_a_thread_of_the_callers(tmp_path):
+    child = run_python(tmp_path, """
+        import threading
+        import pmap
+
+        def square(x):
+            return x * x
+
+        if __name__ == "__main__":
+            stop = threading.Event()
+            threading.Thread(target=stop.wait, daemon=True).start()
+            pmap.pmap(square, range(10), backend="fork")
+            stop.set()
+        """, "script.py")
+    assert child.returncode == 0, child.stderr
+    assert "forking a process that runs 1 other thread(s)" in child.stderr, child.stderr
+
+
+@pytest.mark.timeout(250)
+def test_the_plugins_fixture_and_helper_pass_under_warnings_as_errors(tmp_path):
+    # assert_backends_agree first, in its own file: the greenlet backend warns once per process,
+    # so the first test that reaches it is the one that must not fail.
+    (tmp_path / "test_agree.py").write_text(textwrap.dedent("""
+        from pmap.pytest_plugin import assert_backends_agree
+
+        def my_function(x):
+            return x * x + 1
+
+        def test_same_answer_everywhere():
+            assert_backends_agree(my_function, list(range(20)))
+        """))
+    child = run_python(tmp_path, """
+        import pmap
+
+        def my_function(x):
+            return x * x + 1
+
+        inputs = list(range(20))
+
+        def test_my_function(pmap_backend):
+            assert pmap.pmap(my_function, inputs, backend=pmap_backend) == [my_function(x) for x in inputs]
+        """, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "error", "test_fixture.py", "test_agree.py",
+        name="test_fixture.py")
+    assert child.returncode == 0, child.stdout + child.stderr
+    assert "greenlet" in pmap.pytest_plugin.default_backend_names()
+    assert "fork" in pmap.pytest_plugin.default_backend_names()
+    assert re.search(r"\b7 passed", child.stdout) and "skipped" not in child.stdout, child.stdout
+
+
+def test_compare_names_asyncio_with_a_plain_function_a_usage_error():
+    with pytest.raises(TypeError, match=r"backend 'asyncio' runs only async def functions, and square"):
+        pmap.compare(square, range(4), ["thread", "asyncio"])
