@@ -48,10 +48,9 @@ def run_block(tmp_path, mark, code):
         assert re.search(r"\b\d+ passed", child.stdout) and "skipped" not in child.stdout, child.stdout
 
 
-def test_every_block_is_found_and_most_run():
+def test_the_tour_is_found_and_runs():
     blocks = python_blocks(README)
-    assert len(blocks) >= 2
-    assert sum(1 for block in blocks if not block.marks) >= 2
+    assert blocks and not blocks[0].marks, "the README's first Python block (the tour) must run"
 
 
 @pytest.mark.timeout(300)
