@@ -140,28 +140,111 @@ def pmap(func: Callable[[Any], R], items: Iterable[Any], *, backend: str | type 
          backoff: float = 0.0, on_error: OnError = "raise", progress: Progress = False,
          max_ahead_bytes: int | str = "64MiB", initializer: Callable[..., Any] | None = None, initargs: tuple = (),
          inner_threads: int | None = None, seed: int | None = None, **backend_options: Any) -> ResultList[R]:
-    """`list(map(func, items))`, in parallel. See the README for the other options.
+    """`list(map(func, items))`, in parallel: results in input order, each failure its item's own.
 
     Parameters
     ----------
+    func : callable
+        Called as `func(item)` for every item. A plain function, lambda, closure or
+        `functools.partial`; an `async def` function runs in an event loop (`asyncio` backend,
+        or inside each worker of a process backend). Process backends pickle it with
+        cloudpickle, except `fork`, which inherits it.
+    items : iterable
+        The inputs, read once, in order; a generator or an endless iterator works (use `imap`
+        to stream results from one).
+    backend : str, Backend subclass or instance, default "auto"
+        Where items run: "serial", "thread", "process" (loky), "pool" (multiprocessing.Pool),
+        "fork", "greenlet" (gevent), "asyncio", "manager" (workers on any host), "dask", or
+        "auto", which times the first items in the calling thread and picks one (`pmap.explain`
+        says what it would pick and why). Aliases: "threads" is "thread", "loky" is "process",
+        "gevent" is "greenlet". `pmap.backends()` lists them with their guarantees.
+    workers : int, "adaptive", Adaptive or None, default None
+        How many items run at once. None: the backend's default (usable CPUs, affinity and
+        cgroup aware, for process backends; more for thread, greenlet and asyncio).
+        "adaptive" or `pmap.Adaptive(start, minimum, maximum)` lets the engine change the count
+        during the run from measured latency and throughput (thread, greenlet, asyncio only).
+    chunksize : int or None, default None
+        Items per task sent to a worker. None: adaptive, aiming at about 0.1 s of work per task.
+    ordered : bool, default True
+        False yields results in completion order (a slow item holds nothing back).
+    timeout : float or None, default None
+        Seconds each item may run, counted from when a worker starts it. Items then go one per
+        task. Process backends kill and replace the worker (a hard timeout); thread, serial,
+        greenlet and asyncio interrupt the item's Python code where they can. A timed-out item
+        fails with `pmap.TaskTimeout` (kind "timeout").
+    retries : int, default 0
+        Extra attempts for an item that raised one of `retry_on`, timed out, or lost its worker.
+    retry_on : exception type or tuple of types, default (Exception,)
+        Which raised exceptions are retried; timeouts and crashes always are.
+    backoff : float, default 0.0
+        Seconds to wait before the first retry of an item, doubling with each further attempt.
+    on_error : {"raise", "return", "skip"}, default "raise"
+        "raise": the first failure with no retry left re-raises the original exception in the
+        caller, its `__cause__` a `pmap.RemoteTraceback` with the worker's traceback and a note
+        naming the item, its index and the backend. "return": a `pmap.Failure` takes the failed
+        item's place. "skip": the item is left out and counted in `.stats.skipped`.
+    progress : bool, str or callable, default False
+        True draws a bar on stderr; a string draws one with that label; a callable is called as
+        `progress(done, total)` after each result (`total` is None for input of unknown length).
+    initializer : callable or None, default None
+        Called as `initializer(*initargs)` once in each worker before its first item (under
+        auto, also once in the calling thread, which runs the probe items). If it fails, the run
+        stops with `pmap.InitializerError`.
+    initargs : tuple, default ()
+        Arguments for `initializer`.
+    inner_threads : int or None, default None
+        Native (BLAS, OpenMP, numexpr, numba) threads per worker. None: `max(1, CPUs // workers)`,
+        unless you set `OMP_NUM_THREADS` or a similar variable yourself.
     max_ahead_bytes : int or str, default "64MiB"
         The most bytes of items sent to workers and of results not yet yielded that the run
         holds before it reads more input: an int, or a size such as "256MB" or "1GiB". Chunks
         shrink so every worker still gets its share. Sizes are pickled sizes on process backends,
-        `sys.getsizeof` elsewhere; see docs/memory.md. `.stats.peak_bytes_held` reports the peak.
-    seed : int, optional
+        `sys.getsizeof` elsewhere (the docs' memory page). `.stats.peak_bytes_held` reports the peak.
+    seed : int or None, default None
         Gives item i a random stream of its own derived from (seed, i), the same on every backend,
         worker count, chunk size, retry and resume: read it with `pmap.rng()` (a numpy Generator)
         or `pmap.item_seed()`. Where each item runs alone in a process (serial, fork, pool,
         process, manager; dask with one thread per worker) the module-level `random` and
         `numpy.random` are seeded from it too; on thread, greenlet and asyncio they are shared
         by items running at once, so only `pmap.rng()` and `pmap.item_seed()` are reproducible
-        (docs/randomness.md). None (the default): no seeding, at no cost.
+        (the docs' random numbers page). None: no seeding, at no cost.
+    **backend_options
+        Options of the chosen backend, which must then be named explicitly: `start_method`
+        (pool), `max_tasks_per_worker` (process, pool, fork), `reuse_timeout` (process), `loop`
+        (asyncio), `address`, `authkey`, `authkey_file`, `local_workers`, `prefetch`,
+        `lease_seconds`, `start_wait` (manager), `client`, `address`, `scheduler_file`,
+        `cluster_options`, `connect_timeout`, `worker_wait`, `start_wait`, `tasks_per_thread`
+        (dask). The docs' "Choosing a backend" page gives each one's default and meaning.
+
+    Returns
+    -------
+    ResultList
+        A list of the results in input order (completion order with `ordered=False`), less
+        skipped items; its `.stats` is the run's `pmap.RunStats`.
 
     Raises
     ------
+    Exception
+        With `on_error="raise"`, the first item's exception, of its original type.
     ValueError, TypeError
-        A bad option (`max_ahead_bytes` of 0, "12 parsecs" or 1.5), before any work starts.
+        A bad option (`max_ahead_bytes` of 0 or "12 parsecs", say), naming it; nothing has run.
+    pmap.BackendUnavailable
+        The backend cannot run here (a missing package, or its workers cannot start).
+    pmap.InitializerError
+        The `initializer` failed in a worker.
+
+    See Also
+    --------
+    imap : the same, lazily, for streams and early exits.
+    starmap : `func(*args)` for each tuple of arguments.
+    explain : what auto mode would choose, and why.
+    Pool : workers kept across calls.
+
+    Examples
+    --------
+    >>> import pmap
+    >>> pmap.pmap(abs, [-1, -2, 3], backend="thread")
+    [1, 2, 3]
     """
     return _collect(_run(func, items, False, Options.from_arguments(locals())))
 
@@ -174,7 +257,26 @@ def imap(func: Callable[[Any], R], items: Iterable[Any], *, backend: str | type 
          max_ahead_bytes: int | str = "64MiB", initializer: Callable[..., Any] | None = None, initargs: tuple = (),
          inner_threads: int | None = None, seed: int | None = None, **backend_options: Any) -> Results[R]:
     """Lazy `pmap`: reads input as needed, keeps memory bounded, yields as results are ready.
-    `max_ahead_bytes=` and `seed=` as for `pmap.pmap`."""
+
+    Takes exactly the arguments of `pmap.pmap`, each with the same meaning and default (see
+    `help(pmap.pmap)`). The input is read only as fast as workers need it, so it may be endless.
+
+    Returns
+    -------
+    Results
+        An iterator of the results, in input order (completion order with `ordered=False`).
+        Its `.stats` fills in as the run goes. `close()`, leaving a `with` block, or dropping it
+        stops the run: queued items are dropped and the workers released.
+
+    Examples
+    --------
+    >>> import itertools, pmap
+    >>> for square in pmap.imap(lambda x: x * x, itertools.count(), backend="thread"):
+    ...     if square > 50:
+    ...         break
+    >>> square
+    64
+    """
     return _run(func, items, False, Options.from_arguments(locals()))
 
 
@@ -185,8 +287,22 @@ def starmap(func: Callable[..., R], arg_tuples: Iterable[Iterable[Any]], *,
             backoff: float = 0.0, on_error: OnError = "raise", progress: Progress = False,
             max_ahead_bytes: int | str = "64MiB", initializer: Callable[..., Any] | None = None, initargs: tuple = (),
             inner_threads: int | None = None, seed: int | None = None, **backend_options: Any) -> ResultList[R]:
-    """`[func(*args) for args in arg_tuples]`, in parallel. `max_ahead_bytes=` and `seed=` as for
-    `pmap.pmap`."""
+    """`[func(*args) for args in arg_tuples]`, in parallel.
+
+    Takes the arguments of `pmap.pmap` (see `help(pmap.pmap)`), with `arg_tuples` in place of
+    `items`: each element is an iterable of positional arguments for one call.
+
+    Returns
+    -------
+    ResultList
+        The results, as `pmap.pmap` returns them, with `.stats`.
+
+    Examples
+    --------
+    >>> import pmap
+    >>> pmap.starmap(pow, [(2, 5), (3, 2)], backend="thread")
+    [32, 9]
+    """
     return _collect(_run(func, arg_tuples, True, Options.from_arguments(locals())))
 
 

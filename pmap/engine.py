@@ -118,7 +118,54 @@ class Feed:
 
 @dataclass
 class RunStats:
-    """Counts kept for every run; cheap enough to be always on."""
+    """How a run went: counts kept for every run, cheap enough to be always on (`results.stats`).
+
+    Attributes
+    ----------
+    backend : str
+        The backend that ran the items (auto's choice under auto mode).
+    workers : int
+        Workers used; for an adaptive run, the highest number of tasks allowed in flight.
+    items_done : int
+        Items that finished, failed ones included.
+    failed : int
+        Items that failed for good (no retry left), whatever `on_error` did with them.
+    skipped : int
+        Failed items left out of the results by `on_error="skip"`.
+    retried : int
+        Attempts made again after a failure, timeout or lost worker.
+    timed_out : int
+        Attempts stopped at their `timeout`.
+    crashed_workers : int
+        Workers that died while running items.
+    tasks : int
+        Tasks (chunks of items) sent to workers.
+    wall_seconds : float
+        The run's wall time, from opening the backend to the last result.
+    busy_seconds : float
+        Worker time spent running items, summed over workers.
+    busy_by_worker : dict
+        `busy_seconds` per worker.
+    startup_seconds : float
+        Opening the backend and preparing the function.
+    probe_seconds : float
+        Auto mode's measuring of the first items in the calling thread.
+    first_result_seconds : float or None
+        Time to the first result.
+    bytes_sent, bytes_received : int or None
+        Pickled tasks and results through pipes and shared memory, where the backend can tell.
+    chunk_sizes : list of int
+        The size of each task, in items.
+    concurrency : list of tuple
+        For an adaptive run, `(seconds into the run, tasks allowed in flight, items/s)` at each
+        sample (at most 500 points).
+    plan : pmap.Plan or None
+        Under auto mode, what it chose and why.
+    native_threads : object or None
+        The BLAS/OpenMP thread limits applied in the workers.
+    utilisation : float
+        Share of the workers' time spent running items (`busy_seconds / (wall_seconds * workers)`).
+    """
 
     backend: str = ""
     workers: int = 0

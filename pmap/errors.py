@@ -80,7 +80,28 @@ class UnpicklableError(PmapError):
 
 @dataclass
 class Failure:
-    """What `on_error="return"` puts in the slot of an item that failed."""
+    """What `on_error="return"` puts in the slot of an item that failed. It is falsy.
+
+    Attributes
+    ----------
+    index : int
+        The item's position in the input.
+    item : object
+        The item itself.
+    exception : BaseException
+        What the item failed with: the function's own exception (its original type),
+        `pmap.TaskTimeout`, `pmap.WorkerCrashed`, or `pmap.UnpicklableError`.
+    traceback : str
+        The worker's formatted traceback ("" where there is none, as for a crash).
+    kind : {"error", "timeout", "crash"}
+        "error": the function raised (any BaseException) or its result could not be sent back;
+        "timeout": it ran past `timeout`; "crash": its worker process died running it (after
+        `retries + 1` attempts).
+    worker : object
+        Which worker ran it (a name, a pid, or a host and pid), where the backend can tell.
+    attempts : int
+        How many times it was run.
+    """
 
     index: int
     item: Any

@@ -58,3 +58,11 @@ def test_every_page_is_in_the_nav_or_left_for_a_reason():
 @pytest.mark.parametrize("mark, code", [block for page in PAGES for block in python_blocks(page)])
 def test_docs_example_runs(tmp_path, mark, code):
     run_block(tmp_path, mark, code)
+
+
+def test_the_api_docstrings_examples_run():
+    import doctest
+
+    import pmap.api
+    outcome = doctest.testmod(pmap.api)
+    assert outcome.attempted >= 3 and outcome.failed == 0, outcome

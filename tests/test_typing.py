@@ -106,15 +106,15 @@ def test_a_value_outside_the_documented_forms_is_refused(tmp_path):
     assert 'Argument "on_error" to "pmap" has incompatible type' in result.stdout
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(900)  # one mypy run per example of the README and the docs
 def test_the_readmes_examples_type_check(tmp_path):
-    from test_readme import readme_blocks
+    from test_readme import README, ROOT, python_blocks
     checked = 0
-    for block in readme_blocks():
+    for block in [block for page in [README, *sorted((ROOT / "docs").rglob("*.md"))] for block in python_blocks(page)]:
         mark, code = block.values
         if block.marks:  # marked not run: a transcript, not a program
             continue
         result = _mypy(tmp_path, code, "--check-untyped-defs", "--ignore-missing-imports")
-        assert result.returncode == 0, f"README block {block.id}:\n{result.stdout}"
+        assert result.returncode == 0, f"block {block.id}:\n{result.stdout}"
         checked += 1
     assert checked >= 3
