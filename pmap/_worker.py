@@ -314,6 +314,23 @@ def every_item_failed(n_items: int, exc: BaseException) -> tuple[list, list]:
 
 
 INIT_FAILED_EXIT = 86  # a pooled worker whose initializer failed exits with this code
+UNGUARDED_MAIN_EXIT = 87  # a worker that found the caller's script calling pmap as it imported it
+UNGUARDED_MAIN = (
+    "the workers of backend {backend!r} import your main script to find your function, and the "
+    "script calls pmap as it is imported: each worker would start the whole run again. Put the "
+    "code that calls pmap under `if __name__ == \"__main__\":` at the end of the script (define "
+    "functions above it, at the top level), or use backend='fork' or backend='process', whose "
+    "workers do not run the script.")
+
+
+def stop_if_importing_the_callers_script() -> None:
+    """A pmap call in a worker process that is importing the caller's main script (spawn and
+    forkserver run it again, as `__mp_main__`, to find its functions) comes from a script without
+    the `if __name__ == "__main__":` guard. Such a worker would start workers of its own, again
+    and again: it ends at once, quietly, with an exit code the caller's backend explains once."""
+    process = sys.modules.get("multiprocessing.process")
+    if process is not None and getattr(process.current_process(), "_inheriting", False):
+        os._exit(UNGUARDED_MAIN_EXIT)
 
 
 # Globals an initializer assigned in a module that exists in this worker only as cloudpickle's

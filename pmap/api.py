@@ -4,7 +4,7 @@ from __future__ import annotations
 import itertools
 from typing import Any, Callable, Iterable, Iterator, List, TypeVar
 
-from ._worker import StarCall
+from ._worker import StarCall, stop_if_importing_the_callers_script
 from .auto import start_auto_run
 from .backends.base import Backend, backend_class, open_backend
 from .concurrency import Adaptive
@@ -71,6 +71,7 @@ class Results(Iterator[R]):
 
 
 def _run(func: Callable, items: Iterable, star: bool, options: Options, indexed: bool = False) -> Results:
+    stop_if_importing_the_callers_script()
     check_callable(func)
     check_iterable(items)
     fn = StarCall(func) if star else func

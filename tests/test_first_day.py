@@ -1,5 +1,6 @@
 """What a new user meets on the first day: warnings pmap should not give, usage errors named
 as such. Each case runs in a fresh interpreter, as a user's script or test suite would."""
+import importlib.util
 import os
 import re
 import subprocess
@@ -93,3 +94,46 @@ def test_the_plugins_fixture_and_helper_pass_under_warnings_as_errors(tmp_path):
 def test_compare_names_asyncio_with_a_plain_function_a_usage_error():
     with pytest.raises(TypeError, match=r"backend 'asyncio' runs only async def functions, and square"):
         pmap.compare(square, range(4), ["thread", "asyncio"])
+
+
+UNGUARDED = """
+    import pmap
+
+    def square(x):
+        return x * x
+
+    print(pmap.pmap(square, range(10), backend={backend!r}{options}))
+    """
+
+
+@pytest.mark.timeout(250)
+@pytest.mark.parametrize("backend, options", [
+    ("pool", ""),                                  # forkserver, the default on Linux
+    ("pool", ", start_method='spawn'"),
+    pytest.param("dask", "", marks=pytest.mark.skipif(
+        importlib.util.find_spec("distributed") is None, reason="dask.distributed is not installed")),
+], ids=["pool-forkserver", "pool-spawn", "dask"])
+def test_a_script_without_the_main_guard_gets_one_paragraph_naming_the_fix(tmp_path, backend, options):
+    child = run_python(tmp_path, UNGUARDED.format(backend=backend, options=options), "script.py")
+    assert child.returncode == 1, child.stdout + child.stderr
+    assert child.stdout == "", child.stdout           # no worker ran the script's work either
+    assert child.stderr.count("Traceback") == 1, child.stderr
+    assert len(child.stderr.splitlines()) < 30, child.stderr
+    assert f"the workers of backend {backend!r} import your main script" in child.stderr
+    assert 'under `if __name__ == "__main__":`' in child.stderr.splitlines()[-1], child.stderr
+
+
+@pytest.mark.timeout(250)
+def test_the_guard_is_told_apart_from_a_call_at_the_top_level(tmp_path):
+    child = run_python(tmp_path, """
+        from pmap.backends._procutil import called_from_an_unguarded_script
+
+        def inside_a_function():
+            return called_from_an_unguarded_script()
+
+        print("top", called_from_an_unguarded_script())
+        if __name__ == "__main__":
+            print("guarded", called_from_an_unguarded_script(), inside_a_function())
+        """, "script.py")
+    assert child.returncode == 0, child.stderr
+    assert child.stdout.split() == ["top", "True", "guarded", "False", "False"], child.stdout

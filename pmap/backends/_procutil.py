@@ -16,6 +16,32 @@ TERMINATE_GRACE = 0.2   # seconds a worker gets between SIGTERM and SIGKILL
 STOP_GRACE = 1.0        # seconds a worker asked to stop a task gets to send what the task finished
 
 
+def called_from_an_unguarded_script() -> bool:
+    """Whether this call comes from the top level of the main script, outside an
+    `if __name__ == "__main__":` block: workers that import the script (spawn) would then run
+    the call again. Asked only once workers failed to start, to say why."""
+    import ast
+    import sys
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    frame = sys._getframe()
+    while frame is not None and not (frame.f_code.co_name == "<module>" and main is not None
+                                     and frame.f_globals is vars(main)):
+        frame = frame.f_back
+    if frame is None or path is None:
+        return False  # not while the script's top level runs (a notebook, a function called later)
+    try:
+        with open(path, encoding="utf-8") as source:
+            tree = ast.parse(source.read())
+    except (OSError, SyntaxError, ValueError):  # a script we cannot read cannot be judged
+        return False
+    for statement in tree.body:
+        if statement.lineno <= frame.f_lineno <= (statement.end_lineno or statement.lineno):
+            return not (isinstance(statement, ast.If) and "__main__" in ast.unparse(statement.test)
+                        and "__name__" in ast.unparse(statement.test))
+    return False
+
+
 class Link:
     """The caller's end of one worker process's own connection and slot (see `_worker.Link`).
     The task the worker holds is in its slot: written before the task runs, cleared once its

@@ -46,10 +46,11 @@ import uuid
 
 from .. import _transfer
 from .._outcome import SentException, SplitTask, encode_result, initializer_error, pack_items, unpack_items
-from .._worker import WORKER_CATCH, cached_function, every_item_failed, run_items
+from .._worker import UNGUARDED_MAIN, WORKER_CATCH, cached_function, every_item_failed, run_items
 from ..errors import BackendUnavailable, InitializerError, PmapError, TaskTimeout
 from ._options import positive_seconds
 from ._pooled import pickle_function
+from ._procutil import called_from_an_unguarded_script
 from .base import AHEAD_CHUNKS_PER_SLOT, Backend, Done, Fatal, Lost, Started
 
 MISSING = "needs the distributed package: pip install 'pmap-parallel[dask]'"
@@ -276,7 +277,12 @@ class DaskBackend(Backend):
             try:
                 self.client = default_client()
             except ValueError:  # no client in this process: start a cluster of our own
-                self.cluster = local_cluster(self.workers, **self.cluster_options)
+                try:
+                    self.cluster = local_cluster(self.workers, **self.cluster_options)
+                except Exception as exc:
+                    if called_from_an_unguarded_script():  # its workers died importing the script
+                        raise BackendUnavailable(UNGUARDED_MAIN.format(backend=self.name)) from None
+                    raise
                 self.client = Client(self.cluster, set_as_default=False)
                 self.owns_client = True
         self.adaptive = getattr(self.client.cluster, "_adaptive", None) is not None

@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 
-from .._worker import pooled_worker_init, run_pooled_task
+from .._worker import UNGUARDED_MAIN, UNGUARDED_MAIN_EXIT, pooled_worker_init, run_pooled_task
 from ._pooled import PooledBackend
 from ._procutil import describe_exit, end_process_group
 from ..errors import BackendUnavailable
@@ -168,6 +168,8 @@ class PoolBackend(PooledBackend):
             self.inflight.discard(held)
             self.orphaned = True
             return [Lost(held, pid, exitcode, describe_exit(exitcode), blame=True)]
+        if exitcode == UNGUARDED_MAIN_EXIT:  # the script has no __main__ guard: say so at once
+            return [Fatal(BackendUnavailable(UNGUARDED_MAIN.format(backend=self.name)))]
         if first and exitcode not in (0, None) and pid not in self.ended_pids:
             # Died without a task (at start?): the pool would start it again and again, forever.
             self.start_failures += 1
