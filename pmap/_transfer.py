@@ -44,6 +44,7 @@ import atexit
 import collections
 import io
 import itertools
+import linecache
 import mmap
 import os
 import pickle
@@ -105,8 +106,27 @@ _last_sweep = 0.0
 # ---- cloudpickle that keeps file names ------------------------------------------------
 def _code_keeping_path(code: types.CodeType):
     constructor, args = _cloudpickle_code_reduce(code)
-    return constructor, tuple(code.co_filename if type(arg) is str and arg == "<dynamic-code>" else arg
-                              for arg in args)
+    args = tuple(code.co_filename if type(arg) is str and arg == "<dynamic-code>" else arg for arg in args)
+    lines = _source_held_in_memory(code.co_filename)
+    if lines is not None:
+        return _code_with_its_source, (constructor, args, code.co_filename, lines)
+    return constructor, args
+
+
+def _source_held_in_memory(filename: str) -> list | None:
+    """The lines of a source that exists only in this process's linecache (a notebook cell,
+    which IPython enters there with no modification time), or None."""
+    entry = linecache.cache.get(filename)
+    if entry is None or len(entry) != 4 or entry[1] is not None:
+        return None  # unknown, lazily loaded, or a file on disk the worker can read itself
+    return entry[2]
+
+
+def _code_with_its_source(constructor, args, filename: str, lines: list) -> types.CodeType:
+    """In a worker: the code, with its notebook cell's lines entered in linecache, so that a
+    traceback from it shows the cell's source lines as it does in the notebook."""
+    linecache.cache.setdefault(filename, (sum(map(len, lines)), None, lines, filename))
+    return constructor(*args)
 
 
 _cloudpickle_code_reduce = cloudpickle.Pickler.dispatch_table[types.CodeType]

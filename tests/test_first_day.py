@@ -137,3 +137,40 @@ def test_the_guard_is_told_apart_from_a_call_at_the_top_level(tmp_path):
         """, "script.py")
     assert child.returncode == 0, child.stderr
     assert child.stdout.split() == ["top", "True", "guarded", "False", "False"], child.stdout
+
+
+NOTEBOOK_CELL = '''
+    import linecache
+    import sys
+
+    import pmap
+
+    CELL = """
+    def explode(x):
+        if x == 3:
+            raise ValueError("three is right out")  # the cell's own line
+        return x
+    """
+    # What IPython does with a cell: its lines go into linecache only, under a name no file has.
+    name = "<ipython-input-7-0123456789ab>"
+    linecache.cache[name] = (len(CELL), None, CELL.splitlines(keepends=True), name)
+    exec(compile(CELL, name, "exec"), globals())
+
+    if __name__ == "__main__":
+        out = pmap.pmap(explode, range(5), backend=sys.argv[1], on_error="return")
+        print(out[3].traceback)
+        try:
+            pmap.pmap(explode, range(5), backend=sys.argv[1])
+        except ValueError as error:
+            print(error.__cause__)
+    '''
+
+
+@pytest.mark.timeout(250)
+@pytest.mark.parametrize("backend", ["process", "pool", "manager"])
+def test_a_notebook_cells_function_shows_its_source_line_in_the_workers_traceback(tmp_path, backend):
+    child = run_python(tmp_path, NOTEBOOK_CELL, "script.py", backend)
+    assert child.returncode == 0, child.stderr
+    line = 'raise ValueError("three is right out")  # the cell\'s own line'
+    assert child.stdout.count('File "<ipython-input-7-0123456789ab>", line 4, in explode') == 2, child.stdout
+    assert child.stdout.count(line) == 2, child.stdout  # in the Failure's traceback and the raised one's cause
