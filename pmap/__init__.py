@@ -1,8 +1,26 @@
 """pmap: run a function over many inputs in parallel, behind one call.
 
-The public names load on first use (PEP 562), so a worker process that imports only
-`pmap._worker` does not pay for asyncio, the CLI's helpers or the comparison tools.
+    >>> import pmap
+    >>> pmap.pmap(abs, [-1, -2, 3], backend="thread")
+    [1, 2, 3]
+
+The calls:
+
+- `pmap.pmap(func, items, ...)`: `list(map(func, items))` in parallel; `help(pmap.pmap)`
+  explains every option. `pmap.imap` streams, `pmap.starmap` spreads argument tuples,
+  `pmap.Pool` keeps workers across calls, `pmap.apmap` / `pmap.aimap` serve async code.
+- `backend=`: "auto" (the default: measure the first items, then choose), "serial",
+  "thread", "process", "pool", "fork", "greenlet", "asyncio", "manager", "dask";
+  `pmap.backends()` lists them and `pmap.explain(func, items)` says what auto would pick.
+- Failures: `on_error="raise"` re-raises the item's exception; `"return"` puts a
+  `pmap.Failure` in its place; `"skip"` leaves it out. `timeout=` and `retries=` per item.
+- `pmap.compare` and the pytest plugin check that backends agree; `pmap.shared_array`
+  puts numpy arrays in shared memory.
+
+Install: `pip install pmap-parallel`. The command line: `pmap run --help`.
 """
+# The public names load on first use (PEP 562), so a worker process that imports only
+# `pmap._worker` does not pay for asyncio, the CLI's helpers or the comparison tools.
 import importlib
 from typing import TYPE_CHECKING
 

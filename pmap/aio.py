@@ -195,25 +195,58 @@ def _pull_from_loop(source: AsyncIterable, loop, stopping: threading.Event):
 
 def aimap(func: Callable, items: Iterable | AsyncIterable, *, workers: Workers = None,
           chunksize: int | None = None, ordered: bool = True, timeout: float | None = None,
-          retries: int = 0, retry_on=(Exception,), backoff: float = 0.0, on_error: OnError = "raise",
+          retries: int = 0, retry_on: type[BaseException] | tuple[type[BaseException], ...] = (Exception,),
+          backoff: float = 0.0, on_error: OnError = "raise",
           progress: Progress = False, max_ahead_bytes: int | str = "64MiB",
           initializer: Callable | None = None, initargs: tuple = (),
           inner_threads: int | None = None, seed: int | None = None) -> AsyncResults:
-    """Lazy `apmap`: `async for result in pmap.aimap(fetch, urls): ...`. Items may be an
-    async iterable. Call it from a coroutine; the coroutines run on that coroutine's loop.
-    (`inner_threads` is accepted for the same signature as `pmap.imap`: coroutines on one loop
-    run no worker pools to limit.)"""
+    """Lazy `apmap`: `async for result in pmap.aimap(fetch, urls): ...`.
+
+    Call it from a coroutine; the coroutines run on that coroutine's loop, at most `workers`
+    (default 100) at a time. The options are those of `pmap.pmap` (see `help(pmap.pmap)`), less
+    `backend`; `inner_threads` is accepted for the same signature, though coroutines on one
+    loop run no native pools to limit.
+
+    Parameters
+    ----------
+    func : async def function
+        Awaited as `func(item)` for each item.
+    items : iterable or async iterable
+        The inputs, read as the coroutines need them.
+
+    Returns
+    -------
+    AsyncResults
+        An async iterator of the results; `.stats` fills in as it goes; `aclose()` (or leaving
+        `async with`) cancels the coroutines still running.
+
+    Raises
+    ------
+    RuntimeError
+        Called outside a running event loop.
+    TypeError
+        `func` is not an `async def` function.
+    """
     return AsyncResults(func, items, Options.from_arguments(locals()))
 
 
 async def apmap(func: Callable, items: Iterable | AsyncIterable, *, workers: Workers = None,
                 chunksize: int | None = None, ordered: bool = True, timeout: float | None = None,
-                retries: int = 0, retry_on=(Exception,), backoff: float = 0.0, on_error: OnError = "raise",
+                retries: int = 0, retry_on: type[BaseException] | tuple[type[BaseException], ...] = (Exception,),
+                backoff: float = 0.0, on_error: OnError = "raise",
                 progress: Progress = False, max_ahead_bytes: int | str = "64MiB",
                 initializer: Callable | None = None, initargs: tuple = (),
-                inner_threads: int | None = None, seed: int | None = None) -> list:
+                inner_threads: int | None = None, seed: int | None = None) -> ResultList:
     """`await pmap.apmap(fetch, urls, workers=50)`: the list `pmap.pmap` would return, computed on
-    the running loop with at most `workers` coroutines at a time. Same options as `pmap.pmap`."""
+    the running loop with at most `workers` coroutines at a time.
+
+    Takes the arguments of `aimap` (the options of `pmap.pmap`, less `backend`).
+
+    Returns
+    -------
+    ResultList
+        The results in input order (completion order with `ordered=False`), with `.stats`.
+    """
     async with AsyncResults(func, items, Options.from_arguments(locals())) as results:
         out = ResultList([value async for value in results])
     out.stats = results.stats

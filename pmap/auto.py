@@ -19,7 +19,7 @@ from .backends.base import fork_supported, free_threaded, make_backend, open_bac
 from .backends.thread import ThreadBackend
 from .early_start import CallerLane, EarlyStart, can_start_early
 from .engine import SLICED_TYPES, RunSpec, RunStats, execute
-from .options import Options, check_callable
+from .options import OnError, Options, Progress, Workers, check_callable
 from .probe import (CPU_BOUND_SHARE, GIL_PROBE_MIN_ITEM, GIL_RELEASED_OVERLAP, NATIVE_GIL_RELEASED_OVERLAP,
                     PROBE_CHUNK_SECONDS, TRANSFER_BYTES_PER_SECOND, Budgeted, Meter, Overlap, ran_native_threads)
 
@@ -40,7 +40,40 @@ THREAD_PER_ITEM = 2e-6
 
 @dataclass
 class Plan:
-    """What auto chose, the measurements behind it, and the reason in one sentence."""
+    """What auto chose, the measurements behind it, and the reason in one sentence.
+
+    `str(plan)` is the report `pmap.explain` prints; every auto run keeps its plan in
+    `.stats.plan`.
+
+    Attributes
+    ----------
+    backend : str
+        The backend chosen ("serial" when parallel start-up would not pay off).
+    workers : int
+        Workers it would run (the upper bound, for an adaptive plan).
+    chunksize : int or None
+        Items per task; None: adaptive.
+    reason : str
+        Why, in one sentence.
+    probed_items : int
+        Items the probe ran in the calling thread (their results are kept, not run again).
+    item_wall, item_cpu : float or None
+        Seconds of wall time and of CPU time per probed item.
+    gil_released : bool or None
+        Whether two items at once on two threads overlapped their CPU time.
+    item_bytes : int or None
+        Bytes pickled per item (item and result).
+    estimates : dict
+        Estimated seconds for the rest of the run on each candidate backend.
+    concurrency : Adaptive or None
+        The bounds of an adaptive plan.
+    native_parallelism : float or None
+        Process CPU over thread CPU of items that ran native threads.
+    inner_threads : int or None
+        Native threads each worker of the plan may run.
+    early_items : int
+        Items started on threads while the first probe item still waited (IO work).
+    """
 
     backend: str
     workers: int
@@ -516,17 +549,30 @@ class _Holder:
             self.backend.close(kill=kill)
 
 
-def explain(func: Callable, items: Iterable, *, workers: int | None = None, chunksize: int | None = None,
+def explain(func: Callable, items: Iterable, *, workers: Workers = None, chunksize: int | None = None,
             ordered: bool = True, timeout: float | None = None, retries: int = 0,
             retry_on: type[BaseException] | tuple[type[BaseException], ...] = (Exception,),
-            backoff: float = 0.0, on_error: str = "return", progress: Any = False,
+            backoff: float = 0.0, on_error: OnError = "return", progress: Progress = False,
             max_ahead_bytes: int | str = "64MiB",
             initializer: Callable[..., Any] | None = None, initargs: tuple = (),
             inner_threads: int | None = None, seed: int | None = None) -> Plan:
-    """What `backend="auto"` would choose for `func` over `items`, and why. Takes the options
-    of `pmap.pmap` (a backend is what it chooses, so there is none to pass).
+    """What `backend="auto"` would choose for `func` over `items`, and why.
 
-    This runs the function on the first few items (the probe) in the calling thread.
+    Takes the options of `pmap.pmap` (see `help(pmap.pmap)`); a backend is what it chooses, so
+    there is none to pass. It runs the function on the first few items (the probe) in the
+    calling thread and starts no worker.
+
+    Returns
+    -------
+    Plan
+        The choice, the measurements behind it and the reason; print it for the report that
+        `pmap run --explain` shows.
+
+    Examples
+    --------
+    >>> import pmap
+    >>> pmap.explain(abs, range(1000)).backend  # far too little work for workers to pay off
+    'serial'
     """
     check_callable(func)
     options = Options.from_arguments(locals())

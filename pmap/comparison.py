@@ -286,22 +286,49 @@ def compare(func: Callable, items: Iterable, backends: Iterable[str] | None = No
             **options) -> Comparison:
     """Run `func` over `items` on each backend, check the results agree, and time each.
 
-    backends: names to compare (default: every registered backend that runs on this machine
-        alone, as the pytest plugin's `pmap_backend` fixture; asyncio only for an `async def`
-        function). Serial is always added first: it is the reference for the results and for
-        the speedup. Unavailable backends get a row saying why and are not run; an unknown
-        name raises ValueError. "auto" may be named too.
-    repeat: runs per backend; the time shown is the median, the stats are the median run's.
-        Every run's results are checked.
-    ordered: False runs with `ordered=False` and compares results as multisets.
-    equal: how two results compare (default `same`: `==`, NaN equal to NaN, arrays
-        element-wise, Failures by kind, index, exception type and message).
-    check: True raises ResultsDiffer (an AssertionError) after all backends ran if any
-        disagreed or failed; False only reports it in the rows. An error on serial itself
-        is re-raised as it is when `check` is True: there is nothing to compare against.
-    options: passed to every `pmap.pmap` call (workers, chunksize, on_error, timeout, ...).
+    Parameters
+    ----------
+    func : callable
+        The function, as for `pmap.pmap`.
+    items : iterable
+        The inputs; read once into a list, so every backend sees the same items.
+    backends : iterable of str, str or None, default None
+        Names to compare. None: every registered backend that runs on this machine alone (the
+        pytest plugin's `pmap_backend` fixture's list), asyncio only for an `async def`
+        function. Serial is always added first: it is the reference for the results and for
+        the speedup. Unavailable backends get a row saying why and are not run. "auto" may be
+        named too.
+    repeat : int, default 1
+        Runs per backend; the time shown is the median, the stats are the median run's. Every
+        run's results are checked.
+    ordered : bool, default True
+        False runs with `ordered=False` and compares results as multisets.
+    equal : callable or None, default None
+        `equal(a, b)` says whether two results agree. None: `==`, with NaN equal to NaN, arrays
+        compared element-wise, and `pmap.Failure`s by kind, index, exception type and message.
+    check : bool, default True
+        True raises `ResultsDiffer` after all backends ran if any disagreed or failed; False
+        only reports it in the rows. An error on serial itself is re-raised as it is when
+        `check` is True: there is nothing to compare against.
+    **options
+        Passed to every `pmap.pmap` call (workers, chunksize, on_error, timeout, ...).
 
-    The input is read once into a list, so every backend sees the same items.
+    Returns
+    -------
+    Comparison
+        The table: `print` it, or index it by backend name for a row with `status`, `seconds`,
+        `speedup`, `overhead_per_item`, `workers` and `stats`.
+
+    Raises
+    ------
+    ResultsDiffer
+        With `check=True`, a backend disagreed with serial or failed (an AssertionError naming
+        the backend and the first differing index).
+    ValueError
+        An unknown backend name, or `repeat` that is not a positive integer.
+    TypeError
+        `backend=` instead of `backends=`, or a backend that runs only `async def` functions
+        (asyncio) named for a plain function: a usage error, not a disagreement.
     """
     if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
         raise ValueError(f"repeat must be a positive integer, got {repeat!r}")

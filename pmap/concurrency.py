@@ -35,7 +35,27 @@ MAX_TRAJECTORY = 500         # .stats keeps this many (time, limit, items/s) poi
 @dataclass(frozen=True)
 class Adaptive:
     """`workers=Adaptive(start=4, minimum=1, maximum=256)`, or `workers="adaptive"`: the
-    number of items in flight follows measured throughput and latency during the run."""
+    number of items in flight follows measured throughput and latency during the run.
+
+    For the `thread`, `greenlet` and `asyncio` backends (process backends keep a fixed count,
+    and `workers="adaptive"` there is an error that says so). The engine grows the limit while
+    latency holds, holds the count that gave the best throughput, and backs off when the other
+    side queues or refuses; `.stats.concurrency` records every step.
+
+    Parameters
+    ----------
+    start : int, default 4
+        Tasks in flight at first (under auto mode, the count its probe suggests).
+    minimum : int, default 1
+        The lowest the limit may fall.
+    maximum : int, default 256
+        The highest the limit may rise (threads are started ahead as it grows).
+
+    Raises
+    ------
+    ValueError
+        A value that is not a positive integer, or not `minimum <= start <= maximum`.
+    """
 
     start: int = 4
     minimum: int = 1

@@ -73,13 +73,35 @@ def assert_backends_agree(func, items, backends=None, *, ordered: bool = True, r
                           equal=None, **options):
     """Fail the test unless `func` over `items` gives serial's results on every backend.
 
-    backends: names (default: the `pmap_backend` fixture's list; unavailable ones are
-        reported in the table, not failed). ordered=False compares results as multisets.
-    equal: how two results compare (default: `==`, NaN equal to NaN, arrays element-wise,
-        `pmap.Failure`s by kind, index, exception type and message).
-    options: passed to every run, e.g. workers=2, on_error="return", timeout=5.
+    Parameters
+    ----------
+    func : callable
+        The function under test.
+    items : iterable
+        Its inputs, read once.
+    backends : iterable of str or None, default None
+        Names to run. None: the `pmap_backend` fixture's list; unavailable ones are reported in
+        the table, not failed, and the greenlet backend's warning that the test process is not
+        monkey-patched is not raised (the helper, not the test, chose that backend).
+    ordered : bool, default True
+        False compares results as multisets.
+    repeat : int, default 1
+        Runs per backend.
+    equal : callable or None, default None
+        How two results compare. None: `==`, NaN equal to NaN, arrays element-wise,
+        `pmap.Failure`s by kind, index, exception type and message.
+    **options
+        Passed to every run, e.g. `workers=2`, `on_error="return"`, `timeout=5`.
 
-    Returns the `pmap.compare` table (times, speedups, stats) for further checks.
+    Returns
+    -------
+    Comparison
+        The `pmap.compare` table (times, speedups, stats) for further checks.
+
+    Raises
+    ------
+    pmap.ResultsDiffer
+        An AssertionError naming the backend and the first differing index.
     """
     __tracebackhide__ = True
     import warnings

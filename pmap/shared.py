@@ -33,7 +33,27 @@ def shared_array(shape: int | tuple[int, ...], dtype: Any = float):
     and asyncio see it as any array; dask and manager workers, which may run on other hosts,
     get a copy. Contiguous slices travel the same way; a non-contiguous slice is copied. The
     memory is freed when the caller's last array over it is dropped, or when the caller ends.
-    Made inside a worker, it is that worker's: returned, it reaches the caller as a copy."""
+    Made inside a worker, it is that worker's: returned, it reaches the caller as a copy.
+
+    Parameters
+    ----------
+    shape : int or tuple of int
+        The array's shape.
+    dtype : numpy dtype or anything `numpy.dtype` takes, default float
+        Its type; object dtypes are refused.
+
+    Returns
+    -------
+    numpy.ndarray
+        A writable, zero-filled array over shared memory.
+
+    Raises
+    ------
+    ImportError
+        numpy is not installed (`pip install 'pmap-parallel[numpy]'`).
+    TypeError, ValueError
+        An object dtype, or a shape that is not non-negative integers.
+    """
     numpy = _numpy()
     dtype = numpy.dtype(dtype)
     if dtype.hasobject:
@@ -47,8 +67,19 @@ def shared_array(shape: int | tuple[int, ...], dtype: Any = float):
 
 
 def to_shared(array: Any):
-    """A copy of `array` (anything numpy.asarray takes) in shared memory: see `shared_array`.
-    This one copy replaces the one each run would make."""
+    """A copy of `array` in shared memory: see `shared_array`. This one copy replaces the one
+    each run would make.
+
+    Parameters
+    ----------
+    array : array_like
+        Anything `numpy.asarray` takes.
+
+    Returns
+    -------
+    numpy.ndarray
+        A writable copy, of the same shape and dtype, over shared memory.
+    """
     numpy = _numpy()
     source = numpy.asarray(array)
     copy = shared_array(source.shape, source.dtype)

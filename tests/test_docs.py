@@ -60,9 +60,20 @@ def test_docs_example_runs(tmp_path, mark, code):
     run_block(tmp_path, mark, code)
 
 
-def test_the_api_docstrings_examples_run():
+@pytest.mark.parametrize("module", ["pmap", "pmap.api", "pmap.auto"])
+def test_the_docstrings_examples_run(module):
     import doctest
+    import importlib
+    outcome = doctest.testmod(importlib.import_module(module))
+    assert outcome.attempted >= 1 and outcome.failed == 0, outcome
 
-    import pmap.api
-    outcome = doctest.testmod(pmap.api)
-    assert outcome.attempted >= 3 and outcome.failed == 0, outcome
+
+def test_help_explains_every_option_of_pmap():
+    import inspect
+
+    import pmap
+    doc = inspect.getdoc(pmap.pmap)
+    assert "README" not in doc
+    for name in inspect.signature(pmap.pmap).parameters:
+        assert re.search(rf"^{name}\b.*:", doc, re.M) or (name == "backend_options" and "**backend_options" in doc), \
+            f"help(pmap.pmap) does not explain {name}"

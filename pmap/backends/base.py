@@ -241,6 +241,26 @@ def _cgroup_cpu_quota() -> int | None:
 
 @dataclass
 class BackendInfo:
+    """One row of `pmap.backends()`.
+
+    Attributes
+    ----------
+    name : str
+        The name to pass as `backend=`.
+    available : bool
+        Whether it can run on this machine.
+    reason : str or None
+        Why not, when it cannot (a missing package or platform feature).
+    kind : str
+        "serial", "thread", "process", "coroutine" or "remote".
+    default_workers : int or None
+        Workers when `workers=None` (None when unavailable).
+    guarantees : str
+        What a timeout and a crash cost on it, in one line.
+    aliases : list of str
+        Other names for it ("threads" for thread, "loky" for process, "gevent" for greenlet).
+    """
+
     name: str
     available: bool
     reason: str | None
@@ -267,7 +287,23 @@ _entry_points_loaded = False
 
 
 def register_backend(name: str, factory: Any, *, aliases: tuple = ()) -> None:
-    """Register a backend class (or a "module:Class" string, imported on first use)."""
+    """Register a backend under `name`, for `backend=name` everywhere (the CLI included).
+
+    Parameters
+    ----------
+    name : str
+        The backend's name; registering an existing name replaces it.
+    factory : type or str
+        A `pmap.Backend` subclass, or a "module:Class" string imported on first use. A
+        package may instead declare it in the entry-point group `pmap.backends`.
+    aliases : tuple of str, default ()
+        Other names for it.
+
+    Raises
+    ------
+    ValueError
+        `name` is not a non-empty string.
+    """
     if not isinstance(name, str) or not name:
         raise ValueError("backend name must be a non-empty string")
     _FACTORIES[name] = factory
@@ -363,7 +399,13 @@ def open_backend(backend: "str | type[Backend] | Backend", workers: int | None =
 
 
 def backends() -> list[BackendInfo]:
-    """Every registered backend, whether it can run here, and why not."""
+    """Every registered backend, whether it can run here, and why not.
+
+    Returns
+    -------
+    list of BackendInfo
+        One row per backend, built-in ones first; `pmap backends` prints the same table.
+    """
     infos = []
     for name in backend_names():
         try:
