@@ -77,3 +77,22 @@ def test_help_explains_every_option_of_pmap():
     for name in inspect.signature(pmap.pmap).parameters:
         assert re.search(rf"^{name}\b.*:", doc, re.M) or (name == "backend_options" and "**backend_options" in doc), \
             f"help(pmap.pmap) does not explain {name}"
+
+
+def test_every_backend_option_is_documented():
+    import inspect
+
+    from pmap.backends.base import backend_names, resolve_backend_class
+    table = (DOCS / "guide" / "backends.md").read_text().split("## Backend options", 1)[1]
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    common = {"self", "workers", "initializer", "initargs", "inner_threads", "options"}
+    for name in backend_names():
+        try:
+            cls = resolve_backend_class(name)
+        except Exception:  # a backend whose package is missing (dask): its options are still listed
+            continue
+        for option in inspect.signature(cls.__init__).parameters:
+            if option in common:
+                continue
+            assert any(f"`{name}`" in row.split("|")[1] and f"`{option}`" in row.split("|")[2] for row in rows), \
+                f"docs/guide/backends.md does not list {name}'s option {option}"
