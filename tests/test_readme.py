@@ -58,3 +58,10 @@ def test_the_tour_is_found_and_runs():
 @pytest.mark.parametrize("mark, code", python_blocks(README))
 def test_readme_example_runs(tmp_path, mark, code):
     run_block(tmp_path, mark, code)
+
+
+def test_the_readme_starts_with_the_two_commands_and_stays_short():
+    lines = README.read_text().splitlines()
+    assert len(lines) < 200, f"the README has {len(lines)} lines; the rest belongs in docs/"
+    commands = [line for line in lines[:8] if line.startswith("python3 -m venv .venv")]
+    assert len(commands) == 2 and "-m pytest" in commands[1], commands  # CI runs the first line holding -m pytest
