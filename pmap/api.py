@@ -169,8 +169,9 @@ def pmap(func: Callable[[Any], R], items: Iterable[Any], *, backend: str | type 
     ordered : bool, default True
         False yields results in completion order (a slow item holds nothing back).
     timeout : float or None, default None
-        Seconds each item may run, counted from when a worker starts it. Items then go one per
-        task. Process backends kill and replace the worker (a hard timeout); thread, serial,
+        Seconds each item may run, counted from when a worker starts it (items still travel in
+        chunks; each has its own deadline). Process backends kill and replace the worker (a
+        hard timeout) and run the rest of its chunk elsewhere; thread, serial,
         greenlet and asyncio interrupt the item's Python code where they can. A timed-out item
         fails with `pmap.TaskTimeout` (kind "timeout").
     retries : int, default 0
