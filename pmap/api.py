@@ -119,6 +119,7 @@ def _collect(results: Results[R]) -> ResultList[R]:
 
 def _open(options: Options) -> tuple[Backend, Adaptive | None]:
     """The opened backend `options` name, and the bounds of its concurrency when it is adaptive."""
+    stop_if_importing_the_callers_script()  # a Pool or Executor made at the top of an unguarded script
     bounds = None
     workers = options.workers
     if options.adaptive:

@@ -124,6 +124,22 @@ def test_a_script_without_the_main_guard_gets_one_paragraph_naming_the_fix(tmp_p
 
 
 @pytest.mark.timeout(250)
+def test_a_pool_made_without_the_main_guard_gets_the_same_paragraph(tmp_path):
+    child = run_python(tmp_path, """
+        import pmap
+
+        def square(x):
+            return x * x
+
+        with pmap.Pool(2, backend="pool") as pool:
+            print(pool.map(square, range(10)))
+        """, "script.py")
+    assert child.returncode == 1 and child.stdout == "", child.stdout + child.stderr
+    assert len(child.stderr.splitlines()) < 30, child.stderr
+    assert 'under `if __name__ == "__main__":`' in child.stderr.splitlines()[-1], child.stderr
+
+
+@pytest.mark.timeout(250)
 def test_the_guard_is_told_apart_from_a_call_at_the_top_level(tmp_path):
     child = run_python(tmp_path, """
         from pmap.backends._procutil import called_from_an_unguarded_script
