@@ -4,12 +4,18 @@ chunked run: slicing chunks and copying their values into one list, without pmap
 
     python bench/tiny.py                    # 21 rounds; prints a markdown table
     python bench/tiny.py --rounds 41 --items 200000
-    python bench/tiny.py --profile auto     # where auto's time goes (cProfile, cumulative)
+    python bench/tiny.py --profile "pmap auto"  # where auto's time goes (cProfile, cumulative)
+    python bench/tiny.py --instructions     # CPU instructions per run under valgrind: blind to load
 
 Each round runs the three once, in a rotating order, so a burst of load elsewhere falls on all
 of them alike; the results are freed after the clock stops, as a caller keeps them. Ratios are
 per round (pmap's time over list(map)'s in the same round), then the median and the spread
 (lowest to highest, and the middle half) over the rounds.
+
+On a busy machine the wall ratios wander by 0.2x from run to run. `--instructions` counts the
+instructions each runner executes under valgrind's callgrind (one child per runner, run 2 and
+then 12 times: the difference over 10 is one run's count, start-up and imports cancelled out).
+It misses cache and memory stalls but not the work itself, and gives the same count under any load.
 """
 from __future__ import annotations
 
@@ -18,8 +24,11 @@ import cProfile
 import gc
 import os
 import pstats
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 import pmap
@@ -102,13 +111,50 @@ def profile(items: list, name: str, runs: int) -> None:
     pstats.Stats(profiler).sort_stats("tottime").print_stats(15)
 
 
+def _callgrind_instructions(name: str, items: int, runs: int) -> int:
+    """Instructions callgrind counts for a child that runs `name` once to warm up, then `runs` times."""
+    with tempfile.TemporaryDirectory() as scratch:
+        out = os.path.join(scratch, "callgrind.out")
+        subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable,
+                        os.path.abspath(__file__), "--items", str(items), "--child-runs", str(runs), name],
+                       check=True, capture_output=True,
+                       env={k: v for k, v in os.environ.items() if k not in common.SLOW_BLAS_VARIABLES})
+        with open(out) as counts:
+            for line in counts:
+                if line.startswith("summary:"):
+                    return int(line.split()[1])
+    raise RuntimeError("callgrind wrote no summary")
+
+
+def instructions(items: int) -> list[str]:
+    if shutil.which("valgrind") is None:
+        raise SystemExit("--instructions needs valgrind on the PATH")
+    per_run = {name: (_callgrind_instructions(name, items, 12) - _callgrind_instructions(name, items, 2)) / 10
+               for name in RUNNERS}
+    reference = per_run["list(map)"]
+    rows = [[name, f"{count / 1e6:.1f} M", f"{count / reference:.3f}x"] for name, count in per_run.items()]
+    return common.header_lines("tiny.py") + ["", f"{items:,} calls of `x + 1`: instructions per run under "
+                                             "callgrind (12 runs less 2, over 10).", ""] + \
+        common.markdown_table(["runner", "instructions", "ratio"], rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--items", type=int, default=200_000)
     parser.add_argument("--rounds", type=int, default=21)
     parser.add_argument("--profile", choices=sorted(RUNNERS), help="profile this runner instead")
+    parser.add_argument("--instructions", action="store_true", help="count instructions under valgrind instead")
+    parser.add_argument("--child-runs", type=int, help=argparse.SUPPRESS)  # one callgrind child's runs
+    parser.add_argument("runner", nargs="?", choices=sorted(RUNNERS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     items = list(range(args.items))
+    if args.child_runs is not None:
+        for _ in range(args.child_runs + 1):
+            RUNNERS[args.runner](items)
+        return None
+    if args.instructions:
+        print("\n".join(instructions(args.items)))
+        return None
     if args.profile:
         return profile(items, args.profile, args.rounds)
     print("\n".join(report(measure(items, args.rounds), args.items, args.rounds)))
