@@ -3,6 +3,7 @@
     python bench/startup.py                 # 7 rounds; writes bench/results/startup.md
     python bench/startup.py --rounds 11
     python bench/startup.py --quick         # 2 rounds (bench/results/quick/startup.md)
+    python bench/startup.py --cases auto    # only the cases named so, with their serial ones (quick/)
 
 Every case runs in a fresh interpreter of its own (a child process), so each process run meets
 a cold pool, as a script's first call does; only the call is timed (`import pmap` is not). Each
@@ -22,6 +23,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -44,6 +46,9 @@ def spin(seconds):
 CASES = {
     "serial 150 x 3 ms": ((150, 0.003), "serial", None),
     "auto 150 x 3 ms": ((150, 0.003), "auto", "serial 150 x 3 ms"),
+    # A/B: the same without the calling thread working while the pool starts (auto prices the
+    # start-up as a wall to climb, as before the caller lane)
+    "auto 150 x 3 ms, no caller lane": ((150, 0.003), "auto-no-lane", "serial 150 x 3 ms"),
     "auto 150 x 3 ms, second call": ((150, 0.003), "auto-second", "serial 150 x 3 ms"),
     "process 150 x 3 ms": ((150, 0.003), "process", "serial 150 x 3 ms"),
     "serial 1000 x 1 ms": ((1000, 0.001), "serial", None),
@@ -94,6 +99,10 @@ def child(case: str) -> None:
                 options["start_method"] = rest[1]
         if how == "auto-second":
             pmap.pmap(spin, items)  # the first call, untimed: it leaves the pool it started
+        if how == "auto-no-lane":
+            import pmap.auto
+            decide = pmap.auto.decide
+            pmap.auto.decide = lambda *args, **kwargs: decide(*args, **{**kwargs, "caller_may_run": False})
         cpu_before = cpu_of_all()
         start = time.perf_counter()
         out = pmap.pmap(spin, items, **options)
@@ -111,15 +120,18 @@ def child(case: str) -> None:
 
 
 def run_case(case: str) -> dict:
+    # An installed pmap has its bytecode compiled (pip does it); a run from a source tree with
+    # PYTHONDONTWRITEBYTECODE set would compile pmap's modules again in every worker it starts.
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONDONTWRITEBYTECODE"}
+    env.setdefault("PYTHONPYCACHEPREFIX", os.path.join(tempfile.gettempdir(), "pmap-bench-pycache"))
     result = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", case],
-                            capture_output=True, text=True, timeout=CHILD_TIMEOUT)
+                            capture_output=True, text=True, timeout=CHILD_TIMEOUT, env=env)
     if result.returncode != 0:
         raise RuntimeError(f"{case} failed:\n{result.stderr}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def measure(rounds: int) -> dict[str, list[dict]]:
-    names = list(CASES)
+def measure(rounds: int, names: list[str]) -> dict[str, list[dict]]:
     records: dict[str, list[dict]] = {name: [] for name in names}
     for round_number in range(rounds):
         shift = (round_number * 3) % len(names)
@@ -133,6 +145,8 @@ def report(records: dict[str, list[dict]], rounds: int, header: list[str]) -> li
     rows = []
     ratios: dict[str, float] = {}
     for name, (_, _, versus) in CASES.items():
+        if name not in records:
+            continue
         runs = records[name]
         seconds = [r["seconds"] for r in runs]
         if versus is not None:
@@ -184,14 +198,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--quick", action="store_true", help="2 rounds, written under results/quick")
+    parser.add_argument("--cases", help="run only the cases whose names contain one of these "
+                        "comma-separated words (with their serial cases)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return child(args.child)
     rounds = 2 if args.quick else args.rounds
     header = common.header_lines("startup.py")  # the load average before the runs add to it
-    lines = report(measure(rounds), rounds, header)
-    path = common.write_results("startup.md", lines, args.quick)
+    names = list(CASES)
+    if args.cases:
+        words = args.cases.split(",")
+        chosen = {name for name in names if any(word in name for word in words)}
+        chosen |= {CASES[name][2] for name in chosen if CASES[name][2] is not None}
+        names = [name for name in names if name in chosen]
+    lines = report(measure(rounds, names), rounds, header)
+    path = common.write_results("startup.md", lines, args.quick or bool(args.cases))  # a subset is not the table
     print("\n".join(lines))
     print(f"\nwritten: {os.path.relpath(path)}", file=sys.stderr)
 
