@@ -46,9 +46,6 @@ def spin(seconds):
 CASES = {
     "serial 150 x 3 ms": ((150, 0.003), "serial", None),
     "auto 150 x 3 ms": ((150, 0.003), "auto", "serial 150 x 3 ms"),
-    # A/B: the same without the calling thread working while the pool starts (auto prices the
-    # start-up as a wall to climb, as before the caller lane)
-    "auto 150 x 3 ms, no caller lane": ((150, 0.003), "auto-no-lane", "serial 150 x 3 ms"),
     "auto 150 x 3 ms, second call": ((150, 0.003), "auto-second", "serial 150 x 3 ms"),
     "process 150 x 3 ms": ((150, 0.003), "process", "serial 150 x 3 ms"),
     "serial 1000 x 1 ms": ((1000, 0.001), "serial", None),
@@ -99,10 +96,6 @@ def child(case: str) -> None:
                 options["start_method"] = rest[1]
         if how == "auto-second":
             pmap.pmap(spin, items)  # the first call, untimed: it leaves the pool it started
-        if how == "auto-no-lane":
-            import pmap.auto
-            decide = pmap.auto.decide
-            pmap.auto.decide = lambda *args, **kwargs: decide(*args, **{**kwargs, "caller_may_run": False})
         cpu_before = cpu_of_all()
         start = time.perf_counter()
         out = pmap.pmap(spin, items, **options)
@@ -115,7 +108,7 @@ def child(case: str) -> None:
     if stats is not None:
         record.update(startup_share=stats.startup_share, workers=stats.workers, backend=stats.backend)
         if stats.plan is not None:
-            record.update(plan=stats.plan.backend, caller_items=stats.plan.caller_items)
+            record.update(plan=stats.plan.backend)
     print(json.dumps(record))
 
 
@@ -157,14 +150,11 @@ def report(records: dict[str, list[dict]], rounds: int, header: list[str]) -> li
         else:
             ratio_cell = "1"
         shares = [r["startup_share"] for r in runs if "startup_share" in r]
-        caller = [r["caller_items"] for r in runs if "caller_items" in r]
         notes = []
         if shares:
             notes.append(f"start-up share {statistics.median(shares):.0%}")
         if runs and "plan" in runs[0]:
             notes.append("auto chose " + "/".join(sorted({r["plan"] for r in runs})))
-        if any(caller):
-            notes.append(f"caller ran {statistics.median(caller):.0f} items")
         cpu = statistics.median(r["cpu"] for r in runs)
         rows.append([name, common.seconds_text(statistics.median(seconds)),
                      f"{common.seconds_text(min(seconds))} - {common.seconds_text(max(seconds))}",

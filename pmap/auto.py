@@ -17,7 +17,7 @@ from ._worker import is_async
 from .concurrency import Adaptive
 from .backends.base import fork_supported, free_threaded, make_backend, open_backend, resolve_backend_class, usable_cpus
 from .backends.thread import ThreadBackend
-from .early_start import CallerLane, EarlyStart, can_start_early
+from .early_start import EarlyStart, can_start_early
 from .engine import SLICED_TYPES, RunSpec, RunStats, execute
 from .options import OnError, Options, Progress, Workers, check_callable
 from .probe import (CPU_BOUND_SHARE, GIL_PROBE_MIN_ITEM, GIL_RELEASED_OVERLAP, NATIVE_GIL_RELEASED_OVERLAP,
@@ -89,9 +89,6 @@ class Plan:
     native_parallelism: float | None = None  # process CPU / thread CPU of items that ran native threads
     inner_threads: int | None = None         # native threads each worker of the plan may run
     early_items: int = 0  # items started on threads while the first probe item still waited
-    # the process pool is cold: the calling thread runs items while its workers start (early_start.CallerLane)
-    caller_lane: bool = False
-    caller_items: int = 0  # ...and how many items it ran meanwhile
 
     def __str__(self) -> str:
         def ms(v):
@@ -113,10 +110,6 @@ class Plan:
         if self.early_items:
             lines.append(f"early start: {self.early_items} item(s) began on threads while the first probe item "
                          "still waited")
-        if self.caller_lane:
-            ran = f" (it ran {self.caller_items})" if self.caller_items else ""
-            lines.append(f"start-up: the pool is cold; the calling thread runs items while its workers start{ran}, "
-                         "and hands the rest over as they come up")
         if self.inner_threads is not None:
             lines.append(f"native thread pools: {self.inner_threads} thread(s) per worker")
         if self.estimates:
@@ -224,15 +217,6 @@ def _process_start(process_class, fork_safe: bool, workers: int) -> float:
     return 0.0 if process_class.is_warm(workers) else PROCESS_START_COLD
 
 
-def _overlapped_estimate(work: _Work, workers: int, cores: int, start: float) -> float:
-    """A cold pool with the caller working while it starts (early_start.CallerLane): the caller
-    runs items for `start` seconds, the workers the rest; never more than serial."""
-    if work.serial_seconds <= start:
-        return work.serial_seconds
-    rest = replace(work, items_left=work.items_left - start / work.wall)
-    return start + _process_estimate(rest, workers, cores, 0.0)
-
-
 def _thread_reason(work: _Work, workers: int, unpicklable: str | None) -> str:
     if free_threaded() and work.cpu_bound:
         why = "CPU-bound work on a free-threaded interpreter runs in parallel threads"
@@ -264,15 +248,13 @@ def _process_reason(work: _Work, workers: int, process_name: str, fork_hazard: s
 
 
 def decide(meter: Meter, remaining: int | None, fn, workers,
-           gil_released: bool | None, limited_cpu: float | None = None, caller_may_run: bool = True) -> Plan:
+           gil_released: bool | None, limited_cpu: float | None = None) -> Plan:
     """The cost model: estimate the rest of the run on serial, threads and processes; pick the
     least, unless no parallel plan promises PARALLEL_MARGIN of serial's time. IO-bound work on
     threads gets an adaptive thread count, unless the caller fixed one.
 
     `limited_cpu`: an item's CPU (all threads) measured with native pools limited as the
-    workers' are (the GIL probe), for items that ran native threads. `caller_may_run`: the
-    calling thread may run items while a cold pool starts (not under a timeout, which it
-    could not enforce on itself)."""
+    workers' are (the GIL probe), for items that ran native threads."""
     asked_adaptive = workers == "adaptive" or isinstance(workers, Adaptive)
     workers = None if asked_adaptive else workers
     n = meter.calls
@@ -321,7 +303,6 @@ def decide(meter: Meter, remaining: int | None, fn, workers,
     # Processes cannot start faster than a fork: when even that loses to serial, skip the
     # picklability check, which costs more than tiny work.
     could_win = FORK_START + work.items_left * PROCESS_PER_ITEM < good_enough
-    caller_lane = False
     # Even fork pickles the items and results: work whose items cannot be pickled stays here.
     untransferable = meter.unpicklable if could_win else None
     unpicklable = _picklable(fn) if could_win and untransferable is None else None
@@ -329,9 +310,7 @@ def decide(meter: Meter, remaining: int | None, fn, workers,
         process_class = resolve_backend_class(process_name)
         if process_class.unavailable_reason() is None:
             start = _process_start(process_class, fork_safe, proc_workers)
-            caller_lane = caller_may_run and not fork_safe and start > 0.0  # a cold loky pool
-            estimate = _overlapped_estimate if caller_lane else _process_estimate
-            estimates[process_name] = estimate(work, proc_workers, cores, start)
+            estimates[process_name] = _process_estimate(work, proc_workers, cores, start)
 
     best = min(estimates, key=estimates.get)
     if best == "serial" or estimates[best] > good_enough:
@@ -353,7 +332,7 @@ def decide(meter: Meter, remaining: int | None, fn, workers,
     why = _process_reason(work, proc_workers, process_name, fork_hazard)
     if asked_adaptive:
         why += "; processes run a fixed count (workers='adaptive' applies to thread, greenlet and asyncio)"
-    return Plan(process_name, proc_workers, None, why, estimates=estimates, caller_lane=caller_lane, **common)
+    return Plan(process_name, proc_workers, None, why, estimates=estimates, **common)
 
 
 def _probe_gil(source: Iterator, spec: RunSpec, stats: RunStats, offset: int):
@@ -475,7 +454,7 @@ def _measure_and_decide(spec, stats, workers, inner_threads, source, meter, earl
             exhausted = True
     # with an early run going on, every item after the first is still to do
     remaining = 0 if exhausted else (spec.total - used if spec.total is not None else None)
-    plan = decide(meter, remaining, spec.fn, workers, gil_released, limited_cpu, caller_may_run=spec.timeout is None)
+    plan = decide(meter, remaining, spec.fn, workers, gil_released, limited_cpu)
     plan.probed_items = probed
     plan.early_items = early_items
     if early_run is not None:
@@ -517,19 +496,12 @@ def start_auto_run(spec: RunSpec, stats: RunStats, *, workers=None, initializer=
         # the initializer already ran in this thread for the probe; a serial rest needs no second run
         holder.backend = _open_planned(plan, None if plan.backend == "serial" else initializer, initargs,
                                        inner_threads)
-        lane = None
-        if plan.caller_lane:
-            holder.backend = lane = CallerLane(holder.backend)
         # a list or tuple is handed on whole, to be sliced; the probe used its first `used` entries
         sliced = type(spec.items) in SLICED_TYPES
         rest = replace(spec, items=spec.items if sliced else source, items_offset=used if sliced else 0,
                        start_index=used, measured=(meter.calls, meter.wall) if meter.calls else None,
                        concurrency=plan.concurrency)
-        try:
-            yield from execute(holder.backend, rest, stats)
-        finally:
-            if lane is not None:
-                plan.caller_items = lane.caller_items
+        yield from execute(holder.backend, rest, stats)
 
     return run(), holder
 

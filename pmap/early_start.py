@@ -1,7 +1,4 @@
-"""Auto's early starts: IO items begin on threads before the probe ends, and CPU items go on in the
-calling thread while a cold process pool starts (`CallerLane`, at the end).
-
-IO work: while the probe runs the first item in the calling thread, a
+"""Auto's early start of IO work. While the probe runs the first item in the calling thread, a
 watcher thread reads that thread's CPU clock. A first item that has waited EARLY_WATCH_SECONDS
 (then twice, four times...) while mostly idle is IO: the watcher begins an ordinary adaptive
 engine run of the items after it on threads (`engine.execute(..., dispatch_now=True)`), so an
@@ -24,8 +21,6 @@ from dataclasses import replace
 from typing import Callable, Iterator
 
 from . import native
-from .backends.base import Backend, Done, Lost, Task
-from .backends.serial import SerialBackend
 from .backends.thread import ThreadBackend
 from .concurrency import Adaptive
 from .engine import RunSpec, RunStats, execute
@@ -183,98 +178,3 @@ class EarlyStart:
             self.taken += 1
             yield item
 
-
-class CallerLane(Backend):
-    """A cold process pool, and the calling thread as one more worker while the pool's workers
-    start: the caller runs a task whenever it holds one and the pool has nothing to report, so
-    a run never waits for the pool and is never much slower than serial. The pool gets tasks only
-    for workers that are up (`Backend.workers_up`), two each, so no item waits in a worker that
-    is still starting; once every worker is up, the caller takes no more tasks and only waits.
-    The engine keeps every policy: this only decides where each task runs.
-
-    The caller's items run as the serial backend runs them: the probe already ran the
-    initializer in this thread. No caller lane under a timeout: an item in the calling thread
-    cannot be killed."""
-
-    reports_start = True
-    # a seed= run: each item runs alone, in the caller or in a worker process, and is seeded
-    # per item either way; the caller's generators are put back after the run (pmap.seeding)
-    random_globals = "caller"
-    DEPTH_PER_WORKER = 2  # tasks a worker that is up holds: one running, one waiting
-
-    def __init__(self, pool: Backend):  # the pool is opened; Backend.__init__ would check options again
-        self.pool = pool
-        self.workers = pool.workers
-        self.initializer, self.initargs, self.inner_threads = pool.initializer, pool.initargs, pool.inner_threads
-        self.timeout = None
-        self.caller = SerialBackend()
-        self.fn = None
-        self.in_pool: set[int] = set()
-        self.lane_open = True
-        self.caller_items = 0  # items the calling thread ran
-
-    name = property(lambda self: self.pool.name)  # type: ignore[assignment]
-    kind = property(lambda self: self.pool.kind)  # type: ignore[assignment]
-    bytes_sent = property(lambda self: self.pool.bytes_sent)  # type: ignore[assignment]
-    bytes_received = property(lambda self: self.pool.bytes_received)  # type: ignore[assignment]
-    native_limits = property(lambda self: self.pool.native_limits)  # type: ignore[assignment]
-    item_clock = property(lambda self: self.pool.item_clock)  # type: ignore[assignment]
-
-    def prepare(self, fn, timeout=None):
-        self.fn, self.timeout = fn, timeout
-        if timeout is not None:
-            self.lane_open = False
-        return self.pool.prepare(fn, timeout)
-
-    def _pool_room(self) -> int:
-        room = self.pool.capacity()
-        if self.lane_open:
-            up = self.pool.workers_up()
-            if up >= self.workers:
-                self.lane_open = False  # the pool is up: the caller only waits from now on
-            else:
-                room = min(room, self.DEPTH_PER_WORKER * up - len(self.in_pool))
-        return max(0, room)
-
-    def capacity(self) -> int:
-        return self._pool_room() + (self.caller.capacity() if self.lane_open else 0)
-
-    def submit(self, task: Task) -> None:
-        # the caller first (its result comes soonest), then the pool
-        if self.lane_open and self.caller.capacity() > 0:
-            self.caller.submit(Task(task.id, self.fn, task.items))
-            self.caller_items += len(task.items)
-            return
-        self.pool.submit(task)
-        self.in_pool.add(task.id)
-
-    def wait(self, timeout):
-        events = self.pool.wait(0 if self.caller.queue else timeout)
-        if not events and self.caller.queue:
-            return self.caller.wait(0)
-        for event in events:
-            if type(event) is Done or type(event) is Lost:
-                self.in_pool.discard(event.task_id)
-        return events
-
-    def cancel(self, task_id) -> None:
-        self.caller.queue = type(self.caller.queue)(t for t in self.caller.queue if t.id != task_id)
-        self.in_pool.discard(task_id)
-        self.pool.cancel(task_id)
-
-    def set_concurrency(self, tasks: int) -> None:
-        self.pool.set_concurrency(tasks)
-
-    # per-item timeouts are the pool's (the caller takes no task under a timeout)
-    def running_item(self, task_id):
-        return self.pool.running_item(task_id)
-
-    def interrupt(self, task_id, position):
-        return self.pool.interrupt(task_id, position)
-
-    def describe_worker(self, worker) -> str:
-        return "the calling thread" if worker == "main" else self.pool.describe_worker(worker)
-
-    def close(self, kill: bool = False) -> None:
-        self.caller.close()
-        self.pool.close(kill=kill)

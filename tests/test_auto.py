@@ -235,77 +235,12 @@ def cold_pool_and_another_thread():
     other.join()
 
 
-def test_auto_works_while_a_cold_pool_starts_and_leaves_it_warm(cold_pool_and_another_thread):
-    # Auto used to run this serially where loky was cold (pricing the pool's start as a wall)
-    # and never start the pool. Now the caller runs items while the workers start, and the next
-    # call finds them running.
-    from pmap.backends.process import ProcessBackend
-    from workloads import spin_cpu
-    items = [0.004] * 300
-    out = pmap.pmap(spin_cpu, items)
-    assert out == items
-    plan = out.stats.plan
-    assert plan.backend == "process" and plan.caller_lane, str(plan)
-    assert plan.caller_items > 0, "the calling thread ran no item while the pool started"
-    assert f"while its workers start (it ran {plan.caller_items})" in str(plan)
-    assert ProcessBackend.is_warm(plan.workers), "the pool auto started was not left for the next call"
-    again = pmap.pmap(spin_cpu, items)
-    assert again == items
-    assert again.stats.plan.backend == "process" and not again.stats.plan.caller_lane, str(again.stats.plan)
-
-
-def test_a_seeded_run_with_the_caller_working_equals_serial(cold_pool_and_another_thread):
-    # items in the calling thread and in the workers are each seeded per item, and the
-    # caller's own generator is put back after the run
+def test_a_seeded_auto_run_with_a_cold_pool_equals_serial(cold_pool_and_another_thread):
+    # items in the calling thread (the probe) and in the workers are each seeded per item, and
+    # the caller's own generator is put back after the run
     import random
     from workloads import spin_then_draw
     before = random.getstate()
     out = pmap.pmap(spin_then_draw, range(300), seed=7)
-    assert out.stats.plan.caller_lane and out.stats.plan.caller_items > 0, str(out.stats.plan)
     assert random.getstate() == before
     assert out == pmap.pmap(spin_then_draw, range(300), seed=7, backend="serial")
-
-
-def test_no_caller_lane_under_a_timeout(cold_pool_and_another_thread):
-    # an item in the calling thread could not be stopped at its deadline
-    from workloads import spin_cpu
-    out = pmap.pmap(spin_cpu, [0.004] * 300, timeout=30)
-    assert out == [0.004] * 300
-    plan = out.stats.plan
-    assert not plan.caller_lane and plan.caller_items == 0, str(plan)
-
-
-def test_the_caller_runs_items_until_the_pool_is_up_then_hands_over():
-    # A pool whose workers are up only once the caller has run 20 items: no item waits in the
-    # pool before that, the caller stops taking items after it, and every item runs once.
-    from pmap.backends.thread import ThreadBackend
-    from pmap.early_start import CallerLane
-    from pmap.engine import RunSpec, RunStats, execute
-
-    ran = {}
-    lock = threading.Lock()
-
-    def record(x):
-        with lock:
-            assert x not in ran, f"item {x} ran twice"
-            ran[x] = threading.current_thread() is threading.main_thread()
-        return x * 3
-
-    class SlowToStart(ThreadBackend):
-        lane = None
-
-        def workers_up(self):
-            return self.workers if self.lane.caller_items >= 20 else 0
-
-    pool = SlowToStart(workers=2)
-    pool.open()
-    lane = pool.lane = CallerLane(pool)
-    try:
-        out = [v for batch in execute(lane, RunSpec(record, list(range(200)), chunksize=4), RunStats()) for v in batch]
-    finally:
-        lane.close()
-    assert out == [x * 3 for x in range(200)]
-    in_caller = sorted(x for x, here in ran.items() if here)
-    assert in_caller == list(range(len(in_caller))), "the pool ran an item before it was up"
-    assert 20 <= len(in_caller) <= 20 + 4, "the caller went on taking items after the pool was up"
-    assert len(ran) == 200 and not lane.lane_open

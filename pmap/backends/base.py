@@ -187,12 +187,6 @@ class Backend:
     def describe_worker(self, worker: Any) -> str:
         return str(worker)
 
-    def workers_up(self) -> int:
-        """How many workers have started and can take a task at once. A backend whose workers
-        start in the background begins starting them at the first call, and counts them as
-        they come up; here they started when the backend opened."""
-        return self.workers
-
 
 _CGROUP_V2_CPU_MAX = "/sys/fs/cgroup/cpu.max"
 _CGROUP_V1_QUOTA = ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us")

@@ -59,8 +59,6 @@ class ProcessBackend(PooledBackend):
         self.seen_lock = threading.Lock()  # `seen` is read from loky's thread when a task fails
         self.last_break = None  # (loky's error, its workers' exit codes when it failed the first task)
         self.worker_pids: set[int] = set()  # workers of the current executor that ran a task
-        self.up_pids: set[int] = set()      # workers seen up by workers_up()
-        self.up_probes: list = []           # its futures still out, one per worker not seen yet
 
     # What the last run in this process left running, by our own bookkeeping (loky's is private):
     # (this process's pid, workers, the initializer, the workers' pids, when it ended, their idle limit)
@@ -83,26 +81,6 @@ class ProcessBackend(PooledBackend):
     def open(self) -> None:
         self._executor()
 
-    def workers_up(self) -> int:
-        """loky starts its workers at the first task: a task that holds no item (a worker's pid)
-        per worker not yet seen starts them, and tells when each is up."""
-        executor = self._executor()
-        if len(self.up_pids) >= self.workers:
-            return self.workers
-        out = []
-        for future in self.up_probes:
-            if not future.done():
-                out.append(future)
-            elif not future.cancelled() and future.exception() is None:
-                self.up_pids.add(future.result())
-        try:
-            while len(out) < self.workers - len(self.up_pids):  # a worker up first may take several
-                out.append(executor.submit(os.getpid))
-        except BrokenExecutor:  # a worker died: the next task says so, and gets a new executor
-            pass
-        self.up_probes = out
-        return len(self.up_pids)
-
     def _executor(self):
         if self.executor is not None and self.executor._flags.shutdown:  # loky's; see _send
             self.executor = None
@@ -116,7 +94,6 @@ class ProcessBackend(PooledBackend):
             self.tasks_on_executor = 0
             self.ended_pids.clear()
             self.worker_pids = set()
-            self.up_pids, self.up_probes = set(), []
             # Workers and loky's manager thread start now, not at the first task (loky's
             # `_ensure_executor_running`, which its submit calls): its exit hook is then registered
             # before an Executor's, which must run first (see pmap.executor._watch_exit).
