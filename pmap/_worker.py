@@ -190,11 +190,19 @@ def _allow_children() -> None:
         pass
 
 
+def loky_reusable_executor():
+    """loky's reusable executor, if this process made one (none is made here). loky has no public
+    way to ask: its module keeps it in `_executor_storage.executor` (checked with loky 3.7.0) or,
+    before, in `_executor` (loky 3.4.1)."""
+    reusable = sys.modules.get("loky.reusable_executor")  # not loaded: none was made
+    storage = getattr(reusable, "_executor_storage", None)
+    return getattr(storage, "executor", None) if storage is not None else getattr(reusable, "_executor", None)
+
+
 def end_descendants(grace: float = 0.5) -> None:
     """End every process this one started, and theirs (a worker leaving: nothing it started
     outlives it, also what called os.setsid)."""
-    reusable = sys.modules.get("loky.reusable_executor")
-    executor = getattr(getattr(reusable, "_executor_storage", None), "executor", None)
+    executor = loky_reusable_executor()
     if executor is not None:  # a nested process map's workers: loky ends them cleanly
         try:
             executor.shutdown(wait=True, kill_workers=True)

@@ -255,9 +255,13 @@ def threads_a_fork_leaves_behind() -> int:
     locks in a child after a fork."""
     threads = set(threading.enumerate())
     threads.discard(threading.current_thread())
-    reusable = sys.modules.get("loky.reusable_executor")  # not loaded: no process run has started one
-    executor = getattr(getattr(reusable, "_executor_storage", None), "executor", None)
+    if "loky.reusable_executor" not in sys.modules:  # no process run has started an executor
+        return len(threads)
+    from ._worker import loky_reusable_executor  # loaded already by the process run
+    executor = loky_reusable_executor()
     if executor is not None:
+        # private to loky (checked with loky 3.4.1 and 3.7.0); renamed, they count as any thread,
+        # and auto then forgoes fork after a process run
         threads.discard(getattr(executor, "_executor_manager_thread", None))
         threads.discard(getattr(getattr(executor, "_call_queue", None), "_thread", None))
     return len(threads)

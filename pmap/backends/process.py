@@ -7,6 +7,8 @@ the survivors: the workers already dead then are the cause.
 """
 from __future__ import annotations
 
+import concurrent.futures
+import multiprocessing
 import os
 import threading
 import time
@@ -59,6 +61,7 @@ class ProcessBackend(PooledBackend):
         self.seen_lock = threading.Lock()  # `seen` is read from loky's thread when a task fails
         self.last_break = None  # (loky's error, its workers' exit codes when it failed the first task)
         self.worker_pids: set[int] = set()  # workers of the current executor that ran a task
+        self.futures: dict = {}  # task id -> loky's future, until it is done
 
     # What the last run in this process left running, by our own bookkeeping (loky's is private):
     # (this process's pid, workers, the initializer, the workers' pids, when it ended, their idle limit)
@@ -82,8 +85,6 @@ class ProcessBackend(PooledBackend):
         self._executor()
 
     def _executor(self):
-        if self.executor is not None and self.executor._flags.shutdown:  # loky's; see _send
-            self.executor = None
         if self.executor is None:
             from loky import get_reusable_executor  # a broken or shut down executor is replaced
             if self.start_method == "forkserver":
@@ -94,9 +95,12 @@ class ProcessBackend(PooledBackend):
             self.tasks_on_executor = 0
             self.ended_pids.clear()
             self.worker_pids = set()
-            # Workers and loky's manager thread start now, not at the first task (loky's
-            # `_ensure_executor_running`, which its submit calls): its exit hook is then registered
-            # before an Executor's, which must run first (see pmap.executor._watch_exit).
+            with self.seen_lock:
+                self.seen = {}
+            # Workers and loky's manager thread start now, not at the first task: loky's exit hook
+            # is then registered before an Executor's, which must run first (see
+            # pmap.executor._watch_exit). `_ensure_executor_running` is private to loky (its submit
+            # calls it; checked with loky 3.4.1 and 3.7.0); without it they start at the first task.
             ensure_running = getattr(self.executor, "_ensure_executor_running", None)
             if ensure_running is not None:
                 ensure_running()
@@ -115,20 +119,26 @@ class ProcessBackend(PooledBackend):
         from loky.process_executor import ShutdownExecutorError
         self.tasks_on_executor += 1
         try:
-            future = self._executor().submit(run_pooled_task, payload)
+            try:
+                future = self._executor().submit(run_pooled_task, payload)
+            except ShutdownExecutorError:  # another run shut loky's shared executor down: a new one takes it
+                self.executor = None
+                future = self._executor().submit(run_pooled_task, payload)
         except BrokenExecutor as exc:  # a worker died since wait() last looked: this task never ran
             self.executor = None  # the next task gets a new executor
             self._report_error(task_id, exc)
             return
-        except ShutdownExecutorError as exc:  # another run shut loky's shared executor down: never ran
+        except ShutdownExecutorError as exc:  # shut down again at once: never ran
             self.executor = None
             self._report_error(task_id, BrokenExecutor(str(exc)))
             return
         self._remember_workers()  # now, so their exit codes outlive loky's clean-up
+        self.futures[task_id] = future
         future.add_done_callback(lambda done: self._future_done(task_id, done))
 
     def _future_done(self, task_id, future) -> None:
         # loky's thread; the result itself came over the worker's link
+        self.futures.pop(task_id, None)
         error = None if future.cancelled() else future.exception()
         if error is None:
             return
@@ -142,15 +152,17 @@ class ProcessBackend(PooledBackend):
         self._report_error(task_id, error, exitcodes)
 
     def _current_processes(self) -> list:
-        # `executor._processes`, private to loky (checked with loky 3.7): its worker Process
-        # objects, for their exit codes
-        executor = self.executor
-        return list(executor._processes.values()) if executor is not None else []
+        # loky's workers are multiprocessing processes (loky.backend.process.LokyProcess, or the
+        # forkserver context's): their Process objects, for their exit codes. Other children of
+        # this process come along; their pids hold no task. active_children() also joins the
+        # children that ended, which keeps their exit codes in their Process objects.
+        return multiprocessing.active_children() if self.executor is not None else []
 
     def _remember_workers(self) -> None:
+        # kept for the executor's life: a worker that ended has left active_children()
         processes = {proc.pid: proc for proc in self._current_processes()}
         with self.seen_lock:
-            self.seen = processes
+            self.seen = {**self.seen, **processes}
 
     def _ended(self, pid, link, proc) -> list:
         held = link.held() if link is not None else None
@@ -179,11 +191,12 @@ class ProcessBackend(PooledBackend):
         executor, ended = self.executor, len(self.ended_pids)
         events = super().interrupt(task_id, position)
         if executor is not None and len(self.ended_pids) > ended:
-            # loky breaks the executor once it sees the worker gone: the tasks sent from now on
-            # (the rest of the chunk, a retry) go to a new one, rather than die with the old one
-            deadline = time.monotonic() + BREAK_SECONDS
-            while not _broken(executor) and time.monotonic() < deadline:
-                time.sleep(0.01)
+            # loky breaks the executor once it sees the worker gone, then fails the futures of the
+            # tasks in flight, this one's among them: the tasks sent from now on (the rest of the
+            # chunk, a retry) go to a new one, rather than die with the old one
+            future = self.futures.get(task_id)
+            if future is not None:
+                concurrent.futures.wait([future], timeout=BREAK_SECONDS)
             self.executor = None
         return events
 
@@ -205,8 +218,3 @@ class ProcessBackend(PooledBackend):
         self.gone_holders.clear()
         super().close(kill)
 
-
-def _broken(executor) -> bool:
-    # `_flags.broken`, private to loky (checked with loky 3.7)
-    flags = getattr(executor, "_flags", None)
-    return flags is None or bool(flags.broken)
