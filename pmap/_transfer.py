@@ -49,7 +49,6 @@ import mmap
 import os
 import pickle
 import re
-import secrets
 import shutil
 import struct
 import tempfile
@@ -376,7 +375,7 @@ class Channel:
     def __init__(self):
         hold_owner_lock()
         sweep(force=False)
-        self.name = f"{PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+        self.name = f"{PREFIX}{os.getpid()}-{os.urandom(4).hex()}"
         self.counter = itertools.count()
         self.function_segment: str | None = None
         self.traffic = _Traffic()
@@ -501,7 +500,7 @@ def new_shared_segment(nbytes: int) -> mmap.mmap:
     """A new read-write segment of `nbytes` for a shared array; removed when the returned
     mapping is garbage (its last array dropped), or when this process ends."""
     hold_owner_lock()
-    name = f"{PREFIX}{os.getpid()}-a{secrets.token_hex(6)}"
+    name = f"{PREFIX}{os.getpid()}-a{os.urandom(6).hex()}"
     path = os.path.join(SHM_DIR, name)
     fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
     try:
