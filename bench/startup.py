@@ -4,6 +4,7 @@
     python bench/startup.py --rounds 11
     python bench/startup.py --quick         # 2 rounds (bench/results/quick/startup.md)
     python bench/startup.py --cases auto    # only the cases named so, with their serial ones (quick/)
+    python bench/startup.py --breakdown     # the CPU of each process a cold start starts, printed
 
 Every case runs in a fresh interpreter of its own (a child process), so each process run meets
 a cold pool, as a script's first call does; only the call is timed (`import pmap` is not). Each
@@ -112,13 +113,53 @@ def child(case: str) -> None:
     print(json.dumps(record))
 
 
-def run_case(case: str) -> dict:
+def breakdown_child(workers: int, start_method: str) -> None:
+    """A first `process` run here, with another thread alive: then the CPU of each process it
+    started, read once every worker is up."""
+    import psutil
+    import pmap
+    threading.Thread(target=threading.Event().wait, daemon=True).start()
+    cpu_before = time.process_time()
+    options = {} if start_method == "loky" else {"start_method": start_method}
+    pmap.starmap(os.getpid, [()] * (4 * workers), backend="process", workers=workers, chunksize=1, **options)
+    time.sleep(1.5)  # every worker finishes starting
+    record: dict = {"the caller (imports loky, runs)": [time.process_time() - cpu_before]}
+    for process in psutil.Process().children(recursive=True):
+        command = " ".join(process.cmdline())
+        if "resource_tracker" in command:
+            kind = "loky's resource tracker" if "loky" in command else "multiprocessing's resource tracker"
+        else:  # forked workers carry their fork server's command line
+            kind = "fork server and its workers" if "forkserver" in command else "loky worker"
+        times = process.cpu_times()
+        record.setdefault(kind, []).append(times.user + times.system)
+    print(json.dumps(record))
+
+
+def breakdown(runs: int) -> None:
+    """Where a cold start's CPU goes, process by process (docs/startup.md)."""
+    for workers, start_method in ((2, "loky"), (8, "loky"), (2, "forkserver"), (8, "forkserver")):
+        print(f"## {workers} workers, start method {start_method}")
+        for _ in range(runs):
+            result = subprocess.run([sys.executable, os.path.abspath(__file__), "--breakdown-child",
+                                     f"{workers}:{start_method}"], capture_output=True, text=True,
+                                    timeout=CHILD_TIMEOUT, env=_child_environment())
+            if result.returncode != 0:
+                raise RuntimeError(result.stderr)
+            record = json.loads(result.stdout.strip().splitlines()[-1])
+            print("; ".join(f"{kind}: {', '.join(f'{cpu:.3f}' for cpu in cpus)} s" for kind, cpus in record.items()))
+
+
+def _child_environment() -> dict:
     # An installed pmap has its bytecode compiled (pip does it); a run from a source tree with
     # PYTHONDONTWRITEBYTECODE set would compile pmap's modules again in every worker it starts.
     env = {key: value for key, value in os.environ.items() if key != "PYTHONDONTWRITEBYTECODE"}
     env.setdefault("PYTHONPYCACHEPREFIX", os.path.join(tempfile.gettempdir(), "pmap-bench-pycache"))
+    return env
+
+
+def run_case(case: str) -> dict:
     result = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", case],
-                            capture_output=True, text=True, timeout=CHILD_TIMEOUT, env=env)
+                            capture_output=True, text=True, timeout=CHILD_TIMEOUT, env=_child_environment())
     if result.returncode != 0:
         raise RuntimeError(f"{case} failed:\n{result.stderr}")
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -190,10 +231,19 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="2 rounds, written under results/quick")
     parser.add_argument("--cases", help="run only the cases whose names contain one of these "
                         "comma-separated words (with their serial cases)")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="instead: the CPU of each process a cold start starts (3 runs of 2 and 8 workers, "
+                        "loky's start method and forkserver), printed")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--breakdown-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return child(args.child)
+    if args.breakdown_child:
+        workers, start_method = args.breakdown_child.split(":")
+        return breakdown_child(int(workers), start_method)
+    if args.breakdown:
+        return breakdown(3)
     rounds = 2 if args.quick else args.rounds
     header = common.header_lines("startup.py")  # the load average before the runs add to it
     names = list(CASES)
