@@ -8,7 +8,6 @@ the survivors: the workers already dead then are the cause.
 from __future__ import annotations
 
 import concurrent.futures
-import multiprocessing
 import os
 import threading
 import time
@@ -95,8 +94,6 @@ class ProcessBackend(PooledBackend):
             self.tasks_on_executor = 0
             self.ended_pids.clear()
             self.worker_pids = set()
-            with self.seen_lock:
-                self.seen = {}
             # Workers and loky's manager thread start now, not at the first task: loky's exit hook
             # is then registered before an Executor's, which must run first (see
             # pmap.executor._watch_exit). `_ensure_executor_running` is private to loky (its submit
@@ -152,17 +149,17 @@ class ProcessBackend(PooledBackend):
         self._report_error(task_id, error, exitcodes)
 
     def _current_processes(self) -> list:
-        # loky's workers are multiprocessing processes (loky.backend.process.LokyProcess, or the
-        # forkserver context's): their Process objects, for their exit codes. Other children of
-        # this process come along; their pids hold no task. active_children() also joins the
-        # children that ended, which keeps their exit codes in their Process objects.
-        return multiprocessing.active_children() if self.executor is not None else []
+        # loky's worker Process objects, for their exit codes: `executor._processes`, private to
+        # loky (checked with loky 3.4.1 and 3.7.0). The public multiprocessing.active_children()
+        # would join them from this thread, racing loky's thread for a dead worker's status (a
+        # forkserver worker's then reads as 255, a loky worker's as still running).
+        executor = self.executor
+        return list(executor._processes.values()) if executor is not None else []
 
     def _remember_workers(self) -> None:
-        # kept for the executor's life: a worker that ended has left active_children()
         processes = {proc.pid: proc for proc in self._current_processes()}
         with self.seen_lock:
-            self.seen = {**self.seen, **processes}
+            self.seen = processes
 
     def _ended(self, pid, link, proc) -> list:
         held = link.held() if link is not None else None
