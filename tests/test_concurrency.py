@@ -112,6 +112,51 @@ def test_connection_errors_halve_the_limit_and_it_never_leaves_its_bounds():
     assert max(limit for _, limit in starts) > 10
 
 
+def closed_sample(controller, now, items, latency, stragglers=0):
+    """`items` items of `latency` each finished by `now`, one sample; the limit after it."""
+    for _ in range(items):
+        controller.record(1, latency, started=now - latency)
+    before = len(controller.trajectory)
+    limit = controller.update(now, stragglers=stragglers)
+    assert len(controller.trajectory) == before + 1, "the sample should have closed"
+    return limit
+
+
+def grown_once(start=16, latency=0.02):
+    """A controller whose first sample (`start` items at `latency`) was clean: it rose x4."""
+    controller = ConcurrencyController(Adaptive(start=start, maximum=256), 0.0)
+    assert closed_sample(controller, 0.05, start, latency) == 4 * start
+    return controller
+
+
+def test_a_rise_into_queueing_falls_back_halfway_not_to_where_it_started():
+    controller = grown_once(start=16)
+    # at 64 the items queued (2.5 x the floor): the best count lies between 16 and 64
+    assert closed_sample(controller, 0.17, 64, 0.05) == 32
+    assert not controller.growing
+
+
+def test_many_stragglers_with_flat_latency_are_loss_and_halve_the_last_good_limit():
+    controller = grown_once(start=12)
+    # a quarter of the 48 tasks wait for a SYN retry while those that finish took the floor
+    assert closed_sample(controller, 0.10, 40, 0.021, stragglers=12) == 6
+    assert not controller.growing
+
+
+def test_a_few_stragglers_are_noise_and_growth_goes_on():
+    controller = grown_once(start=16)
+    assert closed_sample(controller, 0.10, 60, 0.021, stragglers=3) == 256  # 3 of 64: a busy machine
+    assert controller.growing
+
+
+@pytest.mark.parametrize("latency, expected", [(0.05, 75), (0.064, 62), (0.2, 50)])
+def test_holding_steps_back_as_far_as_latency_rose_at_most_by_half(latency, expected):
+    controller = ConcurrencyController(Adaptive(start=100, maximum=256), 0.0)
+    controller.growing = False
+    assert closed_sample(controller, 0.05, 100, 0.02) == 100  # the floor: 20 ms
+    assert closed_sample(controller, 0.06 + 2 * latency, 100, latency) == expected  # no gain, latency up
+
+
 def test_the_trajectory_stays_bounded():
     controller, _ = simulate(lambda n, rng: 0.001, seconds=60.0, bounds=Adaptive(maximum=8))
     assert 0 < len(controller.trajectory) <= 500
