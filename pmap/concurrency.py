@@ -8,8 +8,9 @@ does). A rise that made items queue (their latency past twice the floor) falls b
 to the geometric mean of the last good limit and the rise; holding, latency past twice the
 floor with no gain in throughput steps back as far as it rose (Little's law), by a quarter at
 least and half at most. Loss halves the last limit that had none, as TCP does (AIMD): a
-connection error or timeout, or many tasks straggling while the items that finish do not
-queue (a server past its knee drops connections, which wait about a second for a SYN retry).
+connection error or timeout, or, at a steady limit, many tasks straggling while the items that
+finish do not queue (a server past its knee drops connections, which wait about a second for
+a SYN retry).
 It never leaves [minimum, maximum].
 """
 from __future__ import annotations
@@ -198,8 +199,9 @@ class ConcurrencyController:
 
     def _decide(self, rate: float, latency: float, errors: int, straggling: bool) -> None:
         queueing = latency > LATENCY_TOLERANCE * self.floor
-        if errors or (straggling and not queueing):
-            # Loss: what the lost items met was there before the rise that showed it
+        # Right after a rise the items that finish are the old limit's: stragglers then are as
+        # likely the new ones queueing as lost, so only a steady limit reads them as loss.
+        if errors or (straggling and not queueing and not self.growing):
             self._restart_from(min(self.limit, self.best_limit) * LOSS_BACKOFF, rate)
             return
         gained = rate > self.best_rate * GAIN

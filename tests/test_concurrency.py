@@ -136,10 +136,18 @@ def test_a_rise_into_queueing_falls_back_halfway_not_to_where_it_started():
     assert not controller.growing
 
 
-def test_many_stragglers_with_flat_latency_are_loss_and_halve_the_last_good_limit():
-    controller = grown_once(start=12)
+def test_at_a_steady_limit_many_stragglers_with_flat_latency_are_loss_and_halve_it():
+    controller = ConcurrencyController(Adaptive(start=48, maximum=256), 0.0)
+    controller.growing = False
+    assert closed_sample(controller, 0.05, 48, 0.02) == 48
     # a quarter of the 48 tasks wait for a SYN retry while those that finish took the floor
-    assert closed_sample(controller, 0.10, 40, 0.021, stragglers=12) == 6
+    assert closed_sample(controller, 0.10, 36, 0.021, stragglers=12) == 24
+
+
+def test_right_after_a_rise_many_stragglers_fall_back_halfway():
+    controller = grown_once(start=12)
+    # the items that finish are mostly the old limit's: the stragglers may be the new ones queueing
+    assert closed_sample(controller, 0.10, 40, 0.021, stragglers=12) == 24
     assert not controller.growing
 
 
