@@ -4,14 +4,12 @@ The engine asks `ConcurrencyController.limit` before it dispatches and tells it 
 finished task. The controller grows the limit fast while throughput rises and an item's
 latency stays near the lowest seen (slow start, as TCP does), then holds the limit that gave
 the best throughput, probing one step up now and then (hill climbing, as .NET's thread pool
-does). A rise that made items queue (their latency past twice the floor) falls back halfway,
-to the geometric mean of the last good limit and the rise; holding, latency past twice the
-floor with no gain in throughput steps back as far as it rose (Little's law), by a quarter at
-least and half at most. Loss halves the last limit that had none, as TCP does (AIMD): a
-connection error or timeout, or, at a steady limit, many tasks straggling while the items that
-finish do not queue (a server past its knee drops connections, which wait about a second for
-a SYN retry).
-It never leaves [minimum, maximum].
+does). It backs off when latency grows with no gain in throughput (a server past its knee:
+queueing, or connections waiting for a SYN retry): a rise after which the finished items
+queued falls back halfway, to the geometric mean of the last good limit and the rise; one
+after which only stragglers are late, to the last good limit; holding, by a quarter, or as far as
+latency rose past twice the floor (Little's law), at most by half. It halves on connection
+errors or timeouts (AIMD). It never leaves [minimum, maximum].
 """
 from __future__ import annotations
 
@@ -20,14 +18,15 @@ from dataclasses import dataclass
 
 LATENCY_TOLERANCE = 2.0      # latency up to this times the floor is not yet queueing (as Gradient2)
 GAIN = 1.08                  # throughput must rise this much to count as a gain (noise below)
-CONGESTION_BACKOFF = 0.75    # latency grew with no gain: keep at most this share of the limit
-LOSS_BACKOFF = 0.5           # connection errors, timeouts or dropped connections: halve
+CONGESTION_BACKOFF = 0.75    # latency grew with no gain: keep at most this share of the limit...
+MOST_BACKOFF = 0.5           # ...and at least this share
+ERROR_BACKOFF = 0.5          # connection errors or timeouts: halve
 SAMPLE_MIN_SECONDS = 0.02    # a measurement lasts at least this long...
 SAMPLE_LATENCIES = 2         # ...and this many item latencies, so every slot finishes an item
 GROWING_SAMPLE_LATENCIES = 2.2  # while growing: long enough for a task that queues to be seen straggling...
 BURST_LATENCIES = 0.25       # ...or, after one latency, every task of the burst that began the sample has ended
 GROWTH = 4                   # slow start multiplies the limit by this per sample
-STRAGGLER_SHARE = 1 / 8      # this share of the tasks in flight running long means loss or queueing (fewer: noise)
+STRAGGLER_SHARE = 1 / 32     # this share of the tasks in flight running long also means queueing
 PROBE_EVERY = 4              # while holding, try one step up every this many samples
 # Items whose threads hold the GIL cannot finish faster than one CPU runs their code, so past
 # latency floor / CPU per item in flight (Little's law) more only queue for it; a little over
@@ -198,14 +197,12 @@ class ConcurrencyController:
         return min(self.floors) if self.floors else math.inf
 
     def _decide(self, rate: float, latency: float, errors: int, straggling: bool) -> None:
-        queueing = latency > LATENCY_TOLERANCE * self.floor
-        # Right after a rise the items that finish are the old limit's: stragglers then are as
-        # likely the new ones queueing as lost, so only a steady limit reads them as loss.
-        if errors or (straggling and not queueing and not self.growing):
-            self._restart_from(min(self.limit, self.best_limit) * LOSS_BACKOFF, rate)
+        if errors:
+            self._restart_from(self.limit * ERROR_BACKOFF, rate)
             return
         gained = rate > self.best_rate * GAIN
-        queueing = queueing or straggling
+        slowed = latency > LATENCY_TOLERANCE * self.floor
+        queueing = straggling or slowed
         if self.growing:
             # Judged by latency alone: right after a rise, the items that finish are the old
             # limit's, so throughput lags; an item's latency does not.
@@ -215,7 +212,11 @@ class ConcurrencyController:
                     self.growing = False  # more would only wait for the GIL: hold here
                     return
                 self._set(self.limit * GROWTH if self.useful is None else min(self.limit * GROWTH, self.useful))
-            else:  # items began to queue somewhere between the last good limit and this one
+            elif not slowed:  # tasks straggle, those that end do not queue: dropped connections
+                # (a SYN retry's second) cost the most, so back to the last limit without any
+                self.growing = False
+                self._set(self.best_limit)
+            else:  # the finished items queued, none was lost: the best count lies between
                 self.growing = False
                 self._set(math.sqrt(self.best_limit * self.limit))
             return
@@ -228,10 +229,10 @@ class ConcurrencyController:
             self.probing_from = None
             return
         if queueing and not gained:
-            # Little's law: at the same throughput, latency falls with the tasks in flight, so
-            # the further it rose past the tolerance, the further to step back (at most by half)
-            share = min(CONGESTION_BACKOFF, LATENCY_TOLERANCE * self.floor / latency)
-            self._restart_from(self.limit * max(LOSS_BACKOFF, share), rate)
+            share = CONGESTION_BACKOFF
+            if slowed:  # Little's law: at the same throughput, fewer in flight wait less
+                share = max(MOST_BACKOFF, min(share, LATENCY_TOLERANCE * self.floor / latency))
+            self._restart_from(self.limit * share, rate)
             return
         # holding: follow the rate this limit gets now, and now and then try one step up
         self.best_rate = (self.best_rate + rate) / 2
