@@ -6,10 +6,10 @@ latency stays near the lowest seen (slow start, as TCP does), then holds the lim
 the best throughput, probing one step up now and then (hill climbing, as .NET's thread pool
 does). It backs off when latency grows with no gain in throughput (a server past its knee:
 queueing, or connections waiting for a SYN retry): a rise after which the finished items
-queued falls back halfway, to the geometric mean of the last good limit and the rise; one
-after which only stragglers are late, to the last good limit; holding, by a quarter, or as far as
-latency rose past twice the floor (Little's law), at most by half. It halves on connection
-errors or timeouts (AIMD). It never leaves [minimum, maximum].
+queued falls back halfway, to the geometric mean of the last good limit and the rise (a
+quarter at least); one after which only stragglers are late, to the last good limit; holding,
+by a quarter, or as far as latency rose past twice the floor (Little's law), at most by half.
+It halves on connection errors or timeouts (AIMD). It never leaves [minimum, maximum].
 """
 from __future__ import annotations
 
@@ -216,9 +216,9 @@ class ConcurrencyController:
                 # (a SYN retry's second) cost the most, so back to the last limit without any
                 self.growing = False
                 self._set(self.best_limit)
-            else:  # the finished items queued, none was lost: the best count lies between
+            else:  # the finished items queued: the best count lies between (a quarter back at least)
                 self.growing = False
-                self._set(math.sqrt(self.best_limit * self.limit))
+                self._set(min(math.sqrt(self.best_limit * self.limit), self.limit * CONGESTION_BACKOFF))
             return
         if self.probing_from is not None:  # the outcome of one step up
             if gained:

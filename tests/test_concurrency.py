@@ -136,6 +136,13 @@ def test_a_rise_into_queueing_falls_back_halfway_not_to_where_it_started():
     assert not controller.growing
 
 
+def test_after_a_small_rise_into_queueing_it_steps_back_a_quarter_at_least():
+    controller = ConcurrencyController(Adaptive(start=100, maximum=256), 0.0)
+    controller.useful = 110  # the GIL bound caps the next rise
+    assert closed_sample(controller, 0.05, 100, 0.02) == 110
+    assert closed_sample(controller, 0.17, 100, 0.05) == 82  # not the midpoint, 105
+
+
 def test_a_rise_after_which_tasks_straggle_with_flat_latency_goes_back_to_the_last_good_limit():
     controller = grown_once(start=12)
     # a quarter of the 48 tasks wait for a SYN retry while those that finish took the floor
