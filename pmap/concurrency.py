@@ -6,10 +6,9 @@ latency stays near the lowest seen (slow start, as TCP does), then holds the lim
 the best throughput, probing one step up now and then (hill climbing, as .NET's thread pool
 does). It backs off when latency grows with no gain in throughput (a server past its knee:
 queueing, or connections waiting for a SYN retry): a rise after which the finished items
-queued falls back halfway, to the geometric mean of the last good limit and the rise (a
-quarter at least); one after which only stragglers are late, to the last good limit; holding,
-by a quarter, or as far as latency rose past twice the floor (Little's law), at most by half.
-It halves on connection errors or timeouts (AIMD). It never leaves [minimum, maximum].
+queued falls back halfway, to the geometric mean of the last good limit and the rise; one
+after which only stragglers are late, to the last good limit; holding, by a quarter. It
+halves on connection errors or timeouts (AIMD). It never leaves [minimum, maximum].
 """
 from __future__ import annotations
 
@@ -18,8 +17,7 @@ from dataclasses import dataclass
 
 LATENCY_TOLERANCE = 2.0      # latency up to this times the floor is not yet queueing (as Gradient2)
 GAIN = 1.08                  # throughput must rise this much to count as a gain (noise below)
-CONGESTION_BACKOFF = 0.75    # latency grew with no gain: keep at most this share of the limit...
-MOST_BACKOFF = 0.5           # ...and at least this share
+CONGESTION_BACKOFF = 0.75    # latency grew with no gain: keep this share of the limit
 ERROR_BACKOFF = 0.5          # connection errors or timeouts: halve
 SAMPLE_MIN_SECONDS = 0.02    # a measurement lasts at least this long...
 SAMPLE_LATENCIES = 2         # ...and this many item latencies, so every slot finishes an item
@@ -216,9 +214,9 @@ class ConcurrencyController:
                 # (a SYN retry's second) cost the most, so back to the last limit without any
                 self.growing = False
                 self._set(self.best_limit)
-            else:  # the finished items queued: the best count lies between (a quarter back at least)
+            else:  # the finished items queued: the best count lies between
                 self.growing = False
-                self._set(min(math.sqrt(self.best_limit * self.limit), self.limit * CONGESTION_BACKOFF))
+                self._set(math.sqrt(self.best_limit * self.limit))
             return
         if self.probing_from is not None:  # the outcome of one step up
             if gained:
@@ -229,10 +227,7 @@ class ConcurrencyController:
             self.probing_from = None
             return
         if queueing and not gained:
-            share = CONGESTION_BACKOFF
-            if slowed:  # Little's law: at the same throughput, fewer in flight wait less
-                share = max(MOST_BACKOFF, min(share, LATENCY_TOLERANCE * self.floor / latency))
-            self._restart_from(self.limit * share, rate)
+            self._restart_from(self.limit * CONGESTION_BACKOFF, rate)
             return
         # holding: follow the rate this limit gets now, and now and then try one step up
         self.best_rate = (self.best_rate + rate) / 2

@@ -136,13 +136,6 @@ def test_a_rise_into_queueing_falls_back_halfway_not_to_where_it_started():
     assert not controller.growing
 
 
-def test_after_a_small_rise_into_queueing_it_steps_back_a_quarter_at_least():
-    controller = ConcurrencyController(Adaptive(start=100, maximum=256), 0.0)
-    controller.useful = 110  # the GIL bound caps the next rise
-    assert closed_sample(controller, 0.05, 100, 0.02) == 110
-    assert closed_sample(controller, 0.17, 100, 0.05) == 82  # not the midpoint, 105
-
-
 def test_a_rise_after_which_tasks_straggle_with_flat_latency_goes_back_to_the_last_good_limit():
     controller = grown_once(start=12)
     # a quarter of the 48 tasks wait for a SYN retry while those that finish took the floor
@@ -154,14 +147,6 @@ def test_a_rise_after_which_tasks_straggle_and_finished_ones_queued_falls_back_h
     controller = grown_once(start=16)
     assert closed_sample(controller, 0.17, 40, 0.05, stragglers=20) == 32
     assert not controller.growing
-
-
-@pytest.mark.parametrize("latency, expected", [(0.05, 75), (0.064, 62), (0.2, 50)])
-def test_holding_steps_back_as_far_as_latency_rose_at_most_by_half(latency, expected):
-    controller = ConcurrencyController(Adaptive(start=100, maximum=256), 0.0)
-    controller.growing = False
-    assert closed_sample(controller, 0.05, 100, 0.02) == 100  # the floor: 20 ms
-    assert closed_sample(controller, 0.06 + 2 * latency, 100, latency) == expected  # no gain, latency up
 
 
 def test_the_trajectory_stays_bounded():
