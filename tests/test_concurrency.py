@@ -149,6 +149,15 @@ def test_a_rise_after_which_tasks_straggle_and_finished_ones_queued_falls_back_h
     assert not controller.growing
 
 
+def test_a_slow_sample_at_the_maximum_while_growing_keeps_the_limit():
+    # a busy machine slows 256 sleeping threads past twice the floor; holding judges that next
+    controller = ConcurrencyController(Adaptive(start=64, maximum=256), 0.0)
+    assert closed_sample(controller, 0.05, 64, 0.02) == 256
+    assert closed_sample(controller, 0.10, 256, 0.021) == 256
+    assert closed_sample(controller, 0.25, 256, 0.05) == 256
+    assert not controller.growing
+
+
 def test_the_trajectory_stays_bounded():
     controller, _ = simulate(lambda n, rng: 0.001, seconds=60.0, bounds=Adaptive(maximum=8))
     assert 0 < len(controller.trajectory) <= 500
