@@ -48,8 +48,11 @@ def broker_child(hosts: int, tasks: int, repeat: int) -> dict:
     with open(key_file, "w") as handle:
         handle.write(os.urandom(16).hex())
     os.chmod(key_file, 0o600)
-    pool = pmap.Pool(backend="manager", local_workers=0, authkey_file=key_file)
-    backend = pool._backend  # the broker's address and its count of joined workers
+    from pmap.backends.base import open_backend
+    # One backend for every run: pmap closes a backend it is handed when the run ends, so its
+    # close waits for the end of the benchmark (a Pool would map in chunks of its own choosing).
+    backend = open_backend("manager", local_workers=0, authkey_file=key_file)
+    close_backend, backend.close = backend.close, lambda kill=False: None
     procs = []
     try:
         host, port = backend.address
@@ -63,7 +66,7 @@ def broker_child(hosts: int, tasks: int, repeat: int) -> dict:
                 raise SystemExit("the hosts did not join within 60 s")
             time.sleep(0.05)
         items = list(range(tasks))
-        assert pool.map(noop, items[:200], chunksize=1) == items[:200]  # warm up
+        assert pmap.pmap(noop, items[:200], backend=backend, chunksize=1) == items[:200]  # warm up
         host_procs = [psutil.Process(p.pid) for p in procs]
         host_procs += [child for p in host_procs for child in p.children(recursive=True)]
 
@@ -73,13 +76,13 @@ def broker_child(hosts: int, tasks: int, repeat: int) -> dict:
         runs = []
         for _ in range(repeat):
             hosts0, cpu0, wall0 = hosts_cpu(), time.process_time(), time.perf_counter()
-            out = pool.map(noop, items, chunksize=1)
+            out = pmap.pmap(noop, items, backend=backend, chunksize=1)
             wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
             assert out == items
             runs.append({"wall": wall, "cpu": cpu, "hosts_cpu": hosts_cpu() - hosts0})
         return {"runs": runs, "tasks": tasks}
     finally:
-        pool.close()
+        close_backend()
         for proc in procs:
             try:
                 proc.wait(10)
