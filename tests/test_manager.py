@@ -429,7 +429,7 @@ def test_broker_reports_an_expired_lease_lost_and_refuses_its_late_result():
     slow_host, _ = broker.hello_host({"name": "slow"})
     slow_worker, _ = broker.hello_worker(slow_host, 101)
     broker.put(7, "fn", b"payload", n_items=3)
-    assert broker.lease(slow_worker, 1, 0) == [(7, "fn", 3, b"payload")]
+    assert broker.lease(slow_worker, 1, 0) == [(7, "fn", 3, b"payload", False)]
     fast_host, _ = broker.hello_host({"name": "fast"})
     fast_worker, _ = broker.hello_worker(fast_host, 202)
     broker.reap()                          # within the lease: nothing changes
@@ -451,7 +451,7 @@ def test_broker_blames_only_the_task_a_dead_worker_was_running():
     broker.put(1, "fn", b"a")
     broker.put(2, "fn", b"b")
     assert [t[0] for t in broker.lease(worker, 2, 0)] == [1, 2]  # 1 runs, 2 is prefetched
-    broker.worker_exited(host, 5, -9)
+    broker.worker_exited(host, 5, -9, 1)  # its supervisor read task 1 in its running slot
     events = broker.take_events(0)
     assert [type(e) for e in events] == [Started, Lost, Lost]
     assert events[1].task_id == 1 and events[1].blame and events[1].exitcode == -9
@@ -558,7 +558,7 @@ def test_broker_grants_several_tasks_per_call_each_its_own_lease():
     assert [t[0] for t in broker.complete(holder, [(1, b"r1")], 3)] == [5, 6, 7]  # the report refills
     broker.complete(other, [(2, b"forged")])  # held by `holder`: refused
     assert broker.refused_results == 1
-    broker.worker_exited(host, 1, -9)
+    broker.worker_exited(host, 1, -9, 2)  # its supervisor read task 2 in its running slot
     events = broker.take_events(0)
     started = [e.task_id for e in events if isinstance(e, Started)]
     assert started == [1, 2]  # the head of what it held, each time it changed
@@ -566,6 +566,37 @@ def test_broker_grants_several_tasks_per_call_each_its_own_lease():
     assert lost == {2: True, 3: False, 4: False, 5: False, 6: False, 7: False}
     assert [e for e in events if type(e) is tuple] == [("done", 1, "h:1", b"r1")]
     assert list(broker.queue) == [8, 9, 10]  # the rest wait for `other`
+
+
+def test_broker_takes_a_batch_of_results_from_the_holder_only_and_blames_what_was_running():
+    """A worker reports several finished tasks in one call: each result is delivered only if that
+    worker holds its lease (the others in the same batch are refused, not the batch), and when
+    it dies, only the task its running slot names is blamed: tasks it finished and had not yet
+    reported are lost unblamed, for the engine to run again."""
+    broker = Broker(lease_seconds=10, prefetch=1, initializer_bytes=None)
+    host, _ = broker.hello_host({"name": "h"})
+    holder, _ = broker.hello_worker(host, 1)
+    other, _ = broker.hello_worker(host, 2)
+    for task_id in range(1, 11):
+        broker.put(task_id, "fn", b"p")
+    assert [t[0] for t in broker.lease(holder, 4, 0)] == [1, 2, 3, 4]
+    assert [t[0] for t in broker.lease(other, 1, 0)] == [5]
+    batch = [(1, b"r1"), (2, b"r2"), (5, b"forged"), (9, b"forged"), (424242, b"forged")]
+    assert [t[0] for t in broker.complete(holder, batch, 2)] == [6, 7]
+    assert broker.refused_results == 3  # 5 is `other`'s, 9 is queued, 424242 never existed
+    assert 5 in broker.workers[other].held and list(broker.queue) == [8, 9, 10]
+    broker.complete(other, [(3, b"forged"), (5, b"r5")])  # 3 is `holder`'s: refused; 5 taken
+    assert broker.refused_results == 4
+    broker.worker_exited(host, 1, -9, 6)  # finished 3 and 4 unreported, died running 6
+    events = broker.take_events(0)
+    assert [e for e in events if type(e) is tuple] == [("done", 1, "h:1", b"r1"), ("done", 2, "h:1", b"r2"),
+                                                       ("done", 5, "h:2", b"r5")]
+    lost = {e.task_id: (e.blame, e.exitcode) for e in events if isinstance(e, Lost)}
+    assert lost == {3: (False, -9), 4: (False, -9), 6: (True, -9), 7: (False, -9)}
+    assert [e.reason for e in events if isinstance(e, Lost) and e.blame] == ["killed by SIGKILL"]
+    broker.worker_exited(host, 2, 0, None)  # between tasks: nothing to blame
+    assert not any(isinstance(e, Lost) for e in broker.take_events(0))  # and it held nothing
+    assert list(broker.queue) == [8, 9, 10]
 
 
 # ---- hostile and silent peers ---------------------------------------------------------------

@@ -1,9 +1,9 @@
 """The broker: lives in the driver, leases tasks to workers and tracks hosts; it handles bytes only.
 
 It decides nothing about retries: a task whose worker died or whose host went silent is
-reported `Lost` (blamed only when it was running on a worker process that died), and the
-engine decides whether its items run again. It accepts a result only from the worker that
-holds the task's lease."""
+reported `Lost` (blamed only when it was running on a worker process that died, as that
+worker's supervisor says), and the engine decides whether its items run again. It accepts a
+result only from the worker that holds the task's lease."""
 from __future__ import annotations
 
 import collections
@@ -21,13 +21,15 @@ FAILED = "failed"       # reported its initializer's failure
 
 
 class _TaskRecord:
-    __slots__ = ("fn_key", "payload", "n_items", "holder", "started")
+    __slots__ = ("fn_key", "payload", "n_items", "clocked", "holder", "started")
 
-    def __init__(self, fn_key, payload, n_items):
+    def __init__(self, fn_key, payload, n_items, clocked):
         self.fn_key = fn_key
         self.payload = payload
         self.n_items = n_items  # travels with the lease: a worker that cannot unpickle the
         # payload still knows how many items to report
+        self.clocked = clocked  # travels with the lease: its start is clocked (a timeout), so the
+        # worker reports all it finished before starting it, and it alone as soon as it ends
         self.holder = None      # worker id holding the lease, None while queued
         self.started = False
 
@@ -111,10 +113,11 @@ class Broker:
             while len(self.functions) > FUNCTIONS_KEPT:
                 self.functions.popitem(last=False)
 
-    def put(self, task_id: int, fn_key: str, payload: bytes, n_items: int = 1) -> None:
-        """Queue a task of `n_items` items, pickled in `payload`."""
+    def put(self, task_id: int, fn_key: str, payload: bytes, n_items: int = 1, clocked: bool = False) -> None:
+        """Queue a task of `n_items` items, pickled in `payload`; `clocked`: the driver times it
+        from its start, which the broker must then see as it happens."""
         with self.lock:
-            self.tasks[task_id] = _TaskRecord(fn_key, payload, n_items)
+            self.tasks[task_id] = _TaskRecord(fn_key, payload, n_items, clocked)
             self.queue.append(task_id)
             self._wake_one()
 
@@ -200,7 +203,9 @@ class Broker:
             kills, host.kills = host.kills, []
             return {"stop": self.stopped.is_set(), "kill": kills}
 
-    def worker_exited(self, host_id: int, pid: int, exitcode) -> None:
+    def worker_exited(self, host_id: int, pid: int, exitcode, running: int | None = None) -> None:
+        """Worker process `pid` of the host ended with `exitcode`; `running`: the task it was
+        running then (its supervisor read it from the slot the worker writes), None if none."""
         with self.lock:
             host = self.hosts.get(host_id)
             if host is None:
@@ -209,7 +214,7 @@ class Broker:
             for worker_id in list(host.workers):
                 worker = self.workers.get(worker_id)
                 if worker is not None and worker.pid == pid:
-                    self._drop_worker(worker, exitcode)
+                    self._drop_worker(worker, exitcode, running)
 
     def connection_lost(self, host_id: int) -> None:
         """A host's heartbeat connection closed: it died or lost the network. Its tasks are
@@ -268,7 +273,7 @@ class Broker:
             return self.functions.get(key)
 
     def lease(self, worker_id: int, n: int, wait: float):
-        """Up to `n` tasks as (task_id, fn_key, n_items, payload); [] when none came in `wait`
+        """Up to `n` tasks as (task_id, fn_key, n_items, payload, clocked); [] when none came in `wait`
         seconds; None when the worker should exit. A worker that already holds work gets more
         (its prefetch) only while the queue holds more than the idle workers waiting for it."""
         deadline = time.monotonic() + min(wait, 5.0)
@@ -338,18 +343,19 @@ class Broker:
             record = self.tasks[task_id]
             record.holder = worker.id
             worker.held.append(task_id)
-            granted.append((task_id, record.fn_key, record.n_items, record.payload))
+            granted.append((task_id, record.fn_key, record.n_items, record.payload, record.clocked))
         self._start_head(worker)
         if self.queue:
             self._wake_one()
         return granted
 
     def complete(self, worker_id: int, results: list, want: int = 0) -> list:
-        """Results as (task_id, result_bytes). One is delivered only when `worker_id` is a
-        registered worker holding the task's current lease; a result for a task the driver
-        cancelled meanwhile is dropped quietly, any other is refused: counted, never delivered.
-        Returns up to `want` more tasks leased to the worker from what is queued now (as `lease`
-        does, without waiting): a worker busy with short tasks needs one round trip per task."""
+        """Results as (task_id, result_bytes), several in one call while tasks are short. One
+        is delivered only when `worker_id` is a registered worker holding the task's current
+        lease; a result for a task the driver cancelled meanwhile is dropped quietly, any other
+        is refused: counted, never delivered. Returns up to `want` more tasks leased to the
+        worker from what is queued now (as `lease` does, without waiting): a worker busy with
+        short tasks needs one round trip per batch of them."""
         refusals = []
         granted = []
         with self.lock:
@@ -415,7 +421,8 @@ class Broker:
         host.expired = False
 
     def _start_head(self, worker: _WorkerRecord) -> None:
-        """The head of a worker's held tasks is the one it runs: report it started."""
+        """The head of a worker's held tasks is the one it runs next (or runs: a worker reports
+        what it finished before it starts a clocked task): report it started."""
         if worker.doomed or not worker.held:
             return
         record = self.tasks.get(worker.held[0])
@@ -424,22 +431,24 @@ class Broker:
             self.events.append(Started(worker.held[0], worker.label, time.monotonic()))
             self.events_ready.notify_all()
 
-    def _lose_held(self, worker: _WorkerRecord, exitcode, reason: str, blame_running: bool) -> None:
-        """Report every task `worker` held as Lost; with `blame_running`, the one it was running
-        is blamed (its process died: the task may be the cause). Nothing goes back to the
+    def _lose_held(self, worker: _WorkerRecord, exitcode, reason: str, died_running: int | None = None,
+                   process_died: bool = False) -> None:
+        """Report every task `worker` held as Lost. When its process died, the task it was
+        running then (`died_running`) is blamed (the task may be the cause), the others (queued
+        on the worker, or finished and not yet reported) are not. Nothing goes back to the
         queue: whether the items run again is the engine's decision."""
-        for position, task_id in enumerate(worker.held):
+        for task_id in worker.held:
             record = self.tasks.pop(task_id, None)
             if record is None:
                 continue  # cancelled by the driver, which expects nothing more of it
-            blame = blame_running and position == 0 and record.started
-            why = reason if position == 0 and record.started else f"{reason}, before it started this task"
+            blame = process_died and task_id == died_running
+            why = f"{reason}, while not running this task" if process_died and not blame else reason
             self.events.append(Lost(task_id, worker.label, exitcode, why, blame=blame))
         worker.held.clear()
         self.events_ready.notify_all()
 
-    def _drop_worker(self, worker: _WorkerRecord, exitcode) -> None:
-        """A worker process died: its running task is lost (blamed), the others it held are
+    def _drop_worker(self, worker: _WorkerRecord, exitcode, running: int | None) -> None:
+        """A worker process died: its `running` task is lost (blamed), the others it held are
         lost unblamed. One that died before asking for work died in its initializer."""
         self.workers.pop(worker.id, None)
         worker.ready.notify()  # a waiting lease call of its ends
@@ -448,7 +457,7 @@ class Broker:
             host.workers.discard(worker.id)
         if worker.state == STARTING:
             self.events.append(("died-starting", worker.label, exitcode))
-        self._lose_held(worker, exitcode, describe_exit(exitcode), blame_running=True)
+        self._lose_held(worker, exitcode, describe_exit(exitcode), running, process_died=True)
 
     def _drop_host(self, host: _HostRecord, reason: str) -> None:
         """A host is gone (silent past its lease, disconnected, or left): every task its workers
@@ -458,7 +467,7 @@ class Broker:
             worker = self.workers.pop(worker_id, None)
             if worker is not None:
                 worker.ready.notify()
-                self._lose_held(worker, None, reason, blame_running=False)
+                self._lose_held(worker, None, reason)
         host.workers.clear()
 
     def reap(self, now: float | None = None, stalled: bool = False) -> None:

@@ -193,7 +193,7 @@ class ManagerBackend(Backend):
         self.inflight[task.id] = len(task.items)
         if self.timeout is not None:
             self.unstarted[task.id] = time.monotonic()
-        self.broker.put(task.id, task.fn, payload, n_items=len(task.items))
+        self.broker.put(task.id, task.fn, payload, n_items=len(task.items), clocked=self.timeout is not None)
 
     def wait(self, timeout):
         events = self._watch_local()

@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import collections
+import mmap
 import os
 import pickle
 import signal
 import socket
 import stat
+import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -21,7 +24,7 @@ from ..._worker import (WORKER_CATCH, become_worker_process, cached_function, ev
 from ...errors import PmapError
 from .._procutil import describe_exit, end_process_group
 from .wire import (CHILD_START_FAILURES, DRIVER_SILENCE_SECONDS, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK,
-                   EXIT_USAGE, HEARTBEAT_THREAD, JoinError, LEASE_POLL_SECONDS,
+                   EXIT_USAGE, HEARTBEAT_THREAD, JoinError, LEASE_POLL_SECONDS, REPORT_SECONDS,
                    held_tasks, SPLIT, _CONNECTION_LOST,
                    _close_quietly, _say, connect, format_address, parse_address, read_authkey_file)
 
@@ -77,12 +80,37 @@ def _warn_if_key_file_is_open(path: str) -> None:
              f"(chmod 600 {path})")
 
 
-class _Child:
-    __slots__ = ("proc", "ready_r", "joined", "eof")
+# A worker process writes the id of the task it runs (+1; 0 while it runs none) into 8 bytes
+# of a file its supervisor made, before and after each task. A worker reports short tasks in
+# batches, so only this says which task a crash interrupted; the supervisor reads it when the
+# worker dies, which costs no call while it lives.
+_RUNNING = struct.Struct("q")
 
-    def __init__(self, proc, ready_r):
+
+def _new_running_slot() -> int:
+    """A file descriptor of an unlinked file of 8 zero bytes (POSIX: the manager needs it)."""
+    fd, path = tempfile.mkstemp(prefix="pmap-running-")
+    os.unlink(path)
+    os.write(fd, bytes(_RUNNING.size))
+    return fd
+
+
+def _read_running_slot(fd: int) -> int | None:
+    """The task a dead worker process was running, or None."""
+    try:
+        (value,) = _RUNNING.unpack(os.pread(fd, _RUNNING.size, 0))
+    except (OSError, struct.error):
+        return None
+    return value - 1 if value > 0 else None
+
+
+class _Child:
+    __slots__ = ("proc", "ready_r", "running_fd", "joined", "eof")
+
+    def __init__(self, proc, ready_r, running_fd):
         self.proc = proc
         self.ready_r = ready_r
+        self.running_fd = running_fd
         self.joined = False
         self.eof = False
 
@@ -213,8 +241,10 @@ class _Supervisor:
                     continue
                 del self.children[pid]
                 os.close(child.ready_r)
+                running = _read_running_slot(child.running_fd)
+                os.close(child.running_fd)
                 try:
-                    self.broker.worker_exited(self.host_id, pid, code)
+                    self.broker.worker_exited(self.host_id, pid, code, running)
                 except _CONNECTION_LOST:
                     pass  # the heartbeat thread decides whether the driver is gone
                 if not child.joined:
@@ -245,16 +275,17 @@ class _Supervisor:
 
     def _spawn(self) -> None:
         ready_r, ready_w = os.pipe()
+        running_fd = _new_running_slot()
         config = {"address": self.address, "authkey": self.authkey, "host_id": self.host_id,
-                  "sys_path": self.sys_path, "ready_fd": ready_w}
+                  "sys_path": self.sys_path, "ready_fd": ready_w, "running_fd": running_fd}
         proc = subprocess.Popen(
             [sys.executable, "-c", "from pmap.backends.manager.host import _worker_main; _worker_main()"],
-            stdin=subprocess.PIPE, pass_fds=(ready_w,), close_fds=True,
+            stdin=subprocess.PIPE, pass_fds=(ready_w, running_fd), close_fds=True,
             env=native.child_environ(self.processes))  # this host's CPUs; variables already set win
         os.close(ready_w)
         proc.stdin.write(pickle.dumps(config))  # pmap's own settings, builtins only: plain pickle
         proc.stdin.flush()  # left open: the worker exits when it reads EOF (this process ended)
-        self.children[proc.pid] = _Child(proc, ready_r)
+        self.children[proc.pid] = _Child(proc, ready_r, running_fd)
 
     def _end_children(self) -> None:
         children = list(self.children.values())
@@ -265,6 +296,7 @@ class _Supervisor:
             child.proc.wait()
             _close_quietly(child.proc.stdin)
             os.close(child.ready_r)
+            os.close(child.running_fd)
         self.children.clear()
 
 
@@ -301,13 +333,17 @@ def _exit_now(status: int) -> None:
 
 
 class _WorkerProcess:
-    """The main thread runs tasks and reports each one before starting the next, so the
-    broker always knows which task is running (and whom to blame for a crash); the report
-    asks for the tasks that refill what the worker holds. A second thread asks for work only
-    while the worker holds none, waiting at the broker until some comes.
+    """The main thread runs tasks and reports what it finished; the report asks for the tasks
+    that refill what the worker holds. A second thread asks for work only while the worker
+    holds none, waiting at the broker until some comes.
 
     A worker holds the task it runs and `prefetch` more; while its tasks are short it holds
-    about HELD_SECONDS of them (`held_tasks`), so that one round trip serves many tasks."""
+    about HELD_SECONDS of them (`held_tasks`) and reports them in batches, holding a finished
+    result at most about REPORT_SECONDS, so that one round trip serves many tasks. Which task
+    it runs is written to its running slot, where its supervisor reads it if it dies (the
+    task blamed for the crash). A clocked task (the run has a timeout) is reported alone, as
+    soon as it ends, and what was finished before it is reported before it starts: its start,
+    from which it is timed, is then the broker's to see."""
 
     def __init__(self, config):
         self.config = config
@@ -322,6 +358,7 @@ class _WorkerProcess:
         self.asking = 0           # tasks asked for whose answer has not come
         self.room = threading.Condition()
         self.functions: dict = {}
+        self.running = mmap.mmap(config["running_fd"], _RUNNING.size)
 
     def run(self) -> int:
         hello = self.broker.hello_worker(self.config["host_id"], os.getpid())
@@ -343,24 +380,36 @@ class _WorkerProcess:
                 self.broker.fatal(self.worker_id, report)
                 return EXIT_ERROR
         threading.Thread(target=self._fetch_guarded, name="pmap-worker-lease", daemon=True).start()
+        finished: list = []   # (task_id, result) not yet reported
+        oldest = 0.0          # when the first of them finished
         while True:
             with self.room:
                 while not self.inbox:
                     self.room.wait()
-                task_id, fn_key, n_items, payload = self.inbox.popleft()
+                task_id, fn_key, n_items, payload, clocked = self.inbox.popleft()
                 self.busy = 1
+            _RUNNING.pack_into(self.running, 0, task_id + 1)
             began = time.perf_counter()
             result = self._run(task_id, fn_key, n_items, payload)
-            elapsed = time.perf_counter() - began
+            ended = time.perf_counter()
+            _RUNNING.pack_into(self.running, 0, 0)
+            if not finished:
+                oldest = ended
+            finished.append((task_id, result))
             with self.room:
+                elapsed = ended - began
                 self.task_seconds = elapsed if self.task_seconds is None else (self.task_seconds + elapsed) / 2
+                if (not clocked and self.inbox and not self.inbox[0][4]
+                        and ended - oldest + self.task_seconds < REPORT_SECONDS):
+                    continue  # the next one is short too: report both together
                 want = max(0, held_tasks(self.prefetch, self.task_seconds) - len(self.inbox) - self.asking)
                 self.asking += want
             try:
-                tasks = self.broker.complete(self.worker_id, [(task_id, result)], want)
+                tasks = self.broker.complete(self.worker_id, finished, want)
             finally:
                 with self.room:
                     self.asking -= want
+            finished = []
             with self.room:
                 self.inbox.extend(tasks or ())
                 self.busy = 0

@@ -20,6 +20,7 @@ DEFAULT_LEASE_SECONDS = 10.0   # a host silent this long is presumed gone and it
 DEFAULT_PREFETCH = 1           # tasks a worker holds beyond the one it runs
 HELD_SECONDS = 0.05            # ... or, while tasks are short, about this much work
 MAX_HELD_TASKS = 32            # ... but never more tasks than this
+REPORT_SECONDS = 0.01          # a worker running short tasks holds a finished result about this long at most
 LEASE_POLL_SECONDS = 0.5       # longest a worker's lease call waits at the broker for work
 CONNECT_PATIENCE = 5.0         # a worker retries a refused connection this long (driver starting)
 DRIVER_SILENCE_SECONDS = 30.0  # a supervisor that cannot reach its driver this long gives up
