@@ -204,6 +204,85 @@ def test_sigkilled_host_holding_several_leases_loses_nothing(key_file, worker_co
     assert out.stats.crashed_workers == 0 and out.stats.retried == 0
 
 
+def finish_or_stall(args):
+    """Leave a done-ITEM-PID marker and return (item, pid); but in a victim process that already
+    finished `threshold` items, first leave a stall-ITEM marker and wait for release-ITEM."""
+    item, folder, victims, threshold = args
+    pid = os.getpid()
+    if pid in victims and sum(name.endswith(f"-{pid}") for name in os.listdir(folder)) >= threshold:
+        open(os.path.join(folder, f"stall-{item}"), "w").close()
+        deadline = time.monotonic() + HANG_GUARD * 4
+        while not os.path.exists(os.path.join(folder, f"release-{item}")) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    open(os.path.join(folder, f"done-{item}-{pid}"), "w").close()
+    return item, pid
+
+
+def test_host_killed_with_finished_results_unreported_loses_and_repeats_nothing(key_file, worker_commands,
+                                                                              marker_dir):
+    """A worker reports short tasks in batches. Its host SIGKILLed while the worker holds results
+    it finished and has not reported: those tasks are lost unblamed and run again elsewhere;
+    every item arrives exactly once, none blamed."""
+    backend = remote_only_driver(key_file)
+    victim = worker_commands(backend.address, key_file)
+    worker_commands(backend.address, key_file)
+    wait_until(lambda: backend.broker.live_workers() == 2, "two workers to join")
+    victim_pids = tuple(worker_children(victim))
+    reported_by_victim = []
+    complete = backend.broker.complete
+
+    def counting_complete(worker_id, results, want=0):  # the server looks the method up on the instance
+        worker = backend.broker.workers.get(worker_id)
+        if worker is not None and worker.pid in victim_pids:
+            reported_by_victim.extend(task_id for task_id, _ in results)
+        return complete(worker_id, results, want)
+
+    backend.broker.complete = counting_complete
+    folder = str(marker_dir)
+    finished_by_victim = lambda: sum(name.startswith("done-") and name.endswith(f"-{victim_pids[0]}")
+                                     for name in os.listdir(folder))
+    items = [(i, folder, victim_pids, 40) for i in range(400)]
+    with ThreadPoolExecutor(1) as pool:
+        run = pool.submit(pmap.pmap, finish_or_stall, items, backend=backend, chunksize=1)
+        released = set()
+        while True:  # until the victim stalls holding a finished result it has not reported
+            wait_until(lambda: set(n for n in os.listdir(folder) if n.startswith("stall-")) - released
+                       or run.done(), "the victim to stall")
+            assert not run.done(), "the run ended before the victim stalled"
+            stalled = set(n for n in os.listdir(folder) if n.startswith("stall-")) - released
+            if finished_by_victim() > len(reported_by_victim):  # its main thread waits in the stalled item
+                break
+            released |= stalled  # it had reported all it finished: let it go on to the next item
+            for name in stalled:
+                open(os.path.join(folder, "release-" + name[len("stall-"):]), "w").close()
+        unreported = finished_by_victim() - len(reported_by_victim)
+        for pid in [victim.pid, *victim_pids]:
+            os.kill(pid, signal.SIGKILL)
+        out = run.result(timeout=HANG_GUARD * 2)
+    assert [item for item, _ in out] == list(range(400))  # none lost, none twice, in order
+    finished_on_victim = {int(n.split("-")[1]) for n in os.listdir(folder)
+                          if n.startswith("done-") and n.endswith(f"-{victim_pids[0]}")}
+    delivered_from_victim = {item for item, pid in out if pid in victim_pids}
+    run_again = finished_on_victim - delivered_from_victim
+    assert len(run_again) == unreported > 0  # finished there, never reported, run again elsewhere
+    assert out.stats.crashed_workers == 0 and out.stats.retried == 0
+
+
+def exit_at_150(x):
+    if x == 150:
+        os._exit(5)
+    return x
+
+
+def test_a_crash_mid_batch_blames_only_the_item_that_was_running():
+    """Short tasks are reported in batches: when a worker dies, the tasks it finished and had not
+    reported run again unblamed; only the item it was running (its running slot) is a crash."""
+    out = pmap.pmap(exit_at_150, range(300), backend="manager", workers=2, chunksize=1, on_error="return")
+    assert out[:150] == list(range(150)) and out[151:] == list(range(151, 300))
+    assert out[150].kind == "crash" and "exit code 5" in str(out[150].exception)
+    assert out.stats.crashed_workers == 1 and out.stats.failed == 1
+
+
 def test_worker_joining_late_gets_work(key_file, worker_commands, marker_dir):
     backend = remote_only_driver(key_file)
     early = worker_commands(backend.address, key_file)
