@@ -3,9 +3,10 @@ QueueHandler pattern).
 
 A worker's root logger gets one handler that takes its records from the caller's root level
 up. In a worker of fork, pool or process it sends each record as it is written, over the
-worker's own connection to the caller (`_worker.Link`), so a record written just before the
-worker dies or hangs still arrives. Without a connection (a pooled worker's initializer, a
-manager's host) it keeps them: they leave with the next connection made, or with the task's
+worker's own connection to the caller (`_worker.Link`), and in a manager's worker as a call
+to the broker of its own, so a record written just before the worker dies or hangs still
+arrives. Without a connection (a pooled worker's initializer, or a manager's worker that lost
+its driver) it keeps them: they leave with the next connection made, or with the task's
 outcome (`_outcome.encode_result`, `Replayed`).
 
 In the caller each record goes to the logger of its name, so the caller's levels, filters,

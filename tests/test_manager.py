@@ -567,6 +567,17 @@ def test_broker_delivers_a_result_only_from_the_worker_holding_the_lease(caplog)
     assert [e for e in broker.take_events(0) if isinstance(e, tuple)] == [("done", 1, "h:1", b"real")]
 
 
+def test_broker_takes_a_log_record_only_from_a_registered_worker():
+    broker, holder, _ = _broker_with_a_leased_task()
+    broker.log(9999, b"forged")  # never registered
+    broker.log(holder, b"record")
+    assert broker.take_events(0) == [("log", b"record")] and broker.refused_results == 1
+    broker.worker_exited(broker.workers[holder].host, 1, -9, None)
+    broker.take_events(0)
+    broker.log(holder, b"after its death")  # dropped since
+    assert broker.take_events(0) == [] and broker.refused_results == 2
+
+
 def test_broker_refuses_an_initializer_report_from_a_worker_not_starting():
     broker, holder, other = _broker_with_a_leased_task()
     broker.fatal(9999, b"forged")

@@ -115,7 +115,7 @@ def last_words(arg):
 
 
 @pytest.mark.parametrize("how", ["dies", "hangs"])
-@pytest.mark.parametrize("backend", ["process", "pool", "fork"])
+@pytest.mark.parametrize("backend", ["process", "pool", "fork", "manager"])
 def test_a_record_written_just_before_a_worker_dies_or_hangs_reaches_the_caller(caplog, backend, how):
     # records are sent as they are written, not with the task's result, which never comes
     caplog.set_level("WARNING")
@@ -132,7 +132,7 @@ class Breaks(logging.Handler):
         raise RuntimeError("this handler is broken")
 
 
-@pytest.mark.parametrize("backend", ["process", "pool", "fork"])
+@pytest.mark.parametrize("backend", ["process", "pool", "fork", "manager"])
 def test_a_caller_handler_that_raises_is_reported_as_logging_does_and_the_run_goes_on(capsys, caplog, backend):
     # the record belongs to no item once it is sent as written: Handler.handleError reports it,
     # and the caller's other handlers still get it

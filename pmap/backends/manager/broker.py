@@ -384,6 +384,17 @@ class Broker:
         self._refused(refusals)
         return granted
 
+    def log(self, worker_id: int, record_bytes: bytes) -> None:
+        """A log record (pickled) a worker sends as it writes it, so that it arrives even when
+        the worker dies or hangs right after; accepted from a registered worker only."""
+        with self.lock:
+            accepted = worker_id in self.workers
+            if accepted:
+                self.events.append(("log", record_bytes))
+                self.events_ready.notify_all()
+        if not accepted:
+            self._refused([f"a log record {self._not_holding(worker_id, None)}"])  # not registered (now)
+
     def fatal(self, worker_id: int, error_bytes: bytes) -> None:
         """A worker's initializer failed: `error_bytes` pickle (exception, traceback text)."""
         with self.lock:

@@ -211,6 +211,8 @@ class ManagerBackend(Backend):
                 n_items = self.inflight.pop(task_id, None)
                 if n_items is not None:
                     events.append(self._decode_done(task_id, label, data, n_items))
+            elif event[0] == "log":
+                _logs.handle_sent(event[1])  # before the results that came after it
             elif not any(type(e) is Fatal for e in events):  # the run stops at one: the first is enough
                 fatal = self._initializer_fatal(event)
                 if fatal is not None:

@@ -371,7 +371,7 @@ class _WorkerProcess:
         if init is not None:
             try:
                 initializer, initargs, log_level = _transfer.loads(init)
-                _logs.forward_from_here(log_level)
+                _logs.forward_from_here(log_level, send=self._send_log)
                 if initializer is not None:
                     initializer(*initargs)
                     remember_initializer_globals(initializer)
@@ -429,6 +429,15 @@ class _WorkerProcess:
         except Exception as exc:  # e.g. a module the user's code needs is missing on this host
             return encode_result(task_id, *every_item_failed(n_items, exc), 0.0)
         return encode_result(task_id, *run_items(fn, items, catch=WORKER_CATCH))
+
+    def _send_log(self, record: bytes) -> None:
+        """Hand a log record to the driver as it is written. A call, not a message: it is at the
+        broker before the worker goes on, so before the task's result, and before a crash or a
+        kill that follows could lose it."""
+        try:
+            self.broker.log(self.worker_id, record)
+        except _CONNECTION_LOST as exc:  # the forwarder keeps it (it goes with the result, if any)
+            raise OSError(f"cannot reach the driver: {exc}") from exc
 
     def _function_bytes(self, key) -> bytes:
         fn_bytes = self.broker.function(key)

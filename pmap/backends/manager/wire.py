@@ -45,7 +45,7 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 # Methods a worker or supervisor may call over the network; the rest are the driver's own.
 WORKER_METHODS = ("hello_host", "supervise", "worker_exited", "leave", "hello_worker",
-                  "initializer", "function", "lease", "complete", "fatal")
+                  "initializer", "function", "lease", "complete", "fatal", "log")
 
 
 class BrokerClient:
