@@ -3,12 +3,14 @@ against its own `client.map`. All on loopback; every case runs in a fresh child 
 
     python bench/remote_scale.py broker                       # 4 hosts, no-op one-item tasks
     python bench/remote_scale.py broker --compare OTHER_TREE  # and the same with another checkout
+    python bench/remote_scale.py broker --task-ms 10          # tasks of 10 ms: the driver's CPU per task
     python bench/remote_scale.py dask                         # pmap's dask backend against client.map
 
 broker: a driver (pmap's manager backend, no local workers) and `--hosts` hosts, each a
 `pmap worker --processes 1` started as a command, map a no-op over `--tasks` items with
-chunksize=1. Reported: tasks per second, and the driver's CPU per task (its process: the
-broker, its connection threads and the engine share one GIL). With `--compare`, the same
+chunksize=1. Reported: tasks per second, the driver's CPU per task (its process: the
+broker, its connection threads and the engine share one GIL), and the hosts' CPU per task
+(their supervisors and worker processes, which share the same cores on one machine). With `--compare`, the same
 runs with PYTHONPATH set to another checkout (hosts included), alternating with this one.
 
 dask: a LocalCluster whose scheduler runs in a process of its own (`--dask-workers` worker
@@ -36,9 +38,14 @@ def noop(x):
     return x
 
 
+def sleep_then_return(item):
+    time.sleep(item[1])
+    return item
+
+
 # ---- children: what runs in a fresh process --------------------------------------------------
 
-def broker_child(hosts: int, tasks: int, repeat: int) -> dict:
+def broker_child(hosts: int, tasks: int, repeat: int, task_ms: float) -> dict:
     """One driver and `hosts` hosts; `repeat` runs; times and driver CPU per run."""
     import psutil
 
@@ -65,8 +72,9 @@ def broker_child(hosts: int, tasks: int, repeat: int) -> dict:
             if time.monotonic() > deadline:
                 raise SystemExit("the hosts did not join within 60 s")
             time.sleep(0.05)
-        items = list(range(tasks))
-        assert pmap.pmap(noop, items[:200], backend=backend, chunksize=1) == items[:200]  # warm up
+        fn, items = (noop, list(range(tasks))) if not task_ms else \
+            (sleep_then_return, [(i, task_ms / 1000) for i in range(tasks)])
+        assert pmap.pmap(fn, items[:200], backend=backend, chunksize=1) == items[:200]  # warm up
         host_procs = [psutil.Process(p.pid) for p in procs]
         host_procs += [child for p in host_procs for child in p.children(recursive=True)]
 
@@ -76,7 +84,7 @@ def broker_child(hosts: int, tasks: int, repeat: int) -> dict:
         runs = []
         for _ in range(repeat):
             hosts0, cpu0, wall0 = hosts_cpu(), time.process_time(), time.perf_counter()
-            out = pmap.pmap(noop, items, backend=backend, chunksize=1)
+            out = pmap.pmap(fn, items, backend=backend, chunksize=1)
             wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
             assert out == items
             runs.append({"wall": wall, "cpu": cpu, "hosts_cpu": hosts_cpu() - hosts0})
@@ -185,19 +193,22 @@ def broker_table(args) -> None:
     trees = [("this tree", TREE)] + ([("--compare", os.path.abspath(args.compare))] if args.compare else [])
     rates: dict = {name: [] for name, _ in trees}
     cpus: dict = {name: [] for name, _ in trees}
+    host_cpus: dict = {name: [] for name, _ in trees}
     for _ in range(args.rounds):
         for name, tree in trees:  # alternate, so drift in the machine's load hits both alike
             result = run_child(tree, ["_broker", "--hosts", str(args.hosts), "--tasks", str(args.tasks),
-                                      "--repeat", str(args.repeat)])
+                                      "--repeat", str(args.repeat), "--task-ms", str(args.task_ms)])
             for run in result["runs"]:
                 rates[name].append(result["tasks"] / run["wall"])
                 cpus[name].append(run["cpu"] / result["tasks"] * 1e6)
-    print(f"manager: {args.hosts} hosts of 1 process on loopback, {args.tasks:,} no-op one-item tasks per run; "
+                host_cpus[name].append(run["hosts_cpu"] / result["tasks"] * 1e6)
+    what = f"{args.task_ms:g} ms" if args.task_ms else "no-op"
+    print(f"manager: {args.hosts} hosts of 1 process on loopback, {args.tasks:,} {what} one-item tasks per run; "
           f"medians (min-max) of {args.rounds} x {args.repeat} runs\n")
-    print("| code | tasks/s | driver CPU per task (us) |")
-    print("|---|---|---|")
+    print("| code | tasks/s | driver CPU per task (us) | hosts' CPU per task (us) |")
+    print("|---|---|---|---|")
     for name, _ in trees:
-        print(f"| {name} | {spread(rates[name])} | {spread(cpus[name])} |")
+        print(f"| {name} | {spread(rates[name])} | {spread(cpus[name])} | {spread(host_cpus[name])} |")
     if args.compare:
         ratio = statistics.median(rates["this tree"]) / statistics.median(rates["--compare"])
         print(f"\nthis tree / --compare: {ratio:.2f}x tasks/s")
@@ -235,6 +246,7 @@ def main(argv=None) -> int:
     parser.add_argument("--hosts", type=int, default=4)
     parser.add_argument("--dask-workers", type=int, default=2)
     parser.add_argument("--tasks", type=int, default=None)
+    parser.add_argument("--task-ms", type=float, default=0.0, help="broker: each task sleeps this long")
     parser.add_argument("--repeat", type=int, default=3, help="runs per child process")
     parser.add_argument("--rounds", type=int, default=2, help="child processes per case")
     parser.add_argument("--compare", default=None, help="another checkout of pmap to run beside this one")
@@ -243,7 +255,7 @@ def main(argv=None) -> int:
     if args.what == "_scheduler":
         _scheduler_main(args.dask_workers, args.address_file)
     elif args.what == "_broker":
-        print(json.dumps(broker_child(args.hosts, args.tasks, args.repeat)))
+        print(json.dumps(broker_child(args.hosts, args.tasks, args.repeat, args.task_ms)))
     elif args.what == "_dask":
         print(json.dumps(dask_child(args.dask_workers, args.tasks, args.repeat)))
     elif args.what == "broker":

@@ -206,10 +206,16 @@ def test_sigkilled_host_holding_several_leases_loses_nothing(key_file, worker_co
 
 def finish_or_stall(args):
     """Leave a done-ITEM-PID marker and return (item, pid); but in a victim process that already
-    finished `threshold` items, first leave a stall-ITEM marker and wait for release-ITEM."""
+    finished `threshold` items (20 more after each stall, so that its tasks are short again),
+    first leave a stall-ITEM marker and wait for release-ITEM. The others take 5 ms an item, so
+    that the victim gets its share whatever the machine's load."""
     item, folder, victims, threshold = args
     pid = os.getpid()
-    if pid in victims and sum(name.endswith(f"-{pid}") for name in os.listdir(folder)) >= threshold:
+    names = os.listdir(folder)
+    if pid not in victims:
+        time.sleep(0.005)
+    elif sum(name.startswith("done-") and name.endswith(f"-{pid}") for name in names) >= threshold + 20 * sum(
+            name.startswith("stall-") for name in names):
         open(os.path.join(folder, f"stall-{item}"), "w").close()
         deadline = time.monotonic() + HANG_GUARD * 4
         while not os.path.exists(os.path.join(folder, f"release-{item}")) and time.monotonic() < deadline:
@@ -241,7 +247,7 @@ def test_host_killed_with_finished_results_unreported_loses_and_repeats_nothing(
     folder = str(marker_dir)
     finished_by_victim = lambda: sum(name.startswith("done-") and name.endswith(f"-{victim_pids[0]}")
                                      for name in os.listdir(folder))
-    items = [(i, folder, victim_pids, 40) for i in range(400)]
+    items = [(i, folder, victim_pids, 40) for i in range(600)]
     with ThreadPoolExecutor(1) as pool:
         run = pool.submit(pmap.pmap, finish_or_stall, items, backend=backend, chunksize=1)
         released = set()
@@ -259,7 +265,7 @@ def test_host_killed_with_finished_results_unreported_loses_and_repeats_nothing(
         for pid in [victim.pid, *victim_pids]:
             os.kill(pid, signal.SIGKILL)
         out = run.result(timeout=HANG_GUARD * 2)
-    assert [item for item, _ in out] == list(range(400))  # none lost, none twice, in order
+    assert [item for item, _ in out] == list(range(600))  # none lost, none twice, in order
     finished_on_victim = {int(n.split("-")[1]) for n in os.listdir(folder)
                           if n.startswith("done-") and n.endswith(f"-{victim_pids[0]}")}
     delivered_from_victim = {item for item, pid in out if pid in victim_pids}
