@@ -1,5 +1,6 @@
 """A user's script type-checks against the installed package: py.typed is shipped and the
 public functions are typed (generic in the result, with `.stats` on the returned list)."""
+import re
 import shutil
 import subprocess
 import sys
@@ -69,15 +70,17 @@ pmap.pmap(square, [1], on_error="ignore")
 '''
 
 
-def _mypy(tmp_path: Path, source: str, *flags: str) -> subprocess.CompletedProcess:
+def _mypy(tmp_path: Path, source: str | dict[str, str], *flags: str) -> subprocess.CompletedProcess:
+    """Check `source` as user.py, or each of {file name: source} as its own module, in one run."""
     site = tmp_path / "site"  # an installed copy: a checker reads it as a third-party package
     if not (site / "pmap").exists():
         shutil.copytree(Path(pmap.__file__).parent, site / "pmap", ignore=shutil.ignore_patterns("__pycache__"))
-    script = tmp_path / "user.py"
-    script.write_text(textwrap.dedent(source))
+    sources = source if isinstance(source, dict) else {"user.py": source}
+    for name, text in sources.items():
+        (tmp_path / name).write_text(textwrap.dedent(text))
     return subprocess.run(
         [sys.executable, "-m", "mypy", *(flags or ("--strict",)), "--no-incremental", "--python-executable",
-         sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path,
+         sys.executable, *sources], capture_output=True, text=True, cwd=tmp_path,
         env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"}, timeout=300)
 
 
@@ -106,15 +109,19 @@ def test_a_value_outside_the_documented_forms_is_refused(tmp_path):
     assert 'Argument "on_error" to "pmap" has incompatible type' in result.stdout
 
 
-@pytest.mark.timeout(900)  # one mypy run per example of the README and the docs
+@pytest.mark.timeout(300)
 def test_the_readmes_examples_type_check(tmp_path):
     from test_readme import README, ROOT, python_blocks
-    checked = 0
+    # One mypy run over every example, each its own module: a run per example cost a minute or
+    # more of the suite in loading the same stubs again. Errors name the file, so the block.
+    blocks = {}
     for block in [block for page in [README, *sorted((ROOT / "docs").rglob("*.md"))] for block in python_blocks(page)]:
         mark, code = block.values
         if block.marks:  # marked not run: a transcript, not a program
             continue
-        result = _mypy(tmp_path, code, "--check-untyped-defs", "--ignore-missing-imports")
-        assert result.returncode == 0, f"block {block.id}:\n{result.stdout}"
-        checked += 1
-    assert checked >= 3
+        blocks[f"example_{len(blocks)}.py"] = (block.id, code)
+    result = _mypy(tmp_path, {name: code for name, (_, code) in blocks.items()},
+                   "--check-untyped-defs", "--ignore-missing-imports")
+    failing = {block_id for name, (block_id, _) in blocks.items() if re.search(rf"^{re.escape(name)}:\d+: error", result.stdout, re.M)}
+    assert result.returncode == 0, f"blocks {sorted(failing)}:\n{result.stdout}{result.stderr}"
+    assert len(blocks) >= 3
