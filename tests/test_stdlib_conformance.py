@@ -5,6 +5,7 @@ installs leave out: the tests are skipped there, with that reason.
 Tests that cannot pass by design are named in KNOWN_DIFFERENCES with the reason; they are
 expected to fail (strict), so a change that makes one pass is noticed."""
 import functools
+import gc
 import unittest
 
 import pytest
@@ -43,6 +44,18 @@ TIMING_DIFFERENCES = {
     "test_map_timeout": "pmap may run calls that arrive together as one task: a fast call can "
                         "wait for a slow one submitted with it (docs/dropin.md)",
 }
+
+
+@pytest.fixture(scope="module", autouse=True)
+def objects_made_before_these_tests_frozen():
+    """The suites' reference tests (test_free_reference...) call gc.collect three times per
+    result; in a process holding the whole test session's objects that cost seconds a test.
+    Frozen objects are not scanned but still count as referrers, so an object a test makes is
+    freed or kept exactly as before."""
+    gc.collect()
+    gc.freeze()
+    yield
+    gc.unfreeze()
 
 
 def _pool_case(backend):
