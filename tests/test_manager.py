@@ -290,7 +290,9 @@ def test_a_crash_mid_batch_blames_only_the_item_that_was_running():
 
 
 def test_worker_joining_late_gets_work(key_file, worker_commands, marker_dir):
-    backend = remote_only_driver(key_file)
+    # A long lease: on a loaded machine a host whose heartbeat is late would be dropped, and
+    # this test is about joining, not about leases (tested above).
+    backend = remote_only_driver(key_file, lease_seconds=60)
     early = worker_commands(backend.address, key_file)
     wait_until(lambda: backend.broker.live_workers() == 1, "the first worker to join")
     items = [(i, 0.2, str(marker_dir)) for i in range(20)]
