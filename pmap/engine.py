@@ -290,8 +290,8 @@ class _Flight:
     """A task in flight: where its results go, its items (as given: a seeded task carries them
     with their indices), and how often each was tried."""
 
-    __slots__ = ("task", "items", "block", "offset", "first_index", "attempts", "losses", "started", "worker",
-                 "stopping", "nbytes")
+    __slots__ = ("task", "items", "block", "offset", "first_index", "attempts", "losses", "started", "sent",
+                 "worker", "stopping", "nbytes")
 
     def __init__(self, task, items, block, offset, first_index, attempts, losses=0):
         self.task = task
@@ -302,6 +302,7 @@ class _Flight:
         self.attempts = attempts        # earlier failed runs of a single-item task
         self.losses = losses            # times its items were lost with no worker blamed
         self.started = None             # under a timeout: when its running item began, or a time before that
+        self.sent = None                # under a timeout, until it starts: when it was submitted
         self.worker = None
         self.stopping = None            # the position of the item whose deadline stopped it
         self.nbytes = 0                 # of its items, as sent
@@ -540,8 +541,11 @@ class _Engine:
         self.stats.tasks += 1
         if len(self.stats.chunk_sizes) < MAX_RECORDED_CHUNKS:
             self.stats.chunk_sizes.append(len(task.items))
-        if self.spec.timeout is not None and (self.item_clock or not self.backend.reports_start):
-            flight.started = self.clock()  # only deadlines read it; no item of the task starts before this
+        if self.spec.timeout is not None:
+            if self.item_clock or not self.backend.reports_start:
+                flight.started = self.clock()  # only deadlines read it; no item of the task starts before this
+            else:
+                flight.sent = self.clock()  # a task no worker starts in time is timed out (`start_wait`)
 
     # ---- events ---------------------------------------------------------------------
     def _handle(self, events: list) -> None:
@@ -741,9 +745,12 @@ class _Engine:
         wait = WAIT_SLICE
         now = self.clock()
         if self.spec.timeout is not None:
+            start_bound = self._start_bound()
             for flight in self.flights.values():
                 if flight.started is not None:
                     wait = min(wait, flight.started + self.spec.timeout - now)
+                elif start_bound is not None:
+                    wait = min(wait, flight.sent + start_bound - now)
         if self.requeued:
             wait = min(wait, self.requeued[0][0] - now)
         if self.controller is not None:  # a sample may come to an end with no task ending then
@@ -757,6 +764,7 @@ class _Engine:
         if timeout is None:
             return
         now = self.clock()
+        self._expire_unstarted(now, timeout)
         expired = [f for f in self.flights.values() if f.started is not None and now - f.started >= timeout]
         if self.item_clock:
             for flight in expired:
@@ -770,6 +778,24 @@ class _Engine:
             self.backend.cancel(flight.task.id)
             error = TaskTimeout(f"item {flight.first_index} ran longer than its timeout of {timeout:g}s")
             self._record_failure(flight, 0, error, "", "timeout", flight.worker, retryable=True)
+
+    def _start_bound(self) -> float | None:
+        """Seconds from submit after which a task no worker started times out, if the backend sets one."""
+        start_wait = self.backend.start_wait
+        return None if start_wait is None or self.spec.timeout is None else self.spec.timeout + start_wait
+
+    def _expire_unstarted(self, now: float, timeout: float) -> None:
+        """A task no worker started within the timeout plus the backend's `start_wait` fails as
+        timed out: a timeout is clocked from the start, which may never come."""
+        bound = self._start_bound()
+        if bound is None:
+            return
+        for flight in [f for f in self.flights.values() if f.started is None and now - f.sent >= bound]:
+            del self.flights[flight.task.id]
+            self.backend.cancel(flight.task.id)
+            error = TaskTimeout(f"no {self.backend.name} worker started this task within {bound:g}s "
+                                f"(timeout {timeout:g}s plus start_wait {self.backend.start_wait:g}s)")
+            self._record_failure(flight, 0, error, "", "timeout", None, retryable=True)
 
     def _check_items(self, flight: _Flight, now: float, timeout: float) -> None:
         """A task's running item may be past its deadline (no item of it began before

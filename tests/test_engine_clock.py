@@ -65,6 +65,7 @@ class Scripted(Backend):
     def cancel(self, task_id):
         self.cancelled.append(task_id)
         self.running.pop(task_id, None)
+        self.pending = [(at, task) for at, task in self.pending if task.id != task_id]
 
 
 def run(backend, fn, items, clock, **options):
@@ -183,3 +184,31 @@ def test_an_adaptive_run_grows_on_the_fake_clock():
     # slow start on fake seconds: one rise per latency, and the whole run in a few latencies
     assert [when for when, _, _ in stats.concurrency[:4]] == [0.0, 1.0, 2.0, 3.0], stats.concurrency
     assert clock.now - 1000.0 < 15.0, stats.concurrency
+
+
+def test_a_task_no_worker_starts_times_out_after_the_backends_start_wait():
+    # queued far longer than the timeout: with start_wait 5, the engine fails it 35 fake seconds
+    # after the submit, cancels it, and names the bound in the error
+    clock = FakeClock()
+    backend = Scripted(clock, queued=1000.0)
+    backend.start_wait = 5.0
+    out, stats = run(backend, double, [0, 1], clock, timeout=30.0, on_error="return")
+    assert [failure.kind for failure in out] == ["timeout", "timeout"]
+    assert "no scripted worker started this task within 35s (timeout 30s plus start_wait 5s)" in str(out[0].exception)
+    assert stats.timed_out == 2 and len(backend.cancelled) == 2
+    assert 1070.0 <= clock.now < 1071.0  # one task at a time: two bounds of 35 fake seconds
+
+
+def test_a_task_that_starts_within_the_start_wait_runs_and_is_timed_from_its_start():
+    clock = FakeClock()
+    backend = Scripted(clock, queued=33.0)
+    backend.start_wait = 5.0
+    out, stats = run(backend, double, [3], clock, timeout=30.0, retries=1)
+    assert out == [6] and stats.timed_out == 0 and backend.cancelled == []
+
+
+def test_without_a_start_wait_a_queued_task_waits_for_its_start():
+    clock = FakeClock()
+    backend = Scripted(clock, queued=500.0)
+    out, _ = run(backend, double, [4], clock, timeout=30.0)
+    assert out == [8] and backend.cancelled == []

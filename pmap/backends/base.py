@@ -89,6 +89,11 @@ class Backend:
     # and stops a task at an item (`interrupt`), so the engine times the items of a chunk one by
     # one; without it a run with a timeout sends one item per task.
     item_clock: ClassVar[bool] = False
+    # With a timeout, how many seconds past it a task no worker has started may wait before the
+    # engine fails it with TaskTimeout and cancels it: for a backend whose tasks can wait in a queue
+    # it does not control (a remote cluster with no free worker). None: a task is timed only from
+    # its start.
+    start_wait: float | None = None
     guarantees: ClassVar[str] = ""        # one line for `pmap backends` and the README table
     # The most workers `workers="adaptive"` may reach; None: the backend cannot change its
     # concurrency during a run (processes are costly to start, and CPU-bound work wants one a core).

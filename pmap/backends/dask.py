@@ -28,8 +28,8 @@ scheduler and could not reconnect (dask tries for the same time) ends the run wi
 as does a cluster with no workers for `worker_wait` seconds while tasks wait. A timeout cannot
 stop a running dask task: its future is cancelled and the item reported, but the worker's
 thread runs on until the item returns. With a timeout, each task reports its start through
-dask's event log, so the timeout is clocked from then, and a task no worker starts within the
-timeout plus `start_wait` seconds is reported as timed out. Without one, no start is reported:
+dask's event log, so the timeout is clocked from then, and the engine times out a task no worker
+starts within the timeout plus `start_wait` seconds. Without one, no start is reported:
 each report costs the scheduler a message.
 """
 from __future__ import annotations
@@ -47,7 +47,7 @@ import uuid
 from .. import _transfer
 from .._outcome import SentException, SplitTask, encode_result, initializer_error, pack_items, unpack_items
 from .._worker import UNGUARDED_MAIN, WORKER_CATCH, cached_function, every_item_failed, run_items
-from ..errors import BackendUnavailable, InitializerError, PmapError, TaskTimeout
+from ..errors import BackendUnavailable, InitializerError, PmapError
 from ._options import positive_seconds
 from ._pooled import pickle_function
 from ._procutil import called_from_an_unguarded_script
@@ -177,13 +177,11 @@ def _steady_cluster_class():
 class _Watch:
     """What a future's fetch found, and since when a future looked settled with nothing heard."""
 
-    __slots__ = ("future", "n_items", "submitted", "started", "settled_since", "fetches")
+    __slots__ = ("future", "n_items", "settled_since", "fetches")
 
-    def __init__(self, future, n_items, now):
+    def __init__(self, future, n_items):
         self.future = future      # None until the task is sent (`DaskBackend._send`)
         self.n_items = n_items
-        self.submitted = now
-        self.started = False
         self.settled_since = None
         self.fetches = 1
 
@@ -403,7 +401,7 @@ class DaskBackend(Backend):
         message to the scheduler for the tasks of one dispatch, not one each."""
         # By value what the caller's __main__ defines: a worker's own __main__ is not the caller's.
         payload = _transfer.dumps(pack_items(task.items, main_by_value=True))
-        self.watches[task.id] = _Watch(None, len(task.items), time.monotonic())
+        self.watches[task.id] = _Watch(None, len(task.items))
         self.unsent[task.id] = payload
 
     def _send(self) -> None:
@@ -420,10 +418,8 @@ class DaskBackend(Backend):
             fn_key=fn_key, fn_bytes=fn_bytes, init_key=init_key, init_bytes=init_bytes,
             # starts are reported only where a timeout clocks from them: each costs the scheduler a message
             start_topic=self.start_topic if self.timeout is not None else None)
-        now = time.monotonic()
         for task_id, future in zip(task_ids, futures):
-            watch = self.watches[task_id]
-            watch.future, watch.submitted = future, now
+            self.watches[task_id].future = future
         self._fetch_soon(list(zip(task_ids, futures)))
 
     def _fetch_soon(self, pairs) -> None:
@@ -491,7 +487,6 @@ class DaskBackend(Backend):
             if watch is None:
                 continue  # cancelled after a timeout, or from an abandoned run
             if future is None:  # a start
-                watch.started = True
                 events.append(result)
             elif future is watch.future:
                 event = self._outcome(task_id, watch, result)
@@ -551,10 +546,8 @@ class DaskBackend(Backend):
 
     def _check_futures(self, now: float) -> list:
         """The futures' own status, for outcomes no fetch reported: a future settled for a
-        while with nothing heard is fetched again or reported from its status. With a
-        timeout, a task no worker has started after a bound is reported as such."""
+        while with nothing heard is fetched again or reported from its status."""
         events = []
-        start_bound = None if self.timeout is None else self.timeout + self.start_wait
         for task_id, watch in list(self.watches.items()):
             if watch.future is None:  # not sent: a send that failed raised in the caller
                 continue
@@ -568,15 +561,8 @@ class DaskBackend(Backend):
                 elif status == "finished" and quiet > FETCH_PATIENCE * watch.fetches:
                     watch.fetches += 1
                     self._fetch_soon([(task_id, watch.future)])
-                continue
-            watch.settled_since = None
-            if start_bound is not None and not watch.started and now - watch.submitted > start_bound:
-                del self.watches[task_id]
-                self._cancel_future(watch.future)
-                error = TaskTimeout(f"no dask worker started this task within {start_bound:g}s "
-                                    f"(timeout {self.timeout:g}s plus start_wait {self.start_wait:g}s)")
-                values, failures = [None] * watch.n_items, [(i, error, "") for i in range(watch.n_items)]
-                events.append(Done(task_id, None, values, failures, 0.0))
+            else:
+                watch.settled_since = None
         return events
 
     def _cancel_future(self, future) -> None:

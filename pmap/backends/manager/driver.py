@@ -19,7 +19,7 @@ from multiprocessing.managers import BaseManager
 from ... import _logs, _transfer, native
 from ..._outcome import initializer_error, pack_items
 from ..._worker import every_item_failed
-from ...errors import InitializerError, PmapError, TaskTimeout
+from ...errors import InitializerError, PmapError
 from .._options import positive_seconds
 from .._pooled import pickle_function
 from .._procutil import describe_exit, end_process_group
@@ -84,7 +84,6 @@ class ManagerBackend(Backend):
         self.local_restarts = 0
         self.inflight: dict[int, int] = {}   # task id -> number of items
         self.task_seconds = None             # how long recent tasks took on their workers
-        self.unstarted: dict[int, float] = {}  # with a timeout: task id -> when it was submitted
         self.no_workers_since = None
         self.told_how_to_join = False
 
@@ -191,8 +190,6 @@ class ManagerBackend(Backend):
         # By value what the caller's __main__ defines: a worker's own __main__ is not the caller's.
         payload = _transfer.dumps(pack_items(task.items, main_by_value=True))
         self.inflight[task.id] = len(task.items)
-        if self.timeout is not None:
-            self.unstarted[task.id] = time.monotonic()
         self.broker.put(task.id, task.fn, payload, n_items=len(task.items), clocked=self.timeout is not None)
 
     def wait(self, timeout):
@@ -200,7 +197,6 @@ class ManagerBackend(Backend):
         for event in self.broker.take_events(0 if events else timeout):
             kind = type(event)
             if kind is Started:
-                self.unstarted.pop(event.task_id, None)
                 if event.task_id in self.inflight:
                     events.append(event)
             elif kind is Lost:
@@ -217,27 +213,7 @@ class ManagerBackend(Backend):
                 fatal = self._initializer_fatal(event)
                 if fatal is not None:
                     events.append(fatal)
-        now = time.monotonic()
-        if self.unstarted:
-            events.extend(self._never_started(now))
-        self._notice_no_workers(now)
-        return events
-
-    def _never_started(self, now: float) -> list:
-        """With a timeout, a task no worker has started within the timeout plus start_wait
-        is reported as timed out (a timeout is clocked from the start, which never came)."""
-        bound = self.timeout + self.start_wait
-        events = []
-        for task_id, submitted in list(self.unstarted.items()):
-            n_items = self.inflight.get(task_id)
-            if n_items is None:
-                del self.unstarted[task_id]
-            elif now - submitted > bound:
-                del self.unstarted[task_id]
-                self.cancel(task_id)
-                error = TaskTimeout(f"no manager worker started this task within {bound:g}s "
-                                    f"(timeout {self.timeout:g}s plus start_wait {self.start_wait:g}s)")
-                events.append(Done(task_id, None, [None] * n_items, [(i, error, "") for i in range(n_items)], 0.0))
+        self._notice_no_workers(time.monotonic())
         return events
 
     def _notice_no_workers(self, now: float) -> None:
@@ -316,7 +292,6 @@ class ManagerBackend(Backend):
         self.accept_thread.join(1.0)
         self.server.listener.close()
         self.inflight.clear()
-        self.unstarted.clear()
         if self.generated_key_file is not None:
             shutil.rmtree(os.path.dirname(self.generated_key_file), ignore_errors=True)
 
