@@ -141,10 +141,8 @@ def dask_child(workers: int, tasks: int, repeat: int) -> dict:
             futures = client.map(noop, items, pure=False)
             return client.gather(futures)  # the futures are released on return, as pmap's are
 
-        pool = pmap.Pool(backend="dask", client=client)
-
-        def by_pmap():
-            return pool.map(noop, items, chunksize=1)
+        def by_pmap():  # a call of its own, as pmap.Pool groups its calls into tasks whatever chunksize says
+            return pmap.pmap(noop, items, backend="dask", client=client, chunksize=1)
 
         cases = {"client.map": by_client_map, "pmap": by_pmap}
         for call in cases.values():  # warm both up
@@ -162,7 +160,6 @@ def dask_child(workers: int, tasks: int, repeat: int) -> dict:
                 times1 = scheduler_cpu.cpu_times()
                 cpu = (times1.user + times1.system) - (times0.user + times0.system)
                 runs[name].append({"wall": wall, "cpu": cpu})
-        pool.close()
         client.close()
         return {"runs": runs, "tasks": tasks}
     finally:
