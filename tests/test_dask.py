@@ -351,8 +351,8 @@ def test_a_failed_future_nobody_reported_is_read_from_its_own_status():
     backend = DaskBackend(workers=1)  # not opened: only the status watch runs
     last_worker = type("WorkerState", (), {"address": "tcp://127.0.0.1:1"})()
     killed = KilledWorker("pmap-x-1", last_worker, 0)
-    backend.watches[1] = _Watch(_SettledFuture("error", killed), 1, now=0.0)
-    backend.watches[2] = _Watch(_SettledFuture("pending", None), 1, now=0.0)
+    backend.watches[1] = _Watch(_SettledFuture("error", killed), 1)
+    backend.watches[2] = _Watch(_SettledFuture("pending", None), 1)
     assert backend._check_futures(100.0) == []  # settled just now: its fetch may still report
     events = backend._check_futures(100.0 + SETTLED_GRACE + 0.1)
     assert [(type(e), e.task_id, e.worker, e.blame) for e in events] == [(Lost, 1, "tcp://127.0.0.1:1", True)]
