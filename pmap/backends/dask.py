@@ -60,10 +60,13 @@ MISSING = "needs the distributed package: pip install 'pmap-parallel[dask]'"
 TASKS_PER_THREAD = 1
 # While tasks are short, a round trip to the scheduler is much of each: keep more in flight.
 # A window over twice the threads is one large task group, which the scheduler queues and
-# hands to a worker as a thread frees, so none stack on a worker.
+# hands to a worker as a thread frees, so none stack on a worker. 16 per thread keeps an
+# ordered imap's read-ahead (twice the window) within the bound every backend keeps.
 SHORT_TASK_SECONDS = 0.05
 SHORT_TASKS_PER_THREAD = 16
-GATHER_PAUSE = 0.005           # with short tasks, a fetch of results waits this long for more to finish
+# Each fetch of results costs the scheduler about as much as several tasks: fewer, larger
+# fetches cut its CPU per one-item task by about a tenth against 5 ms (bench/remote_scale.py dask).
+GATHER_PAUSE = 0.05            # with short tasks, a fetch of results waits this long for more to finish
 # An adaptive cluster grows only from work queued at its scheduler (about one worker per
 # target-duration, 5 s by default, of queued work): keep that much there. A window over twice
 # the threads makes dask queue the tasks at the scheduler, so none stack on a worker.
