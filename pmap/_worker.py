@@ -186,8 +186,8 @@ def _allow_children() -> None:
         if multiprocessing.get_start_method(allow_none=True) not in (None, *multiprocessing.get_all_start_methods()):
             # loky's own method name, which a stdlib pool's forkserver children cannot look up
             multiprocessing.set_start_method(None, force=True)
-    except Exception:  # an unknown start method is left as it was: nested maps then choose their own
-        pass
+    except (AttributeError, KeyError, ValueError, RuntimeError):  # a multiprocessing whose private _config changed:
+        pass  # nested process maps then fail with multiprocessing's own "daemonic processes" error
 
 
 def loky_reusable_executor():
@@ -206,10 +206,10 @@ def end_descendants(grace: float = 0.5) -> None:
     if executor is not None:  # a nested process map's workers: loky ends them cleanly
         try:
             executor.shutdown(wait=True, kill_workers=True)
-        except Exception:  # the nested executor is already broken or gone: its workers end with this process
+        except Exception:  # loky's own teardown of a broken executor, whatever it raises: the sweep below ends its workers
             pass
+    import psutil
     try:
-        import psutil
         children = [child for child in psutil.Process().children(recursive=True)
                     if not _is_resource_tracker(child)]  # it exits with us, and cleans up after
         for child in children:
@@ -223,14 +223,15 @@ def end_descendants(grace: float = 0.5) -> None:
                 child.kill()
             except psutil.Error:
                 pass
-    except Exception:  # psutil cannot read the process table: the children are left to the process group's end
+    except psutil.Error:  # psutil cannot read the process table: the children are left to the process group's end
         pass
 
 
 def _is_resource_tracker(process) -> bool:
+    import psutil
     try:
         return "resource_tracker" in " ".join(process.cmdline())
-    except Exception:
+    except psutil.Error:  # gone, a zombie, or not ours to read: not the tracker we keep
         return False
 
 
@@ -418,7 +419,7 @@ def pooled_worker_init(initializer_bytes, driver_pid=None):
                 with open(report + ".tmp", "wb") as handle:
                     handle.write(pickle.dumps((_SentException(exc), traceback.format_exc())))
                 os.replace(report + ".tmp", report)
-            except Exception:  # the report is a courtesy: the worker's exit code still tells the caller it failed
+            except OSError:  # the report is a courtesy: the worker's exit code still tells the caller it failed
                 pass
         os._exit(INIT_FAILED_EXIT)  # not a respawn loop: the parent reads the report and stops
     if report is not None:
@@ -576,7 +577,7 @@ def _stop(signum, frame) -> None:
         try:
             body = encode_result(clock.task_id, clock.values[:done], failures, time.perf_counter() - clock.started)
             link.conn.send_bytes(b"".join((RESULT, NUMBER.pack(clock.task_id), body)))
-        except Exception:  # nothing sent (the caller has gone, or a value failed to pickle): it runs them again
+        except Exception:  # whatever sending raised, this handler must not return into the item: the caller runs them again
             pass
         finally:
             link.lock.release()

@@ -17,6 +17,7 @@ from typing import AsyncIterable, AsyncIterator, Callable, Iterable
 
 from ._worker import is_async
 from .api import ResultList, _run
+from .errors import warn_user
 from .options import OnError, Options, Progress, Workers, check_callable
 from .backends.asyncio import AsyncioBackend
 
@@ -112,7 +113,7 @@ class AsyncResults(AsyncIterator):
         if self._thread is not None:
             try:
                 await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(self._thread_done)), STOP_GRACE_SECONDS)
-            except (asyncio.TimeoutError, Exception):
+            except asyncio.TimeoutError:  # the engine thread is still winding down: a daemon, it ends on its own
                 pass
         else:
             self._results.close()
@@ -121,8 +122,10 @@ class AsyncResults(AsyncIterator):
         if aclose_source is not None:
             try:
                 await aclose_source()
-            except Exception:  # it may still be busy in a cancelled __anext__
+            except RuntimeError:  # "already running": still busy in a cancelled __anext__, it ends with that
                 pass
+            except Exception as exc:  # the user's generator raised as it closed: the caller hears of it
+                warn_user(f"pmap: closing the source raised {type(exc).__name__}: {exc}")
 
     def _stop_engine(self) -> None:
         self._stopping.set()

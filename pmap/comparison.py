@@ -193,10 +193,11 @@ def _first_difference(reference: list, got: list, equal: Callable) -> str | None
     """None when the lists agree in order, else where and how they first differ."""
     if equal is same:
         try:
-            if reference == got:  # the fast path: one C-level comparison
-                return None
-        except Exception:  # some element's __eq__ raised: compare one by one below, which says where
-            pass
+            agree = reference == got  # the fast path: one C-level comparison
+        except Exception:  # a user type's __eq__ may raise anything: compare one by one below, which says where
+            agree = False
+        if agree:
+            return None
     for index, (want, have) in enumerate(zip(reference, got)):
         if not equal(want, have):
             return f"first difference at index {index}: {short_repr(have)} where serial has {short_repr(want)}"

@@ -23,6 +23,7 @@ import os
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -150,8 +151,8 @@ class WorkerSetup:
     def __call__(self, *initargs: Any) -> Any:
         try:
             apply_in_worker(self.limits, self.loaded)
-        except Exception:  # a limit that cannot be applied costs speed, never the run
-            pass
+        except Exception as exc:  # see _report_unlimited: a limit that cannot be applied costs speed, never the run
+            _report_unlimited("limit the native thread pools of this worker", exc)
         if self.initializer is not None:
             return self.initializer(*initargs)
         return None
@@ -197,6 +198,14 @@ def _may_hold_pools() -> bool:
     return any(name in text for name in POOL_LIBRARY_NAMES)
 
 
+def _report_unlimited(what: str, exc: Exception) -> None:
+    """threadpoolctl reaches through ctypes into whatever native libraries are loaded (and runs
+    controllers other packages register), so it may raise anything: a pool left unlimited
+    costs speed, never the run, so it is a warning (once per message and place, by the
+    default warning filter)."""
+    warnings.warn(f"pmap could not {what}: {type(exc).__name__}: {exc}", RuntimeWarning, stacklevel=3)
+
+
 def _set_threads(pool: Any, threads: int) -> None:
     """Set a pool's size for the whole process. threadpoolctl lets only the first thread that
     limited OpenBLAS limit it again (others are silently ignored); pmap's limits are the
@@ -223,7 +232,8 @@ def loaded_pools() -> list:
         try:
             from threadpoolctl import threadpool_info
             info = threadpool_info()
-        except Exception:  # threadpoolctl could not inspect the loaded libraries: none are known
+        except Exception as exc:  # see _report_unlimited: none are known then
+            _report_unlimited("inspect the native thread pools", exc)
             info = []
         _loaded_cache = (len(sys.modules), info)
     return _loaded_cache[1]
@@ -321,14 +331,15 @@ class _SharedLimit:
             for pool, threads in original or ():
                 try:
                     _set_threads(pool, threads)
-                except Exception:  # a library that refuses its old size keeps the limit; nothing else to do
-                    pass
+                except Exception as exc:  # see _report_unlimited: that library keeps the limit
+                    _report_unlimited(f"restore {pool.filepath} to {threads} threads", exc)
 
     def _apply(self) -> None:
         try:
             from threadpoolctl import ThreadpoolController
             controllers = ThreadpoolController().lib_controllers
-        except Exception:  # threadpoolctl could not inspect the loaded libraries: run unlimited, never fail
+        except Exception as exc:  # see _report_unlimited: the run goes on unlimited
+            _report_unlimited("limit the native thread pools", exc)
             return
         if self.original is None:
             self.original = [(pool, pool.num_threads) for pool in controllers]

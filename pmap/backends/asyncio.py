@@ -12,6 +12,7 @@ take a task, run its items one after another, and take the next queued task unti
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import inspect
 import itertools
 import queue
@@ -124,8 +125,8 @@ class AsyncioBackend(Backend):
             self._move_off_a_running_loop()  # closed from inside a running loop (a Pool in async code)
         try:
             self._run_on_loop(self._finish(kill), timeout=None if not kill else 2 * KILL_GRACE_SECONDS)
-        except Exception:  # closing goes on whatever a task raised while it was stopped: the loop must end
-            pass
+        except (concurrent.futures.TimeoutError, concurrent.futures.CancelledError, RuntimeError):
+            pass  # tasks that outlast the grace, or a loop stopped or closed meanwhile: the loop ends below all the same
         if self._thread is not None:
             loop.call_soon_threadsafe(loop.stop)
             self._thread.join(KILL_GRACE_SECONDS)
@@ -350,10 +351,9 @@ else:
         if done:
             return inner.result()
         inner.cancel()
-        try:
-            await inner
-        except BaseException:  # whatever the cancelled item raised, its time was up: it fails as a timeout
-            pass
+        await asyncio.wait({inner})  # whatever the cancelled item raises as it unwinds, its time was up
+        if not inner.cancelled():
+            inner.exception()  # retrieved, so asyncio does not log it as never retrieved
         raise TaskTimeout.after(seconds)
 
 
