@@ -49,7 +49,7 @@ class _Forwarder(logging.Handler):
                 except OSError:  # that connection has closed: keep it for the next one
                     self.send = None
             self.kept.append(portable)
-        except Exception:
+        except Exception:  # logging's own rule: a record whose user arguments fail to format goes to handleError
             self.handleError(record)
 
 
@@ -121,7 +121,7 @@ def _portable(record: logging.LogRecord) -> logging.LogRecord:
     for name, value in list(vars(portable).items()):
         try:
             pickle.dumps(value)
-        except Exception:  # an `extra` field of the user's that does not pickle: left out
+        except Exception:  # an `extra` field of the user's that does not pickle (its __reduce__ may raise anything): left out
             delattr(portable, name)
     return portable
 
@@ -142,7 +142,7 @@ def handle(record: logging.LogRecord) -> None:
             if record.levelno >= handler.level:
                 try:
                     handler.handle(record)
-                except Exception:
+                except Exception:  # a caller's handler may raise anything: its handleError reports it, as logging does
                     handler.handleError(record)
         current = current.parent if current.propagate else None
     last_resort = logging.lastResort
@@ -154,7 +154,7 @@ def handle_sent(data) -> None:
     """A record a worker sent as it wrote it (see `_Forwarder`)."""
     try:
         record = pickle.loads(data)
-    except Exception as exc:  # a field whose class this process cannot import
+    except Exception as exc:  # a field whose class this process cannot import, or whose rebuilding raises anything
         record = logging.makeLogRecord({"name": __name__, "levelno": logging.WARNING, "levelname": "WARNING",
                                         "msg": f"a worker's log record could not be rebuilt here: "
                                                f"{type(exc).__name__}: {exc}"})

@@ -36,7 +36,7 @@ def unpack_items(packed: tuple) -> list:
     n, data, buffers = packed
     try:
         return _transfer.unpack(data, buffers)
-    except Exception as exc:
+    except Exception as exc:  # a user object's rebuilding may raise anything: reported, item by item
         if n > 1:
             raise SplitTask(f"one of {n} items could not be rebuilt in the worker") from None
         raise ItemNotPicklable(f"the item could not be rebuilt in the worker: {type(exc).__name__}: {exc}") from None
@@ -73,7 +73,7 @@ def _packed_values(values: list, failures: list, kinds: set) -> _DecodedBy:
         if pos not in failed:
             try:
                 part = _transfer.pack(value)
-            except Exception as exc:
+            except Exception as exc:  # a user value's __reduce__ may raise anything: that item fails with it
                 failures.append((pos, SentException(UnpicklableError(
                     f"result of type {type(value).__qualname__} cannot be pickled to send it back from the "
                     f"worker: {type(exc).__name__}: {exc}")), ""))
@@ -125,7 +125,7 @@ def _decode_items(parts):
         if part is not None:
             try:
                 value = _transfer.unpack(*part)
-            except Exception as exc:
+            except Exception as exc:  # a user value's rebuilding may raise anything: that item fails with it
                 values.failures.append((pos, UnpicklableError(
                     f"the result could not be rebuilt in the caller: {type(exc).__name__}: {exc}"), ""))
         values.append(value)
@@ -237,13 +237,13 @@ class _Rebuilder(pickle._Unpickler):
                 return argument
         try:
             return make()
-        except Exception as exc:
+        except Exception as exc:  # a user reconstructor may raise anything: a stand-in names it
             return self._stand_in(_name_of(maker), exc, arguments)
 
     def find_class(self, module, name):
         try:
             return super().find_class(module, name)
-        except Exception as exc:
+        except Exception as exc:  # importing the user's module may raise anything: a stand-in names it
             return self._stand_in(f"looking up {module}.{name}", exc, ())
 
     def load_reduce(self):
@@ -343,7 +343,7 @@ def _decode_exception(packed, name, text):
     if packed is not None:
         try:
             return _transfer.unpack(*packed)
-        except Exception as exc:
+        except Exception as exc:  # a user exception's rebuilding may raise anything: named in its stand-in
             return UnpicklableError(f"{name}: {text} (the exception could not be rebuilt in the caller: "
                                     f"{type(exc).__name__}: {exc})")
     return UnpicklableError(f"{name}: {text} (the exception could not be pickled in the worker)")

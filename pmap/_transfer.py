@@ -196,7 +196,7 @@ def _pickle_out_of_band(obj, main_by_value: bool = False, out_of_band: bool = Tr
 
         try:
             return _dump(pickler, obj, keep_in_band if out_of_band else None), big
-        except Exception as exc:  # this way cannot pickle it: the next one may
+        except Exception as exc:  # this way cannot pickle it (a user __reduce__ may raise anything): the next one may
             error = exc
     assert error is not None
     raise error
@@ -386,7 +386,7 @@ class Channel:
         segment = f"{self.name}-t{next(self.counter)}"
         try:
             message = encode(obj, self.name, segment, always_header=True)
-        except Exception as exc:  # neither way could pickle it: the caller reports the items
+        except Exception as exc:  # neither way could pickle a user object (its __reduce__ may raise anything): the caller reports the items
             raise ItemNotPicklable(f"cannot pickle the task to send it to a worker: "
                                    f"{type(exc).__name__}: {exc}") from exc
         self.traffic.add("items", len(message))
@@ -775,7 +775,7 @@ def measure(obj, module=None, main_by_value: bool = False) -> tuple[int, int]:
         try:
             pickler(writer, protocol=PROTOCOL, buffer_callback=out_of_band).dump(obj)
             return writer.bytes, big[0]
-        except Exception as exc:  # this way cannot pickle it: the next one may
+        except Exception as exc:  # this way cannot pickle it (a user __reduce__ may raise anything): the next one may
             error = exc
     assert error is not None
     raise error

@@ -206,7 +206,7 @@ def end_descendants(grace: float = 0.5) -> None:
     if executor is not None:  # a nested process map's workers: loky ends them cleanly
         try:
             executor.shutdown(wait=True, kill_workers=True)
-        except Exception:  # loky's own teardown of a broken executor, whatever it raises: the sweep below ends its workers
+        except (OSError, RuntimeError):  # its wake-up pipe broken, its thread never started: the sweep below ends its workers
             pass
     import psutil
     try:
@@ -413,7 +413,7 @@ def pooled_worker_init(initializer_bytes, driver_pid=None):
         _logs.forward_from_here(log_level)
         initializer(*initargs)
         remember_initializer_globals(initializer)
-    except BaseException as exc:
+    except BaseException as exc:  # the user's initializer, whatever it raises (SystemExit too): reported, then exit
         if report is not None:
             try:  # renamed into place, so the parent never reads half of it
                 with open(report + ".tmp", "wb") as handle:

@@ -156,7 +156,7 @@ class AsyncResults(AsyncIterator):
             self._post(_END, None)
         except _ReaderGone:
             pass
-        except BaseException as exc:
+        except BaseException as exc:  # whatever ended the run is raised to the async reader, in its task
             self._post(_ERROR, exc)
         finally:
             self._results.close()

@@ -387,7 +387,7 @@ def compare(func: Callable, items: Iterable, backends: Iterable[str] | None = No
                 elif reference is None:
                     row.status, row.detail = "unchecked", "serial failed, nothing to compare with"
                 del results
-        except Exception as exc:
+        except Exception as exc:  # the user's function (or a backend) may raise anything: reported in its row
             if name == REFERENCE and check:
                 raise
             row.status, row.error = "error", exc

@@ -17,7 +17,7 @@ _short.maxlist = _short.maxtuple = _short.maxdict = _short.maxset = 6
 def short_repr(obj: Any) -> str:
     try:
         return _short.repr(obj)
-    except Exception:  # a broken __repr__ must not hide the real error
+    except Exception:  # a user type's broken __repr__ (it may raise anything) must not hide the real error
         return f"<{type(obj).__name__} object>"
 
 
@@ -139,7 +139,7 @@ def add_note(exc: BaseException, note: str) -> None:
         if notes is None:
             try:
                 exc.__notes__ = notes = []
-            except Exception:  # an exception type that refuses new attributes: it goes without the note
+            except Exception:  # a user exception type refusing new attributes (its __setattr__ may raise anything): no note
                 return
         notes.append(note)
 

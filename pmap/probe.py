@@ -109,7 +109,7 @@ def _pickled_size(obj) -> tuple[int, int]:
     """`_transfer.measure` in the order the backends pickle: plain pickle, then cloudpickle."""
     try:
         return measure_pickle(obj)
-    except Exception:  # lambdas, local classes, __main__ objects: cloudpickle's turn
+    except Exception:  # lambdas, local classes, __main__ objects, a user __reduce__ that raises anything: cloudpickle's turn
         return measure_pickle(obj, cloudpickle)
 
 

@@ -34,7 +34,7 @@ def pickle_function(fn, backend_name: str, pickler=None):
     a clear FunctionNotPicklable where it cannot be."""
     try:
         return pickler(fn) if pickler is not None else _transfer.dumps(fn, main_by_value=True)
-    except Exception as exc:
+    except Exception as exc:  # the user's function (its __reduce__, a closure's cells) may raise anything: named below
         name = getattr(fn, "__qualname__", None) or type(fn).__name__
         raise FunctionNotPicklable(
             f"backend {backend_name!r} cannot send function {name} to its worker processes: "

@@ -163,10 +163,10 @@ def end_process_group(pid: int, alive=None, grace: float = TERMINATE_GRACE) -> N
 
 
 def _descendants(pid: int) -> list:
+    import psutil  # a dependency
     try:
-        import psutil
         return psutil.Process(pid).children(recursive=True)
-    except Exception:
+    except psutil.Error:  # gone already, or not ours to read: no descendants to end
         return []
 
 
@@ -180,10 +180,10 @@ def _kill_all(processes: list) -> None:
 
 
 def process_exists(pid: int) -> bool:
+    import psutil  # a dependency
     try:
-        import psutil
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except Exception:
+    except psutil.NoSuchProcess:  # ZombieProcess included
         return False
 
 

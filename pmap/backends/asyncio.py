@@ -320,7 +320,7 @@ async def _run_items(call: _Call, items: list, stopped: set):
                 values.append(await fn(item))
             else:
                 values.append(await _with_timeout(fn, item, seconds))
-        except BaseException as exc:
+        except BaseException as exc:  # the user's coroutine fails only its item, whatever it raises; a stop goes on
             if isinstance(exc, CallerInterrupt) or (isinstance(exc, asyncio.CancelledError)
                                                     and asyncio.current_task() in stopped):
                 raise

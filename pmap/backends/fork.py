@@ -39,7 +39,7 @@ def _worker_main(conn, slot, functions, initializer, initargs, max_tasks, parent
     if initializer is not None:
         try:
             initializer(*initargs)
-        except BaseException as exc:
+        except BaseException as exc:  # the user's initializer, whatever it raises (SystemExit too): the caller's InitializerError
             link.send(FAILED, pickle.dumps((_SentException(exc), traceback.format_exc())))
             return
         link.send(READY)
@@ -220,7 +220,7 @@ class ForkBackend(Backend):
         """Running workers predate `fn`: send it, or fork them anew if it cannot be pickled."""
         try:
             message = pickle.dumps(("fn", key, _transfer.dumps(fn, main_by_value=True)))
-        except Exception:
+        except Exception:  # the user's function does not pickle (its __reduce__ may raise anything): fork anew
             self.close(kill=True)
             return
         for worker in list(self.workers_list):

@@ -127,7 +127,7 @@ class ThreadBackend(Backend):
         if self.initializer is not None:
             try:
                 self.initializer(*self.initargs)
-            except BaseException as exc:
+            except BaseException as exc:  # the user's initializer, whatever it raises: the caller's InitializerError
                 name = getattr(self.initializer, "__qualname__", None) or type(self.initializer).__name__
                 error = InitializerError(f"the initializer {name} failed in thread {me.name} of backend 'thread': "
                                          f"{type(exc).__name__}: {exc}")

@@ -183,7 +183,7 @@ def for_backend(func: Callable, backend: str) -> Callable:
     from ..backends.base import resolve_backend_class
     try:
         remote = backend != "auto" and resolve_backend_class(backend).kind == "remote"
-    except Exception:  # an unknown backend is reported where the run starts
+    except Exception:  # an unknown backend, or a plugin whose import raises anything: reported where the run starts
         return func
     module = sys.modules.get(getattr(func, "__module__", None) or "")
     path = getattr(module, "__file__", None)
