@@ -121,7 +121,7 @@ def _portable(record: logging.LogRecord) -> logging.LogRecord:
     for name, value in list(vars(portable).items()):
         try:
             pickle.dumps(value)
-        except Exception:  # an `extra` field of the user's that does not pickle (its __reduce__ may raise anything): left out
+        except Exception:  # a user's `extra` field that does not pickle (its __reduce__ may raise anything): left out
             delattr(portable, name)
     return portable
 

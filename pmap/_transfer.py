@@ -219,7 +219,7 @@ def _write_segment(name: str, buffers: list) -> tuple:
             while done < size:  # the kernel copies straight into the segment's pages
                 done += os.pwrite(fd, raw[done:], start + done)
         return tuple(layout)
-    except BaseException:
+    except BaseException:  # re-raised: a half-written segment is not left behind
         _remove(path)
         raise
     finally:
@@ -386,7 +386,7 @@ class Channel:
         segment = f"{self.name}-t{next(self.counter)}"
         try:
             message = encode(obj, self.name, segment, always_header=True)
-        except Exception as exc:  # neither way could pickle a user object (its __reduce__ may raise anything): the caller reports the items
+        except Exception as exc:  # a user object neither way pickles (its __reduce__ may raise anything): items fail
             raise ItemNotPicklable(f"cannot pickle the task to send it to a worker: "
                                    f"{type(exc).__name__}: {exc}") from exc
         self.traffic.add("items", len(message))
@@ -506,7 +506,7 @@ def new_shared_segment(nbytes: int) -> mmap.mmap:
     try:
         os.ftruncate(fd, max(nbytes, 1))
         region = mmap.mmap(fd, max(nbytes, 1))
-    except BaseException:
+    except BaseException:  # re-raised: a half-made segment is not left behind
         _remove(path)
         raise
     finally:
@@ -636,7 +636,7 @@ def hold_owner_lock() -> None:
                 fcntl.flock(fd, fcntl.LOCK_SH)
                 if _same_file(fd, path):
                     break
-            except BaseException:
+            except BaseException:  # re-raised (a Ctrl-C in flock too): the descriptor is not leaked
                 os.close(fd)
                 raise
             os.close(fd)  # a sweep removed that file while we waited: lock the new one

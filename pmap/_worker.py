@@ -206,7 +206,7 @@ def end_descendants(grace: float = 0.5) -> None:
     if executor is not None:  # a nested process map's workers: loky ends them cleanly
         try:
             executor.shutdown(wait=True, kill_workers=True)
-        except (OSError, RuntimeError):  # its wake-up pipe broken, its thread never started: the sweep below ends its workers
+        except (OSError, RuntimeError):  # a broken wake-up pipe, a thread never started: the sweep below ends its workers
             pass
     import psutil
     try:

@@ -40,7 +40,7 @@ class Results(Iterator[R]):
         except StopIteration:
             self._end(ok=True)
             raise
-        except BaseException as exc:
+        except BaseException as exc:  # whatever ends the iteration ends the run, then goes on up
             self._end(ok=False)
             if drop_pmap_frames(exc):
                 raise exc  # from here on, not from the engine
@@ -89,7 +89,7 @@ def _run(func: Callable, items: Iterable, star: bool, options: Options, indexed:
         try:
             gen, instance = start_auto_run(spec, stats, workers=options.workers, initializer=options.initializer,
                                            initargs=options.initargs, inner_threads=options.inner_threads)
-        except BaseException:
+        except BaseException:  # a run that never started, however it failed, is re-raised
             close_progress()  # a bar drawn for a run that never started is not left on the screen
             raise
     else:
@@ -107,7 +107,7 @@ def _collect(results: Results[R]) -> ResultList[R]:
     try:
         for batch in results._batches:  # whole lists: no per-item Python call or iterator step
             out.extend(batch)
-    except BaseException as exc:
+    except BaseException as exc:  # whatever ends the collection ends the run, then goes on up
         results._end(ok=False)
         if drop_pmap_frames(exc):
             raise exc  # from here on, not from the engine

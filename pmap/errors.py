@@ -139,7 +139,7 @@ def add_note(exc: BaseException, note: str) -> None:
         if notes is None:
             try:
                 exc.__notes__ = notes = []
-            except Exception:  # a user exception type refusing new attributes (its __setattr__ may raise anything): no note
+            except Exception:  # a user exception type refusing attributes (its __setattr__ may raise anything)
                 return
         notes.append(note)
 

@@ -76,7 +76,7 @@ class AsyncioBackend(Backend):
         if self.initializer is not None:
             try:
                 self._run_on_loop(_call_maybe_async(self.initializer, self.initargs))
-            except BaseException:
+            except BaseException:  # the user's initializer, whatever it raises: the loop is closed, the error re-raised
                 self.close(kill=True)
                 raise
 
@@ -345,7 +345,7 @@ else:
         inner = asyncio.ensure_future(fn(item))
         try:
             done, _ = await asyncio.wait({inner}, timeout=seconds)
-        except BaseException:
+        except BaseException:  # re-raised (a cancel of the caller too): only the item is cancelled
             inner.cancel()
             raise
         if done:

@@ -39,7 +39,7 @@ def _worker_main(conn, slot, functions, initializer, initargs, max_tasks, parent
     if initializer is not None:
         try:
             initializer(*initargs)
-        except BaseException as exc:  # the user's initializer, whatever it raises (SystemExit too): the caller's InitializerError
+        except BaseException as exc:  # the user's initializer, whatever it raises: the caller's InitializerError
             link.send(FAILED, pickle.dumps((_SentException(exc), traceback.format_exc())))
             return
         link.send(READY)

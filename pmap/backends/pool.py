@@ -63,7 +63,7 @@ class KernelLock:
         self._threads.acquire()
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-        except BaseException:
+        except BaseException:  # re-raised (a Ctrl-C in flock too): only the slot is undone
             self._threads.release()
             raise
         return True

@@ -316,7 +316,7 @@ class CommandRunner:
             message = f"{argv[0]}: {exc.strerror}"
             record("failed", status, message)
             raise CommandFailed(f"exit status {status}: {message}", status) from None
-        except BaseException:
+        except BaseException:  # re-raised: only the count is undone
             with _RUNNING_LOCK:
                 _STARTING -= 1
             raise

@@ -41,7 +41,7 @@ def _import_module(name: str):
             raise UsageError(f"no module named {name!r} (looked in the current directory and on "
                              "sys.path; set PYTHONPATH to add a directory)") from None
         raise UsageError(f"importing {name!r} failed: {_describe_exception(exc)}") from None
-    except (Exception, SystemExit) as exc:
+    except (Exception, SystemExit) as exc:  # the user's module may raise anything (sys.exit too): one line
         raise UsageError(f"importing {name!r} failed: {_describe_exception(exc)}") from None
 
 
@@ -69,7 +69,7 @@ def _import_file(path: str):
     sys.modules[name] = module
     try:
         spec.loader.exec_module(module)
-    except (Exception, SystemExit) as exc:
+    except (Exception, SystemExit) as exc:  # the user's file may raise anything (sys.exit too): one line
         del sys.modules[name]
         raise UsageError(f"importing {os.path.basename(path)} failed: {_describe_exception(exc)}") from None
     if by_value:
