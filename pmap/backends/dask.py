@@ -133,7 +133,7 @@ def _report_start(topic, task_id, label) -> None:
     try:
         from distributed import get_worker
         get_worker().log_event(topic, (task_id, label))
-    except Exception:  # not on a dask worker (called directly): nobody to tell
+    except ValueError:  # get_worker: not on a dask worker (called directly), so nobody to tell
         pass
 
 
@@ -336,7 +336,7 @@ class DaskBackend(Backend):
         try:
             counts = await asyncio.wait_for(self.client.scheduler.ncores(), THREAD_COUNT_PATIENCE)
             self.threads = sum(counts.values())
-        except BaseException:  # the scheduler is busy or gone; keep the last count
+        except (asyncio.TimeoutError, OSError):  # busy past our patience, or gone (CommClosedError): keep the last count
             pass
         finally:
             self.refreshing = False

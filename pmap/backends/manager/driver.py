@@ -370,7 +370,7 @@ class _Gate:
         except Exception:
             try:
                 conn.send(("#TRACEBACK", traceback.format_exc()))  # an authenticated peer
-            except Exception:  # the peer hung up: it cannot be told why
+            except OSError:  # the peer hung up: it cannot be told why
                 pass
         finally:
             thread_name = threading.current_thread().name  # accept_connection set the peer's

@@ -327,7 +327,7 @@ def _exit_now(status: int) -> None:
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
-        except Exception:  # a closed or broken stream: what it held is lost either way, and the host must go on exiting
+        except (OSError, ValueError):  # a broken or closed stream: what it held is lost either way, and the host must go on exiting
             pass
     os._exit(status)
 
