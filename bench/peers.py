@@ -19,6 +19,7 @@ if "--gevent-patch" in sys.argv:  # must come before anything imports socket or 
     monkey.patch_all()
 
 import argparse
+import importlib.util
 import json
 import multiprocessing
 import multiprocessing.pool
@@ -698,6 +699,9 @@ def report(args, results, startup, streaming, header: list[str]) -> list[str]:
     return lines
 
 
+PEER_LIBRARIES = ("joblib", "mpire", "pebble", "gevent", "matplotlib")  # the [bench] extra, and the chart
+
+
 def main() -> None:
     names = ITEM_WORKLOADS + ("startup", "streaming")
     parser = common.workload_parser(__doc__.splitlines()[0], names,
@@ -713,6 +717,9 @@ def main() -> None:
     if args.stream:
         return child_stream(args.stream[0], int(args.stream[1]))
 
+    missing = [name for name in PEER_LIBRARIES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise SystemExit(f"peers.py needs {', '.join(missing)}: pip install 'pmap-parallel[bench]'")
     common.install_signal_handlers()
     header = common.header_lines("peers.py")
     scale = QUICK_SCALE if args.quick else 1.0
