@@ -211,9 +211,11 @@ def broker_table(args) -> None:
         print(f"\nthis tree / --compare: {ratio:.2f}x tasks/s")
     cpu_per_task = statistics.median(cpus["this tree"]) / 1e6
     per_core = 1 / cpu_per_task
-    print(f"\none broker core: about {per_core:,.0f} tasks/s, so it feeds about "
-          f"{per_core * 0.1:,.0f} worker processes busy with 0.1 s chunks, or "
-          f"{per_core * 0.01:,.0f} with 10 ms one-item tasks")
+    # Only for tasks like these: a task long enough to be reported alone (a 0.1 s chunk, or any
+    # task under timeout=) costs a round trip of its own; docs/remote-scale.md estimates those.
+    print(f"\none broker core, at this driver CPU per task: about {per_core:,.0f} such tasks/s, so about "
+          f"{per_core * 0.01:,.0f} worker processes kept busy if each task took 10 ms and were reported "
+          "in batches as these are")
 
 
 def dask_table(args) -> None:
