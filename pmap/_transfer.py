@@ -745,7 +745,8 @@ class _CountingWriter:
         self.bytes = 0
 
     def write(self, data) -> int:
-        n = len(data) if not isinstance(data, memoryview) else data.nbytes
+        # bytes, or (for a large buffer kept in band) the pickler's PickleBuffer itself
+        n = len(data) if type(data) is bytes else memoryview(data).nbytes
         self.bytes += n
         return n
 

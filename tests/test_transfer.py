@@ -328,6 +328,16 @@ def test_a_live_owner_survives_a_sweep_from_another_pid_namespace(owner):
     assert own_entries(owner.pid) == []  # a killed owner's segments go, from any namespace
 
 
+@pytest.mark.parametrize("size", [1_000, 100_000, 900_000])
+def test_measuring_counts_a_buffer_the_pickler_writes_in_band_in_one_piece(size):
+    """Below the shared-memory threshold an array's buffer stays in the pickle, and from 64 KB
+    the pickler hands it to the writer as a PickleBuffer: counted, not an error that would make
+    auto call the item unpicklable."""
+    array = np.arange(size, dtype=np.uint8)
+    in_pipe, in_shared_memory = _transfer.measure(array)
+    assert size <= in_pipe < size + 1_000 and in_shared_memory == 0
+
+
 def test_the_picklability_check_keeps_no_copy_of_a_big_closure():
     data = bytearray(100 * MB)
     tracemalloc.start()
