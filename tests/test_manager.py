@@ -642,16 +642,22 @@ def test_broker_wakes_one_waiting_worker_per_new_task():
     assert sorted(len(tasks) for tasks in got) == [0, 0, 1]  # one took it, the others timed out empty
 
 
-def test_broker_grants_several_tasks_per_call_each_its_own_lease():
-    """A worker asking for several tasks gets them in one call; each is its own lease: only the
-    one it runs is reported started, a result is taken only from the holder, and a death loses
-    them all (blaming only the one running)."""
+def broker_with_two_workers_and_ten_tasks():
+    """A broker with one host, its workers `holder` (pid 1) and `other` (pid 2), and tasks 1-10 queued."""
     broker = Broker(lease_seconds=10, prefetch=1, initializer_bytes=None)
     host, _ = broker.hello_host({"name": "h"})
     holder, _ = broker.hello_worker(host, 1)
     other, _ = broker.hello_worker(host, 2)
     for task_id in range(1, 11):
         broker.put(task_id, "fn", b"p")
+    return broker, host, holder, other
+
+
+def test_broker_grants_several_tasks_per_call_each_its_own_lease():
+    """A worker asking for several tasks gets them in one call; each is its own lease: only the
+    one it runs is reported started, a result is taken only from the holder, and a death loses
+    them all (blaming only the one running)."""
+    broker, host, holder, other = broker_with_two_workers_and_ten_tasks()
     assert [t[0] for t in broker.lease(holder, 4, 0)] == [1, 2, 3, 4]
     assert [t[0] for t in broker.complete(holder, [(1, b"r1")], 3)] == [5, 6, 7]  # the report refills
     broker.complete(other, [(2, b"forged")])  # held by `holder`: refused
@@ -671,12 +677,7 @@ def test_broker_takes_a_batch_of_results_from_the_holder_only_and_blames_what_wa
     worker holds its lease (the others in the same batch are refused, not the batch), and when
     it dies, only the task its running slot names is blamed: tasks it finished and had not yet
     reported are lost unblamed, for the engine to run again."""
-    broker = Broker(lease_seconds=10, prefetch=1, initializer_bytes=None)
-    host, _ = broker.hello_host({"name": "h"})
-    holder, _ = broker.hello_worker(host, 1)
-    other, _ = broker.hello_worker(host, 2)
-    for task_id in range(1, 11):
-        broker.put(task_id, "fn", b"p")
+    broker, host, holder, other = broker_with_two_workers_and_ten_tasks()
     assert [t[0] for t in broker.lease(holder, 4, 0)] == [1, 2, 3, 4]
     assert [t[0] for t in broker.lease(other, 1, 0)] == [5]
     batch = [(1, b"r1"), (2, b"r2"), (5, b"forged"), (9, b"forged"), (424242, b"forged")]
